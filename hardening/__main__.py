@@ -1,0 +1,5 @@
+"""``python -m hardening`` is the ``hardening`` command."""
+
+from hardening.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,104 @@
+"""The case vocabulary: which program, which fault, and what must happen.
+
+Suites (``hardening.suites``) are plain lists of :class:`Case` built from these types;
+the runner sees cases only through :func:`hardening.suites.get_suite`.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Mapping
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class RankExpect:
+    """What one rank must end with."""
+
+    error: str
+    """Name of the error class the rank must report (``ParityError``, ``PeerError``, ...)."""
+
+    match: str | None = None
+    """Regular expression the rank's error message must contain (the named cause), or None."""
+
+    def check(self, error_class: str | None, message: str) -> str | None:
+        """None if the rank's end meets this expectation, else why it does not."""
+        if error_class != self.error:
+            return f"expected {self.error}, got {error_class or 'a clean exit'}"
+        if self.match and not re.search(self.match, message or "", re.IGNORECASE | re.DOTALL):
+            return f"{self.error} message does not name /{self.match}/"
+        return None
+
+    def describe(self) -> str:
+        return self.error if not self.match else f"{self.error}~/{self.match}/"
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Expectation:
+    """What must happen: either every rank completes, or every rank crashes as named."""
+
+    crash: bool
+    """True: the fault must end every rank with its named error within ``budget_s``."""
+
+    ranks: Mapping[int, RankExpect] = field(default_factory=dict)
+    """Per-rank expectations for the ranks that differ from ``others``."""
+
+    others: RankExpect | None = None
+    """Expectation for every rank not listed in ``ranks``."""
+
+    budget_s: float = 0.0
+    """Detection budget: last rank's exit minus the fault's fire time."""
+
+    def for_rank(self, rank: int) -> RankExpect | None:
+        return self.ranks.get(rank, self.others)
+
+    def describe(self) -> str:
+        if not self.crash:
+            return "completes"
+        parts = [f"r{r}:{e.describe()}" for r, e in sorted(self.ranks.items())]
+        if self.others is not None:
+            parts.append(("others:" if self.ranks else "all:") + self.others.describe())
+        return ", ".join(parts)
+
+
+def completes() -> Expectation:
+    """Every rank exits 0 (the control of every suite)."""
+    return Expectation(crash=False)
+
+
+def crashes(
+    error: str | None = None,
+    *,
+    match: str | None = None,
+    on: Mapping[int, RankExpect] | None = None,
+    within_s: float,
+) -> Expectation:
+    """Every rank must crash: with ``error`` (matching ``match``) unless listed in ``on``."""
+    others = RankExpect(error=error, match=match) if error else None
+    return Expectation(crash=True, ranks=dict(on or {}), others=others, budget_s=within_s)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Case:
+    """One row of the operator matrix."""
+
+    id: str
+    """Matrix id, e.g. ``C-01``; unique across all suites."""
+
+    title: str
+    """What is broken, in a few words."""
+
+    suite: str
+    """Suite the case belongs to."""
+
+    expect: Expectation
+    """What must happen."""
+
+    fault: str | None = None
+    """Fault spec (``name:rank=1:call=3``) set identically on every rank, or None for a control."""
+
+    min_ranks: int = 2
+    """Fewest ranks the case makes sense with."""
+
+    description: str = ""
+    """Why the case exists and what it proves."""

@@ -1,0 +1,290 @@
+"""Profiles: typed configuration of a run, loaded from YAML and validated.
+
+Precedence is built-in defaults < profile file < CLI flags. A profile names only the
+keys it changes; an unknown key, a wrong type or a bad value is a :class:`ProfileError`
+naming the file and the dotted key, which the CLI turns into exit code 4.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+DEFAULT_PROFILE = "cpu"
+
+
+class ProfileError(ValueError):
+    """A profile (or a flag overriding it) is unusable; the message names file and key."""
+
+
+@dataclass(kw_only=True, slots=True)
+class WorldConfig:
+    ranks: int = 2
+    """Number of rank processes (the TP degree of the reference region)."""
+
+    backend: str = "gloo"
+    """Data-plane backend: ``gloo`` (CPU) or ``nccl`` (CUDA). The side channel is always gloo."""
+
+    device: str = "cpu"
+    """``cpu`` or ``cuda``; with ``cuda`` rank r uses device ``r % device_count``."""
+
+    launcher: str = "process"
+    """``process``: one independent process per rank, forked from a preloaded fork server."""
+
+    def validate(self) -> None:
+        if self.ranks < 1:
+            raise ValueError("ranks: must be at least 1")
+        if self.backend not in ("gloo", "nccl"):
+            raise ValueError(f"backend: must be gloo or nccl, got {self.backend!r}")
+        if self.device not in ("cpu", "cuda"):
+            raise ValueError(f"device: must be cpu or cuda, got {self.device!r}")
+        if self.backend == "nccl" and self.device != "cuda":
+            raise ValueError("backend: nccl needs device: cuda")
+        if self.launcher != "process":
+            raise ValueError(f"launcher: only 'process' is implemented, got {self.launcher!r}")
+
+
+@dataclass(kw_only=True, slots=True)
+class RegionConfig:
+    target: str = "hardening.reference:build"
+    """Region factory ``module:function`` (or ``path/to/file.py:function``) returning a Region."""
+
+    dtype: str = "float32"
+    """Parameter and activation dtype: float32, bfloat16 or float16."""
+
+    dims: dict[str, int] = field(
+        default_factory=lambda: {"hidden": 64, "heads": 4, "tokens": 8, "cache": 16, "mlp": 256, "batch": 1}
+    )
+    """Sizes handed to the factory (the reference region reads hidden, heads, tokens, cache, mlp, batch)."""
+
+    seed: int = 0
+    """Seed of the weights and of the inputs of every call."""
+
+    def validate(self) -> None:
+        if ":" not in self.target:
+            raise ValueError(f"target: must be 'module:function', got {self.target!r}")
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype: must be float32, bfloat16 or float16, got {self.dtype!r}")
+        for key, value in self.dims.items():
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"dims.{key}: must be a positive integer, got {value!r}")
+
+
+@dataclass(kw_only=True, slots=True)
+class CompileConfig:
+    enabled: bool = True
+    """Compile the region with torch.compile (False runs it eagerly; the gates then only check parity)."""
+
+    backend: str = "eager"
+    """torch.compile backend wrapped by the counting backend: eager, aot_eager or inductor."""
+
+    mode: str | None = None
+    """torch.compile mode (inductor only), e.g. max-autotune-no-cudagraphs."""
+
+    fullgraph: bool = False
+    """Compile with fullgraph=True: any graph break raises at the first call."""
+
+    dynamic: bool | None = False
+    """torch.compile ``dynamic`` argument."""
+
+    def validate(self) -> None:
+        if self.backend not in ("eager", "aot_eager", "inductor"):
+            raise ValueError(f"backend: must be eager, aot_eager or inductor, got {self.backend!r}")
+
+
+@dataclass(kw_only=True, slots=True)
+class TimeoutConfig:
+    setup: float = 60.0
+    """Seconds from launch until every rank must have finished init and parity."""
+
+    detect: float = 20.0
+    """Seconds after a fault fires before a rank still alive is declared hung."""
+
+    case: float = 180.0
+    """Hard cap on one case, from launch to the last rank's exit."""
+
+    pg: float = 30.0
+    """Timeout of every process group and store wait (never the 600 s / 1800 s defaults)."""
+
+    heartbeat: float = 0.2
+    """Seconds between heartbeats (and abort-key polls) of each rank's watchdog."""
+
+    peer_lost: float = 3.0
+    """A peer whose heartbeat is older than this is declared lost."""
+
+    call_deadline: float = 15.0
+    """Deadline of one steady-state call (0 disables it)."""
+
+    grace: float = 2.0
+    """Seconds between SIGTERM and SIGKILL when the runner tears ranks down."""
+
+    def validate(self) -> None:
+        for name in ("setup", "detect", "case", "pg", "heartbeat", "peer_lost", "grace"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name}: must be positive")
+        if self.call_deadline < 0:
+            raise ValueError("call_deadline: must be >= 0 (0 disables it)")
+        if self.peer_lost <= 2 * self.heartbeat:
+            raise ValueError("peer_lost: must exceed two heartbeats")
+
+
+@dataclass(kw_only=True, slots=True)
+class GateConfig:
+    max_graph_breaks: int = 0
+    """Graph breaks allowed in the region (counted from graph_break_reasons, not counters)."""
+
+    max_recompiles: int = 0
+    """Recompiles allowed after warmup; 0 also arms the recompile guard."""
+
+
+@dataclass(kw_only=True, slots=True)
+class TriageConfig:
+    py_spy: bool = True
+    """Dump every live rank's stacks with py-spy at a deadline."""
+
+    native: bool = False
+    """Pass --native to py-spy (C/C++ frames too; slower)."""
+
+    timeout: float = 15.0
+    """Seconds allowed for one py-spy dump."""
+
+
+@dataclass(kw_only=True, slots=True)
+class Profile:
+    name: str = DEFAULT_PROFILE
+    """Name (the file stem) of the profile."""
+
+    source: str = "<defaults>"
+    """Where the profile came from, for messages."""
+
+    world: WorldConfig = field(default_factory=WorldConfig)
+    region: RegionConfig = field(default_factory=RegionConfig)
+    compile: CompileConfig = field(default_factory=CompileConfig)
+
+    warmup_calls: int = 2
+    """Warmup calls every rank runs in lockstep before the gates close."""
+
+    steps: int = 4
+    """Steady-state calls after warmup, under the recompile guard."""
+
+    timeouts: TimeoutConfig = field(default_factory=TimeoutConfig)
+    gates: GateConfig = field(default_factory=GateConfig)
+    triage: TriageConfig = field(default_factory=TriageConfig)
+
+    def validate(self) -> None:
+        if self.warmup_calls < 1:
+            raise ValueError("warmup_calls: must be at least 1 (compile happens in warmup)")
+        if self.steps < 0:
+            raise ValueError("steps: must be >= 0")
+
+
+_NOT_KEYS = {"name", "source"}
+
+
+def available_profiles() -> list[str]:
+    return sorted(p.name[: -len(".yaml")] for p in resources.files("hardening.profiles").iterdir() if p.name.endswith(".yaml"))
+
+
+def load_profile(name_or_path: str | None = None, overrides: dict[str, Any] | None = None) -> Profile:
+    """Load a shipped profile by name or a YAML file by path, then apply dotted overrides."""
+    spec = name_or_path or DEFAULT_PROFILE
+    if spec.endswith((".yaml", ".yml")) or "/" in spec:
+        path = Path(spec)
+        if not path.is_file():
+            raise ProfileError(f"{spec}: profile file not found")
+        text, source, name = path.read_text(), str(path), path.stem
+    else:
+        ref = resources.files("hardening.profiles").joinpath(f"{spec}.yaml")
+        if not ref.is_file():
+            raise ProfileError(f"unknown profile {spec!r}; shipped profiles: {', '.join(available_profiles())}")
+        text, source, name = ref.read_text(), f"profiles/{spec}.yaml", spec
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ProfileError(f"{source}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ProfileError(f"{source}: top level must be a mapping of keys")
+    profile = Profile(name=name, source=source)
+    _merge(profile, data, source=source, prefix="")
+    for key, value in (overrides or {}).items():
+        _merge(profile, _nest(key, value), source="command line", prefix="")
+    _validate_all(profile, source)
+    return profile
+
+
+def _nest(dotted: str, value: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    node = out
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+    return out
+
+
+def _merge(obj: Any, data: dict[str, Any], *, source: str, prefix: str) -> None:
+    hints = typing.get_type_hints(type(obj))
+    known = [f.name for f in dataclasses.fields(obj) if f.name not in _NOT_KEYS]
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        if key not in known:
+            raise ProfileError(f"{source}: unknown key {dotted!r} (known here: {', '.join(known)})")
+        hint = hints[key]
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ProfileError(f"{source}: key {dotted!r} must be a mapping, got {type(value).__name__}")
+            _merge(current, value, source=source, prefix=dotted + ".")
+        elif isinstance(current, dict):
+            if not isinstance(value, dict):
+                raise ProfileError(f"{source}: key {dotted!r} must be a mapping, got {type(value).__name__}")
+            merged = dict(current)
+            merged.update(value)
+            setattr(obj, key, merged)
+        else:
+            setattr(obj, key, _coerce(value, hint, source=source, key=dotted))
+
+
+def _coerce(value: Any, hint: Any, *, source: str, key: str) -> Any:
+    options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    if value is None and type(None) in options:
+        return None
+    for opt in options:
+        if opt is bool and isinstance(value, bool):
+            return value
+        if opt is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if opt is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if opt is str and isinstance(value, str):
+            return value
+    wanted = " or ".join("null" if o is type(None) else o.__name__ for o in options)
+    raise ProfileError(f"{source}: key {key!r} must be {wanted}, got {type(value).__name__} {value!r}")
+
+
+def _validate_all(profile: Profile, source: str) -> None:
+    sections = [("", profile)] + [
+        (f.name + ".", getattr(profile, f.name))
+        for f in dataclasses.fields(profile)
+        if dataclasses.is_dataclass(getattr(profile, f.name))
+    ]
+    for prefix, section in sections:
+        check = getattr(section, "validate", None)
+        if check is None:
+            continue
+        try:
+            check()
+        except ValueError as exc:
+            key, _, why = str(exc).partition(": ")
+            raise ProfileError(f"{source}: key {prefix + key!r} {why}") from None
+
+
+def profile_to_dict(profile: Profile) -> dict[str, Any]:
+    return dataclasses.asdict(profile)

@@ -1,0 +1,238 @@
+"""What happened and what it means: outcomes, verdicts and the typed result objects.
+
+The runner produces one :class:`CaseResult` per case from per-rank final records and
+process exits; every report writer consumes :class:`SuiteResult` and nothing else.
+Classification (:func:`classify`) and judgement (:func:`judge`) are pure functions of
+recorded data so they can be tested without starting a process.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from hardening.cases import Case, Expectation
+
+SCHEMA_VERSION = 1
+
+
+class Outcome(str, enum.Enum):
+    """What happened to a case, before comparing with its expectation."""
+
+    COMPLETED = "completed"  # no fault; every rank exited 0
+    CRASHED = "crashed"  # every rank ended non-zero within the detection budget (or the control crashed)
+    CRASHED_SLOW = "crashed_slow"  # crashed, but after the detection budget
+    HUNG = "hung"  # a rank was alive at the deadline; stacks attached
+    SURVIVED = "survived"  # the fault fired and every rank still exited 0
+    NOT_FIRED = "not_fired"  # the fault never fired: nothing can be judged
+    EARLY_CRASH = "early_crash"  # a rank died before the fault fired: nothing can be judged
+    HARNESS_ERROR = "harness_error"  # the harness itself failed to run the case
+    INTERRUPTED = "interrupted"  # the run was stopped (Ctrl-C, SIGTERM) before the case ended
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class Verdict(str, enum.Enum):
+    """The outcome judged against the expectation. ``unknown`` never counts as a pass."""
+
+    PASS = "pass"
+    FAIL = "fail"
+    UNKNOWN = "unknown"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+# When verdicts are merged the most significant wins (Jepsen's merge-valid).
+VERDICT_PRIORITY = {Verdict.PASS: 0, Verdict.UNKNOWN: 1, Verdict.FAIL: 2}
+
+
+@dataclass(kw_only=True, slots=True)
+class RankResult:
+    """How one rank ended: its final record joined with what the runner saw of its process."""
+
+    rank: int
+    pid: int | None = None
+    exit_code: int | None = None
+    """Process exit status; None when the rank was still alive at the deadline."""
+    signal: str | None = None
+    """Name of the signal that ended the process, if one did (and the runner did not send it)."""
+    error_class: str | None = None
+    """Named cause from the final record (or derived from the exit code when there is none)."""
+    message: str = ""
+    root_cause_rank: int | None = None
+    """For PeerError: the rank that failed first."""
+    fired_at: float | None = None
+    """Wall time at which this rank fired the fault, if it did."""
+    started_at: float | None = None
+    exited_at: float | None = None
+    phase: str = ""
+    """Last phase the rank reported: init, parity, build, warmup, steady, done."""
+    last_call_id: int | None = None
+    counters: dict[str, Any] = field(default_factory=dict)
+    """Compile counters: graphs, compiles, recompiles, graph_breaks, break_reasons, ..."""
+    stacks_path: str | None = None
+    where: str = ""
+    """One-line summary of where the rank was (innermost user/hardening frame) when hung."""
+    has_record: bool = False
+    """Whether the rank wrote its final record (False: killed, or died before it could)."""
+    log_dir: str | None = None
+
+    @property
+    def alive_at_deadline(self) -> bool:
+        return self.exit_code is None
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(kw_only=True, slots=True)
+class CaseResult:
+    """The result of one case: outcome, verdict, timing and every rank's end."""
+
+    id: str
+    title: str
+    fault: str | None
+    expectation: str
+    outcome: Outcome
+    verdict: Verdict
+    reason: str = ""
+    """Why the verdict is what it is (empty on a plain pass)."""
+    t_detect: float | None = None
+    """Last rank's exit minus the fault's fire time, in seconds."""
+    budget_s: float | None = None
+    root_cause_rank: int | None = None
+    ranks: list[RankResult] = field(default_factory=list)
+    wall_s: float = 0.0
+    run_dir: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["outcome"] = self.outcome.value
+        data["verdict"] = self.verdict.value
+        return data
+
+
+@dataclass(kw_only=True, slots=True)
+class SuiteResult:
+    """Everything a report needs about one invocation of a suite."""
+
+    suite: str
+    profile: str
+    num_ranks: int
+    cases: list[CaseResult] = field(default_factory=list)
+    wall_s: float = 0.0
+    started_at: float = 0.0
+    interrupted: bool = False
+    run_dir: str | None = None
+    environment: dict[str, Any] = field(default_factory=dict)
+    harness_error: str | None = None
+    """Set when the harness could not run the suite at all."""
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "suite": self.suite,
+            "profile": self.profile,
+            "num_ranks": self.num_ranks,
+            "started_at": self.started_at,
+            "wall_s": self.wall_s,
+            "interrupted": self.interrupted,
+            "run_dir": self.run_dir,
+            "environment": self.environment,
+            "harness_error": self.harness_error,
+            "summary": summarize(self),
+            "cases": [c.to_json() for c in self.cases],
+        }
+
+
+def summarize(result: SuiteResult) -> dict[str, int]:
+    counts = {v.value: 0 for v in Verdict}
+    for case in result.cases:
+        counts[case.verdict.value] += 1
+    return counts
+
+
+def fire_time(ranks: list[RankResult]) -> float | None:
+    fired = [r.fired_at for r in ranks if r.fired_at is not None]
+    return min(fired) if fired else None
+
+
+def classify(
+    case: Case, ranks: list[RankResult], *, harness_error: str | None = None, interrupted: bool = False
+) -> tuple[Outcome, float | None]:
+    """Outcome of a case and its ``t_detect`` from the ranks' ends."""
+    if harness_error:
+        return Outcome.HARNESS_ERROR, None
+    if interrupted:
+        return Outcome.INTERRUPTED, None
+    if any(r.alive_at_deadline for r in ranks):
+        return Outcome.HUNG, None
+    all_ok = all(r.exit_code == 0 for r in ranks)
+    if case.fault is None:
+        return (Outcome.COMPLETED if all_ok else Outcome.CRASHED), None
+    fired = fire_time(ranks)
+    if fired is None:
+        return (Outcome.NOT_FIRED if all_ok else Outcome.EARLY_CRASH), None
+    if any(r.exit_code != 0 and r.exited_at is not None and r.exited_at < fired for r in ranks):
+        return Outcome.EARLY_CRASH, None
+    if all_ok:
+        return Outcome.SURVIVED, None
+    exits = [r.exited_at for r in ranks if r.exited_at is not None]
+    t_detect = max(0.0, max(exits) - fired) if exits else None
+    if t_detect is not None and t_detect > case.expect.budget_s:
+        return Outcome.CRASHED_SLOW, t_detect
+    return Outcome.CRASHED, t_detect
+
+
+def judge(expect: Expectation, outcome: Outcome, ranks: list[RankResult]) -> tuple[Verdict, str]:
+    """Verdict of an outcome against the expectation, with the reason when not a pass."""
+    if outcome in (Outcome.HARNESS_ERROR, Outcome.INTERRUPTED):
+        return Verdict.UNKNOWN, f"case {outcome.value}"
+    if not expect.crash:
+        if outcome is Outcome.COMPLETED:
+            return Verdict.PASS, ""
+        return Verdict.FAIL, _first_failure(ranks) or f"control {outcome.value}"
+    if outcome is Outcome.NOT_FIRED:
+        return Verdict.UNKNOWN, "the fault never fired"
+    if outcome is Outcome.EARLY_CRASH:
+        return Verdict.UNKNOWN, "a rank died before the fault fired: " + (_first_failure(ranks) or "?")
+    if outcome is Outcome.HUNG:
+        alive = [str(r.rank) for r in ranks if r.alive_at_deadline]
+        return Verdict.FAIL, f"rank(s) {','.join(alive)} still alive at the deadline"
+    if outcome is Outcome.SURVIVED:
+        return Verdict.FAIL, "the fault fired and every rank exited 0"
+    if outcome is Outcome.CRASHED_SLOW:
+        return Verdict.FAIL, f"crashed after the {expect.budget_s:g}s detection budget"
+    problems = []
+    for r in ranks:
+        want = expect.for_rank(r.rank)
+        if want is None:
+            continue
+        why = want.check(r.error_class, r.message)
+        if why:
+            problems.append(f"rank {r.rank}: {why}")
+    if problems:
+        return Verdict.FAIL, "; ".join(problems)
+    return Verdict.PASS, ""
+
+
+def _first_failure(ranks: list[RankResult]) -> str:
+    failed = [r for r in ranks if r.exit_code not in (0, None)]
+    if not failed:
+        return ""
+    first = min(failed, key=lambda r: r.exited_at or float("inf"))
+    what = first.error_class or (f"signal {first.signal}" if first.signal else f"exit {first.exit_code}")
+    msg = first.message.splitlines()[0] if first.message else ""
+    return f"rank {first.rank}: {what}" + (f": {msg}" if msg else "")
+
+
+def root_cause_rank(ranks: list[RankResult]) -> int | None:
+    """The first rank to fail that was not merely following a peer (torch elastic's rule)."""
+    own = [r for r in ranks if r.exit_code not in (0, None) and r.error_class != "PeerError"]
+    if own:
+        return min(own, key=lambda r: r.exited_at or float("inf")).rank
+    followers = [r.root_cause_rank for r in ranks if r.root_cause_rank is not None]
+    return followers[0] if followers else None

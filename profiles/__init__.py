@@ -1,0 +1,1 @@
+"""Shipped YAML profiles (data only): cpu (default), premerge, h200."""
