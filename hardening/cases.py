@@ -29,8 +29,8 @@ class RankExpect:
             return f"{self.error} message does not name /{self.match}/"
         return None
 
-    def describe(self) -> str:
-        return self.error if not self.match else f"{self.error}~/{self.match}/"
+    def describe(self, *, full: bool = False) -> str:
+        return f"{self.error}~/{self.match}/" if full and self.match else self.error
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -52,12 +52,13 @@ class Expectation:
     def for_rank(self, rank: int) -> RankExpect | None:
         return self.ranks.get(rank, self.others)
 
-    def describe(self) -> str:
+    def describe(self, *, full: bool = False) -> str:
+        """``all:ParityError`` style; ``full`` adds the message patterns."""
         if not self.crash:
             return "completes"
-        parts = [f"r{r}:{e.describe()}" for r, e in sorted(self.ranks.items())]
+        parts = [f"r{r}:{e.describe(full=full)}" for r, e in sorted(self.ranks.items())]
         if self.others is not None:
-            parts.append(("others:" if self.ranks else "all:") + self.others.describe())
+            parts.append(("others:" if self.ranks else "all:") + self.others.describe(full=full))
         return ", ".join(parts)
 
 

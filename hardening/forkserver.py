@@ -1,0 +1,160 @@
+"""The fork server: pay for ``import torch`` once per suite, not once per rank per case.
+
+On a 2-core box, spawn + ``import torch`` + Dynamo + c10d costs about 5 s per process.
+The runner starts one fork server per suite; it imports everything a rank needs
+(runs no torch op and starts no thread of its own, so forking stays safe) and then,
+per request, forks one rank process. Each rank is still its own process, in its own
+session (so the runner can kill its whole tree), with its stdout/stderr in its run
+directory.
+
+Protocol: JSON lines. Runner -> server: ``{"op": "spawn", "spec": RankSpec, "env": {...}}``.
+Server -> runner: ``ready``, ``spawned`` (pid), ``exited`` (pid, status, time of the
+``waitpid``). SIGCHLD wakes the loop, so exit times are exact.
+
+No orphans: the server dies with the runner (PR_SET_PDEATHSIG and stdin EOF) and every
+rank dies with the server (PR_SET_PDEATHSIG, and its watchdog checks its parent).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import select
+import signal
+import sys
+import time
+from typing import Any
+
+PR_SET_PDEATHSIG = 1
+
+
+def set_parent_death_signal(sig: int = signal.SIGKILL) -> None:
+    """Ask Linux to send ``sig`` to this process when its parent thread dies."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0)
+    except (OSError, AttributeError):  # not Linux: the pipe-EOF and ppid checks remain
+        pass
+
+
+def _emit(out: Any, event: dict[str, Any]) -> None:
+    out.write(json.dumps(event) + "\n")
+    out.flush()
+
+
+def _child(spec_data: dict[str, Any], env: dict[str, str], server_pid: int) -> None:
+    """Runs in the forked rank process; never returns."""
+    try:
+        os.setsid()
+        set_parent_death_signal()
+        if os.getppid() != server_pid:  # the server died between fork and prctl
+            os._exit(11)
+        for sig in (signal.SIGCHLD, signal.SIGINT, signal.SIGTERM, signal.SIGPIPE):
+            signal.signal(sig, signal.SIG_DFL)
+        rank_dir = spec_data["rank_dir"]
+        os.makedirs(rank_dir, exist_ok=True)
+        devnull = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(devnull, 0)
+        for fd, name in ((1, "stdout.log"), (2, "stderr.log")):
+            log = os.open(os.path.join(rank_dir, name), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            os.dup2(log, fd)
+            os.close(log)
+        sys.stdin = open(0, closefd=False)
+        sys.stdout = open(1, "w", buffering=1, closefd=False)
+        sys.stderr = open(2, "w", buffering=1, closefd=False)
+        os.environ.update(env)
+        from hardening.worker import RankSpec, run_rank
+
+        spec_data = dict(spec_data, parent_pid=server_pid)
+        run_rank(RankSpec.from_json(spec_data))
+    except BaseException:  # noqa: BLE001 - a child must never return into the server loop
+        import traceback
+
+        traceback.print_exc()
+    finally:
+        os._exit(10)
+
+
+def serve() -> None:
+    set_parent_death_signal()
+    runner_pid = os.getppid()
+    started = time.time()
+    # Preload what every rank imports: this is the cost the server exists to amortize.
+    import torch  # noqa: F401
+    import torch._dynamo  # noqa: F401
+    import torch.distributed  # noqa: F401
+    import torch.distributed._functional_collectives  # noqa: F401
+
+    import hardening.worker  # noqa: F401
+    import hardening.reference  # noqa: F401
+
+    out = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)  # stray prints from imports must not corrupt the protocol stream
+    inp = 0  # raw fd: a buffered reader would hide queued requests from select()
+    pending = b""
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_w, False)
+    signal.set_wakeup_fd(wake_w)
+    signal.signal(signal.SIGCHLD, lambda *_: None)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the runner decides how ranks end
+    children: set[int] = set()
+    _emit(out, {"event": "ready", "pid": os.getpid(), "import_s": round(time.time() - started, 3)})
+
+    def reap() -> None:
+        while children:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            children.discard(pid)
+            _emit(out, {"event": "exited", "pid": pid, "status": status, "t": time.time()})
+
+    try:
+        while True:
+            ready, _, _ = select.select([inp, wake_r], [], [], 1.0)
+            if wake_r in ready:
+                try:
+                    os.read(wake_r, 4096)
+                except BlockingIOError:
+                    pass
+            reap()
+            if os.getppid() != runner_pid:
+                break
+            if inp not in ready:
+                continue
+            chunk = os.read(inp, 65536)
+            if not chunk:
+                break  # the runner closed the pipe or died
+            pending += chunk
+            while b"\n" in pending:
+                line, pending = pending.split(b"\n", 1)
+                request = json.loads(line)
+                if request.get("op") != "spawn":
+                    continue
+                pid = os.fork()
+                if pid == 0:
+                    # The rank must not hold the protocol pipe or the wakeup pipe open: the
+                    # runner relies on EOF when the server dies.
+                    signal.set_wakeup_fd(-1)
+                    for fd in (wake_r, wake_w, out.fileno()):
+                        os.close(fd)
+                    _child(request["spec"], request.get("env", {}), os.getppid())
+                children.add(pid)
+                _emit(out, {"event": "spawned", "pid": pid, "rank": request["spec"]["rank"], "t": time.time()})
+    finally:
+        for pid in list(children):
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        deadline = time.time() + 5
+        while children and time.time() < deadline:
+            reap()
+            time.sleep(0.05)
+
+
+if __name__ == "__main__":
+    serve()

@@ -1,0 +1,110 @@
+"""The region contract: what the harness drives on every rank, and how it is built.
+
+A :class:`Region` is an uncompiled ``nn.Module`` plus a function that makes the inputs
+of call ``k`` (identical on every rank) and optional parity keys. It is built by a
+factory ``build(ctx) -> Region`` named as ``module:function`` or
+``path/to/file.py:function``; the reference region ships through the same mechanism.
+
+``build_region`` and ``make_call_inputs`` are the runtime functions faults patch, so
+call them through this module (``region.build_region(...)``), never import the names.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from hardening.profile import Profile
+
+
+@dataclass(kw_only=True, slots=True)
+class RegionContext:
+    """Everything a region factory may use to build its rank's shard."""
+
+    rank: int
+    """This rank."""
+
+    world_size: int
+    """Number of ranks (the TP degree)."""
+
+    device: "torch.device"
+    """Device the region must live on."""
+
+    dtype: "torch.dtype"
+    """Parameter and activation dtype from ``region.dtype``."""
+
+    group: Any
+    """Data-plane process group (pass it to functional collectives)."""
+
+    dims: dict[str, int]
+    """``region.dims`` of the profile."""
+
+    seed: int
+    """``region.seed``: weights and inputs must derive from it to be identical across ranks."""
+
+    profile: "Profile"
+    """The whole profile, for factories that need more."""
+
+
+@dataclass(kw_only=True, slots=True)
+class Region:
+    """What the harness drives: a module and the inputs of each call."""
+
+    module: "nn.Module"
+    """The rank's shard, uncompiled (the harness compiles it per profile)."""
+
+    make_inputs: Callable[[int], tuple["torch.Tensor", ...]]
+    """Inputs of call ``k``; must be identical on every rank (the harness checks nothing here yet)."""
+
+    parity_keys: dict[str, Any] = field(default_factory=dict)
+    """Extra keys that must be equal on every rank (checked with the environment fingerprint)."""
+
+
+RegionFactory = Callable[[RegionContext], Region]
+
+
+def load_factory(target: str) -> RegionFactory:
+    """Resolve ``module:function`` or ``file.py:function``; ValueError names what is wrong."""
+    module_name, sep, attr = target.rpartition(":")
+    if not sep or not module_name or not attr:
+        raise ValueError(f"region target {target!r} must be 'module:function' or 'path/to/file.py:function'")
+    if module_name.endswith(".py"):
+        path = Path(module_name)
+        if not path.is_file():
+            raise ValueError(f"region target {target!r}: file {module_name} not found")
+        name = "hardening_user_region_" + path.stem
+        spec = importlib.util.spec_from_file_location(name, path)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    else:
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as exc:
+            raise ValueError(f"region target {target!r}: cannot import {module_name}: {exc}") from None
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        raise ValueError(f"region target {target!r}: {module_name} has no callable {attr!r}")
+    return factory
+
+
+def build_region(target: str, ctx: RegionContext) -> Region:
+    """Build this rank's region from its factory (fault hook: C-02 wraps the result)."""
+    region = load_factory(target)(ctx)
+    if not isinstance(region, Region):
+        raise TypeError(f"region factory {target} returned {type(region).__name__}, not hardening.region.Region")
+    return region
+
+
+def make_call_inputs(region: Region, call_id: int) -> tuple["torch.Tensor", ...]:
+    """Inputs of call ``call_id`` (fault hook: C-03 perturbs them on one rank)."""
+    return tuple(region.make_inputs(call_id))

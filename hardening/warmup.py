@@ -1,0 +1,65 @@
+"""Warmup lockstep: every rank compiles on the same calls with the same shapes.
+
+Before each warmup call the ranks exchange a ticket on the side channel, either
+``("call", k, shapes)`` or ``("end", n)``, and go on only if every ticket is equal.
+A rank that plans fewer calls, or feeds other shapes, is caught before the data plane
+runs a mismatched collective: a :class:`WarmupError` on every rank instead of a hang.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+from hardening.errors import WarmupError
+from hardening.profile import Profile
+from hardening.sidechannel import SideChannel
+
+
+def planned_warmup_calls(profile: Profile) -> int:
+    """How many warmup calls this rank will run (fault hook: W-01 shortens it on one rank)."""
+    return profile.warmup_calls
+
+
+def shape_signature(inputs: Sequence[Any]) -> list[str]:
+    return [f"{tuple(t.shape)}:{t.dtype}" if hasattr(t, "shape") else type(t).__name__ for t in inputs]
+
+
+def run_lockstep(
+    side: SideChannel,
+    *,
+    num_calls: int,
+    first_call_id: int,
+    make_inputs: Callable[[int], Sequence[Any]],
+    run_call: Callable[[int, Sequence[Any]], Any],
+) -> int:
+    """Run ``num_calls`` warmup calls in lockstep; returns the next call id.
+
+    Every ticket carries the planned count, so a rank planning fewer calls is caught
+    at the first ticket, before any compile; shapes are compared call by call.
+    """
+    call_id = first_call_id
+    for k in range(num_calls + 1):
+        if k < num_calls:
+            inputs = make_inputs(call_id)
+            ticket: dict[str, Any] = {"planned": num_calls, "step": k, "shapes": shape_signature(inputs)}
+        else:
+            inputs, ticket = (), {"planned": num_calls, "step": k, "shapes": "end"}
+        tickets = side.exchange(f"warmup/{k}", ticket)
+        if any(t != tickets[0] for t in tickets):
+            raise WarmupError(_describe(tickets))
+        if k == num_calls:
+            return call_id
+        run_call(call_id, inputs)
+        call_id += 1
+    raise AssertionError("unreachable: the last ticket is the end ticket")
+
+
+def _describe(tickets: list[dict[str, Any]]) -> str:
+    planned = [t["planned"] for t in tickets]
+    if len(set(planned)) > 1:
+        head = "ranks plan different numbers of warmup calls:"
+        lines = [f"  rank {r}: plans {n} warmup call(s)" for r, n in enumerate(planned)]
+    else:
+        head = f"ranks feed different inputs at warmup call {tickets[0]['step']}:"
+        lines = [f"  rank {r}: {t['shapes'] if t['shapes'] == 'end' else ', '.join(t['shapes'])}" for r, t in enumerate(tickets)]
+    return "\n".join([head, *lines])

@@ -1,0 +1,263 @@
+"""How a rank ends: the out-of-band watchdog, the job-wide abort and the final record.
+
+A daemon thread per rank heartbeats into the launcher-hosted c10d store (the store
+outlives any rank), and ends the process when:
+
+- another rank wrote the job-wide ``abort`` key (fast death propagation) -> PeerError,
+- a peer's heartbeat stopped changing for ``peer_lost`` seconds -> PeerLost,
+- the main thread's current call ran past ``call_deadline`` -> CallDeadlineExceeded,
+- the launcher died (the parent changed) -> exit code 11.
+
+Every end goes through :meth:`Terminator.end`: write the final record, publish the
+abort (first writer wins), flush, ``os._exit`` with the cause's exit code. ``os._exit``
+because a stuck collective or a poisoned CUDA context must not block teardown.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, NoReturn
+
+import torch.distributed as dist
+
+from hardening.errors import (
+    EXIT_OK,
+    EXIT_PARENT_GONE,
+    CallDeadlineExceeded,
+    HardeningError,
+    PeerError,
+    PeerLost,
+    exit_code_for,
+)
+
+ABORT_KEY = "abort"
+
+
+@dataclass(kw_only=True, slots=True)
+class RankState:
+    """What this rank is doing, shared by the main thread and the watchdog."""
+
+    rank: int
+    world_size: int
+    record_path: Path
+    started_at: float = field(default_factory=time.time)
+    phase: str = "init"
+    call_id: int | None = None
+    call_started: float | None = None  # monotonic; set only while a deadline-bound call runs
+    fired_at: float | None = None
+    counters: dict[str, Any] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+    """Seconds from process start at which each phase began."""
+
+    def enter(self, phase: str) -> None:
+        self.phase = phase
+        self.timings[phase] = round(time.time() - self.started_at, 3)
+
+    def begin_call(self, call_id: int, *, deadline_bound: bool) -> None:
+        self.call_id = call_id
+        self.call_started = time.monotonic() if deadline_bound else None
+
+    def end_call(self) -> None:
+        self.call_started = None
+
+
+class Terminator:
+    """The one way out of a rank: record, abort, flush, ``os._exit``."""
+
+    def __init__(self, state: RankState, store: dist.Store | None, *, attribution_window_s: float = 0.5) -> None:
+        self.state = state
+        self.attribution_window_s = attribution_window_s
+        self.store = store  # a client of its own: the main thread's may be blocked mid-wait
+        self._lock = threading.Lock()
+
+    @property
+    def ending(self) -> bool:
+        return self._lock.locked()
+
+    def end(
+        self,
+        exc: BaseException | None,
+        *,
+        root_cause_rank: int | None = None,
+        exit_code: int | None = None,
+        publish_abort: bool = True,
+    ) -> NoReturn:
+        if not self._lock.acquire(blocking=False):
+            while True:  # another thread is already ending this process
+                time.sleep(3600)
+        if exc is not None and not isinstance(exc, HardeningError):
+            exc, root_cause_rank = self._attribute(exc, root_cause_rank)
+        code = exit_code if exit_code is not None else (exit_code_for(exc) if exc else EXIT_OK)
+        s = self.state
+        record = {
+            "rank": s.rank,
+            "pid": os.getpid(),
+            "ok": exc is None and code == EXIT_OK,
+            "error_class": type(exc).__name__ if exc is not None else None,
+            "message": str(exc) if exc is not None else "",
+            "traceback": "".join(traceback.format_exception(exc)) if exc is not None else "",
+            "root_cause_rank": root_cause_rank,
+            "fired_at": s.fired_at,
+            "started_at": s.started_at,
+            "exited_at": time.time(),
+            "phase": s.phase,
+            "last_call_id": s.call_id,
+            "counters": s.counters,
+            "timings": s.timings,
+            "exit_code": code,
+        }
+        try:
+            tmp = s.record_path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(record, indent=2, default=str))
+            os.replace(tmp, s.record_path)
+        except OSError as err:  # the record is best effort; the exit code still carries the cause
+            print(f"[hardening] rank {s.rank}: could not write final record: {err}", file=sys.stderr)
+        if exc is not None:
+            print(f"[hardening] rank {s.rank} ends: {type(exc).__name__}: {exc}", file=sys.stderr)
+            if publish_abort and self.store is not None:
+                self._publish_abort(exc)
+        elif self.store is not None:
+            try:
+                self.store.set(f"done/{s.rank}", "1")
+            except Exception:
+                pass
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+    def _attribute(self, exc: BaseException, root_cause_rank: int | None) -> tuple[BaseException, int | None]:
+        """A plain error right after a peer aborted is that peer's doing (gloo reports a
+        dead peer as "Connection closed by peer"): report it as PeerError naming the peer."""
+        if self.store is None:
+            return exc, root_cause_rank
+        deadline = time.monotonic() + self.attribution_window_s
+        while True:
+            try:
+                if self.store.check([ABORT_KEY]):
+                    info = json.loads(self.store.get(ABORT_KEY))
+                    if info.get("rank") != self.state.rank:
+                        first_line = (str(exc).splitlines() or [""])[0][:300]
+                        peer = PeerError(
+                            f"rank {info['rank']} failed first: {info['error']}: {info['message']}\n"
+                            f"(here it surfaced as {type(exc).__name__}: {first_line})"
+                        )
+                        peer.__cause__ = exc
+                        return peer, info["rank"]
+            except Exception:  # no store, no attribution: report the error as it is
+                return exc, root_cause_rank
+            if time.monotonic() >= deadline:
+                return exc, root_cause_rank
+            time.sleep(0.02)
+
+    def _publish_abort(self, exc: BaseException) -> None:
+        reason = json.dumps({"rank": self.state.rank, "error": type(exc).__name__, "message": str(exc)[:2000]})
+        try:
+            self.store.compare_set(ABORT_KEY, "", reason)
+        except Exception:  # the store may be gone with the launcher; exiting matters more
+            pass
+
+
+class Watchdog(threading.Thread):
+    """Heartbeat, abort poll, peer liveness and call deadline for one rank."""
+
+    def __init__(
+        self,
+        state: RankState,
+        terminator: Terminator,
+        store: dist.Store,
+        *,
+        heartbeat_s: float,
+        peer_lost_s: float,
+        first_heartbeat_s: float,
+        call_deadline_s: float,
+        parent_pid: int | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        super().__init__(name="hardening-watchdog", daemon=True)
+        self.state = state
+        self.terminator = terminator
+        self.store = store  # a client of its own, used only by this thread
+        self.heartbeat_s = heartbeat_s
+        self.peer_lost_s = peer_lost_s
+        self.first_heartbeat_s = first_heartbeat_s
+        self.call_deadline_s = call_deadline_s
+        self.parent_pid = parent_pid
+        self.clock = clock
+        self._seq = 0
+        self._peer_value: dict[int, bytes | None] = {}
+        self._peer_changed: dict[int, float] = {}
+        self._abort_seen: float | None = None
+
+    def run(self) -> None:
+        start = self.clock()
+        for r in range(self.state.world_size):
+            if r != self.state.rank:
+                self._peer_value[r] = None
+                self._peer_changed[r] = start
+        while not self.terminator.ending:
+            try:
+                self._tick()
+            except Exception as exc:  # the store died with the launcher: the job is over
+                if self.parent_pid is not None and os.getppid() != self.parent_pid:
+                    self.terminator.end(None, exit_code=EXIT_PARENT_GONE, publish_abort=False)
+                print(f"[hardening] rank {self.state.rank} watchdog: {type(exc).__name__}: {exc}", file=sys.stderr)
+            time.sleep(self.heartbeat_s)
+
+    def _tick(self) -> None:
+        s = self.state
+        now = self.clock()
+        if self.parent_pid is not None and os.getppid() != self.parent_pid:
+            self.terminator.end(None, exit_code=EXIT_PARENT_GONE, publish_abort=False)
+        self._seq += 1
+        self.store.set(f"hb/{s.rank}", json.dumps({"seq": self._seq, "phase": s.phase, "call_id": s.call_id}))
+        if self.store.check([ABORT_KEY]):
+            info = json.loads(self.store.get(ABORT_KEY))
+            if info.get("rank") != s.rank:
+                # Give this rank's own main thread two beats to raise a collective error
+                # (parity, warmup) itself, so that it reports its own cause, not PeerError.
+                if self._abort_seen is None:
+                    self._abort_seen = now
+                elif now - self._abort_seen >= 2 * self.heartbeat_s:
+                    self.terminator.end(
+                        PeerError(f"rank {info['rank']} failed first: {info['error']}: {info['message']}"),
+                        root_cause_rank=info["rank"],
+                        publish_abort=False,
+                    )
+        if s.call_started is not None and self.call_deadline_s > 0:
+            running = now - s.call_started
+            if running > self.call_deadline_s:
+                self.terminator.end(
+                    CallDeadlineExceeded(
+                        f"call {s.call_id} has run {running:.1f}s, past the {self.call_deadline_s:g}s call deadline"
+                    )
+                )
+        for r in self._peer_value:
+            self._check_peer(r, now)
+
+    def _check_peer(self, r: int, now: float) -> None:
+        if self.store.check([f"done/{r}"]):
+            return
+        key = f"hb/{r}"
+        value = self.store.get(key) if self.store.check([key]) else None
+        if value != self._peer_value[r]:
+            self._peer_value[r] = value
+            self._peer_changed[r] = now
+            return
+        age = now - self._peer_changed[r]
+        if value is None and age > self.first_heartbeat_s:
+            self.terminator.end(PeerLost(f"rank {r} never sent a heartbeat within {self.first_heartbeat_s:g}s"))
+        if value is not None and age > self.peer_lost_s:
+            last = json.loads(value)
+            self.terminator.end(
+                PeerLost(
+                    f"rank {r} lost: no heartbeat for {age:.1f}s (> peer_lost {self.peer_lost_s:g}s); "
+                    f"last seen in phase {last.get('phase')}, call {last.get('call_id')}"
+                )
+            )

@@ -1,0 +1,265 @@
+"""The in-rank recipe: what one rank of a case does, in a fixed, commented order.
+
+``run_rank`` is entered in a fresh process per rank (forked from the fork server) and
+never returns: every path ends in :meth:`Terminator.end` with a final record and the
+cause's exit code. The hook functions here (``apply_backend_settings``,
+``resolve_compile_config``) are runtime functions that faults patch by name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, NoReturn
+
+import torch
+import torch.distributed as dist
+
+from hardening import compile_health, region, warmup
+from hardening.errors import CompileGateError, HardeningError
+from hardening.inject import FaultContext, install_from_env
+from hardening.parity import build_fingerprint, check_parity
+from hardening.profile import CompileConfig, Profile, load_profile
+from hardening.region import RegionContext
+from hardening.sidechannel import SideChannel
+from hardening.watchdog import RankState, Terminator, Watchdog
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(kw_only=True, slots=True)
+class RankSpec:
+    """What the launcher tells one rank process (JSON over the fork-server pipe)."""
+
+    rank: int
+    world_size: int
+    store_host: str
+    store_port: int
+    store_prefix: str
+    """Namespace of this case in the launcher's store (the store outlives every case)."""
+    profile_path: str
+    """A YAML file holding the resolved profile of the run."""
+    rank_dir: str
+    """Where this rank writes record.json (its stdout/stderr are redirected there too)."""
+    parent_pid: int | None = None
+    """The process whose death must end this rank (the fork server)."""
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "RankSpec":
+        return cls(**data)
+
+
+def apply_backend_settings(profile: Profile) -> None:
+    """Apply the profile's kernel-backend settings (fault hook: C-04 diverges one rank)."""
+    if profile.world.device == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = profile.region.dtype != "float32"
+
+
+def resolve_compile_config(profile: Profile) -> CompileConfig:
+    """The compile settings this rank will use (fault hook: C-01 flips enabled on one rank)."""
+    return profile.compile
+
+
+def connect_store(spec: RankSpec, timeout_s: float) -> dist.Store:
+    store = dist.TCPStore(
+        spec.store_host, spec.store_port, is_master=False, timeout=timedelta(seconds=timeout_s)
+    )
+    return dist.PrefixStore(spec.store_prefix, store)
+
+
+def run_rank(spec: RankSpec) -> NoReturn:
+    profile = load_profile(spec.profile_path)
+    state = RankState(rank=spec.rank, world_size=spec.world_size, record_path=Path(spec.rank_dir) / "record.json")
+    timeouts = profile.timeouts
+    terminator = Terminator(state, None)
+    try:
+        # Store clients first: the terminator and the watchdog each get their own
+        # connection, because the main thread's may be blocked in a wait when they act.
+        store = connect_store(spec, timeouts.setup)
+        terminator.store = connect_store(spec, timeouts.setup)
+
+        def on_fire(fault: Any) -> None:
+            state.fired_at = fault.fired_at
+            store.set(f"fired/{spec.rank}", json.dumps(fault.fired_at))
+
+        # The fault goes in before anything it may patch runs; it acts only on its ranks.
+        install_from_env(
+            FaultContext(rank=spec.rank, world_size=spec.world_size, warmup_calls=profile.warmup_calls, on_fire=on_fire)
+        )
+        Watchdog(
+            state,
+            terminator,
+            connect_store(spec, timeouts.setup),
+            heartbeat_s=timeouts.heartbeat,
+            peer_lost_s=timeouts.peer_lost,
+            first_heartbeat_s=timeouts.setup,
+            call_deadline_s=timeouts.call_deadline,
+            parent_pid=spec.parent_pid,
+        ).start()
+        _recipe(spec, profile, state, store)
+    except BaseException as exc:  # noqa: BLE001 - every end must be recorded, KeyboardInterrupt included
+        terminator.end(exc)
+    terminator.end(None)
+
+
+def _recipe(spec: RankSpec, profile: Profile, state: RankState, store: dist.Store) -> None:
+    timeouts = profile.timeouts
+    device = _device(profile, spec.rank)
+    dtype = DTYPES[profile.region.dtype]
+
+    # 1. Backends, then the data plane with an explicit short timeout (never 600/1800 s).
+    state.enter("init")
+    apply_backend_settings(profile)
+    dist.init_process_group(
+        profile.world.backend,
+        store=dist.PrefixStore("pg", store),
+        rank=spec.rank,
+        world_size=spec.world_size,
+        timeout=timedelta(seconds=timeouts.pg),
+    )
+    side = SideChannel(store, rank=spec.rank, world_size=spec.world_size, timeout_s=timeouts.pg)
+
+    # 2. Env parity before anything else talks to a peer: region factories may issue
+    #    collectives (DTensor's distribute_tensor broadcasts), so parity precedes build.
+    state.enter("parity")
+    compile_cfg = resolve_compile_config(profile)
+    fingerprint = build_fingerprint(
+        profile=profile, compile_cfg=compile_cfg, world_size=spec.world_size, device=device, dtype=dtype
+    )
+    check_parity(side, fingerprint)
+    side.create_group()
+    store.set(f"ready/{spec.rank}", "1")
+
+    # 3. Build the region; its own parity keys are checked before the first call.
+    state.enter("build")
+    ctx = RegionContext(
+        rank=spec.rank,
+        world_size=spec.world_size,
+        device=device,
+        dtype=dtype,
+        group=dist.group.WORLD,
+        dims=dict(profile.region.dims),
+        seed=profile.region.seed,
+        profile=profile,
+    )
+    reg = region.build_region(profile.region.target, ctx)
+    if reg.parity_keys:
+        check_parity(side, {f"region.{k}": json.dumps(v, default=str) for k, v in sorted(reg.parity_keys.items())}, tag="region-parity")
+
+    # 4. Compile with the counting probe installed first, so no compile goes uncounted.
+    probe = compile_health.CompileProbe()
+    probe.install()
+    compiled = compile_health.compile_region(reg.module, compile_cfg, probe)
+
+    def run_call(call_id: int, inputs: Any, *, deadline_bound: bool) -> Any:
+        state.begin_call(call_id, deadline_bound=deadline_bound)
+        try:
+            out = compiled(*inputs)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            return out
+        finally:
+            state.end_call()
+
+    # 5. Warmup in lockstep; a break under fullgraph=True raises here on the first call.
+    state.enter("warmup")
+    try:
+        next_call = warmup.run_lockstep(
+            side,
+            num_calls=warmup.planned_warmup_calls(profile),
+            first_call_id=0,
+            make_inputs=lambda k: region.make_call_inputs(reg, k),
+            run_call=lambda k, inputs: run_call(k, inputs, deadline_bound=False),
+        )
+    except HardeningError:
+        raise
+    except Exception as exc:
+        reason = compile_health.graph_break_from_exception(exc)
+        if reason is None:
+            raise
+        raise CompileGateError(f"graph break in the region (fullgraph=True): {reason}") from exc
+    after_warmup = probe.counters()
+    state.counters = _summary(after_warmup, None)
+
+    # 6. Gates after warmup: local health of every rank and symmetry across ranks,
+    #    decided on gathered counters so that every rank raises the same error.
+    gathered = [
+        compile_health.CompileCounters.from_json(c) for c in side.exchange("counters/warmup", after_warmup.to_json())
+    ]
+    problems = []
+    for r, counters in enumerate(gathered):
+        problems += [f"rank {r}: {p}" for p in compile_health.local_gate_problems(counters, profile.gates, compiled=compile_cfg.enabled)]
+    problems += compile_health.symmetry_problems(gathered)
+    if problems:
+        raise CompileGateError("compile gate failed after warmup:\n  " + "\n  ".join(problems))
+
+    # 7. Steady state under the recompile guard: a recompile on any rank raises at once
+    #    with its guard-failure text (entered on this thread: dynamo config is per thread).
+    state.enter("steady")
+    guard = compile_health.RecompileGuard() if (compile_cfg.enabled and profile.gates.max_recompiles == 0) else None
+    for call_id in range(next_call, next_call + profile.steps):
+        inputs = region.make_call_inputs(reg, call_id)
+        try:
+            if guard is not None:
+                with guard:
+                    run_call(call_id, inputs, deadline_bound=True)
+            else:
+                run_call(call_id, inputs, deadline_bound=True)
+        except HardeningError:
+            raise
+        except Exception as exc:
+            reason = compile_health.RecompileGuard.reason(exc)
+            if reason is None:
+                raise
+            raise CompileGateError(f"rank {spec.rank} recompiled at call {call_id}, after warmup: {reason}") from exc
+
+    # 8. Final symmetric gate on steady-state compiles; the exchange is also the barrier
+    #    that keeps every rank alive until all are done.
+    steady = probe.counters().delta(after_warmup)
+    state.counters = _summary(probe.counters(), steady)
+    finals = [compile_health.CompileCounters.from_json(c) for c in side.exchange("counters/steady", steady.to_json())]
+    problems = [
+        f"rank {r}: {c.recompiles} recompile(s) after warmup > max {profile.gates.max_recompiles}"
+        + (f" ({'; '.join(c.recompile_reasons)})" if c.recompile_reasons else "")
+        for r, c in enumerate(finals)
+        if c.recompiles > profile.gates.max_recompiles
+    ]
+    problems += compile_health.symmetry_problems(finals)
+    if problems:
+        raise CompileGateError("compile gate failed in steady state:\n  " + "\n  ".join(problems))
+    state.enter("done")
+
+
+def _summary(total: "compile_health.CompileCounters", steady: "compile_health.CompileCounters | None") -> dict[str, Any]:
+    """Counters in the final record: top-level numbers the reports show, details nested."""
+    return {
+        "graphs": total.graphs,
+        "compiles": total.compiles,
+        "graph_breaks": total.graph_breaks,
+        "recompiles": steady.recompiles if steady is not None else 0,
+        "break_reasons": total.break_reasons,
+        "recompile_reasons": (steady.recompile_reasons if steady is not None else []),
+        "total": total.to_json(),
+        "steady": steady.to_json() if steady is not None else None,
+    }
+
+
+def _device(profile: Profile, rank: int) -> torch.device:
+    if profile.world.device == "cuda":
+        index = rank % max(1, torch.cuda.device_count())
+        torch.cuda.set_device(index)
+        return torch.device("cuda", index)
+    return torch.device("cpu")
+
+
+def main_from_env() -> NoReturn:
+    """Entry for a rank started without the fork server (``python -m hardening.worker``)."""
+    spec = RankSpec.from_json(json.loads(os.environ["HARDENING_RANK_SPEC"]))
+    run_rank(spec)
+
+
+if __name__ == "__main__":
+    main_from_env()

@@ -1,0 +1,121 @@
+"""Compile-family faults (C-01..C-04, W-01): divergence in how ranks compile and warm up."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import torch
+
+from hardening.inject.fault import Fault
+
+
+class CompileOnOneRank(Fault):
+    name = "compile_one_rank"
+    matrix_id = "C-01"
+    summary = "flip compile.enabled on one rank (compile on, eager elsewhere)"
+    target = "hardening.worker:resolve_compile_config"
+
+    def wrap(self, original: Callable[..., Any]) -> Callable[..., Any]:
+        def resolve_compile_config(profile):
+            cfg = original(profile)
+            if not self.acts_here:
+                return cfg
+            self.fire()
+            return dataclasses.replace(cfg, enabled=not cfg.enabled)
+
+        return resolve_compile_config
+
+
+class GraphBreak(Fault):
+    name = "graph_break"
+    matrix_id = "C-02"
+    summary = "insert torch._dynamo.graph_break() into the region's forward"
+    target = "hardening.region:build_region"
+    default_ranks = "all"
+
+    def wrap(self, original: Callable[..., Any]) -> Callable[..., Any]:
+        def build_region(target, ctx):
+            region = original(target, ctx)
+            if not self.acts_here:
+                return region
+            forward = region.module.forward
+
+            def forward_with_break(*args, **kwargs):
+                out = forward(*args, **kwargs)
+                torch._dynamo.graph_break()
+                return out
+
+            region.module.forward = forward_with_break
+            self.fire()
+            return region
+
+        return build_region
+
+
+class RecompileAfterWarmup(Fault):
+    name = "recompile"
+    matrix_id = "C-03"
+    summary = "feed one rank a same-shape, different-stride input after warmup (guard failure)"
+    target = "hardening.region:make_call_inputs"
+    param_names = ("call",)
+
+    def wrap(self, original: Callable[..., Any]) -> Callable[..., Any]:
+        at_call = self.int_param("call", self.ctx.warmup_calls)
+
+        def make_call_inputs(region, call_id):
+            inputs = original(region, call_id)
+            if not self.acts_here or call_id != at_call:
+                return inputs
+            out = list(inputs)
+            for i, t in enumerate(out):
+                if isinstance(t, torch.Tensor) and t.dim() >= 2 and t.shape[-1] > 1 and t.shape[-2] > 1:
+                    # Same values and shape, transposed strides: only the guards can tell.
+                    out[i] = t.transpose(-1, -2).contiguous().transpose(-1, -2)
+                    self.fire()
+                    break
+            return tuple(out)
+
+        return make_call_inputs
+
+
+class BackendDivergence(Fault):
+    name = "backend_divergence"
+    matrix_id = "C-04"
+    summary = "disable the flash SDPA kernel on one rank (attention resolves to another kernel)"
+    target = "hardening.worker:apply_backend_settings"
+
+    def wrap(self, original: Callable[..., Any]) -> Callable[..., Any]:
+        def apply_backend_settings(profile):
+            original(profile)
+            if self.acts_here:
+                self._flash_was = torch.backends.cuda.flash_sdp_enabled()
+                torch.backends.cuda.enable_flash_sdp(False)
+                self.fire()
+
+        return apply_backend_settings
+
+    def uninstall(self) -> None:
+        if getattr(self, "_flash_was", None) is not None:
+            torch.backends.cuda.enable_flash_sdp(self._flash_was)
+        super().uninstall()
+
+
+class ShortWarmup(Fault):
+    name = "short_warmup"
+    matrix_id = "W-01"
+    summary = "one rank plans one warmup call fewer than the others"
+    target = "hardening.warmup:planned_warmup_calls"
+
+    def wrap(self, original: Callable[..., Any]) -> Callable[..., Any]:
+        def planned_warmup_calls(profile):
+            n = original(profile)
+            if not self.acts_here:
+                return n
+            self.fire()
+            return n - 1
+
+        return planned_warmup_calls
+
+
+FAULTS = [CompileOnOneRank, GraphBreak, RecompileAfterWarmup, BackendDivergence, ShortWarmup]

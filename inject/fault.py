@@ -1,0 +1,150 @@
+"""The fault: what breaks, where and when, as a reversible patch of a named runtime function.
+
+A fault never decides anything on its own: its spec string (``name:rank=1:call=3``) is
+set identically on every rank (``HARDENING_FAULT``) and is part of the parity
+fingerprint, so test-only behaviour cannot become a conditional collective. Every rank
+installs the same patch; the patch changes behaviour only on the fault's ranks and
+records the moment it does (``fire``).
+"""
+
+from __future__ import annotations
+
+import importlib
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar
+
+
+class FaultSpecError(ValueError):
+    """A fault spec names an unknown fault or a bad parameter."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class FaultSpec:
+    """A parsed ``name:key=value:...`` spec."""
+
+    name: str
+    """Registered fault name."""
+
+    ranks: tuple[int, ...] | None = None
+    """Ranks the fault acts on; None means the fault's default."""
+
+    all_ranks: bool = False
+    """``rank=all``: act on every rank."""
+
+    params: dict[str, str] = field(default_factory=dict)
+    """Remaining ``key=value`` pairs, checked by the fault class."""
+
+    text: str = ""
+    """The spec as written."""
+
+
+def parse_spec(text: str) -> FaultSpec:
+    parts = [p.strip() for p in text.strip().split(":")]
+    if not parts or not parts[0]:
+        raise FaultSpecError(f"empty fault spec {text!r}; expected 'name:key=value:...'")
+    ranks: tuple[int, ...] | None = None
+    all_ranks = False
+    params: dict[str, str] = {}
+    for part in parts[1:]:
+        key, sep, value = part.partition("=")
+        if not sep or not key or not value:
+            raise FaultSpecError(f"fault spec {text!r}: {part!r} is not key=value")
+        if key == "rank":
+            if value == "all":
+                all_ranks = True
+            else:
+                try:
+                    ranks = tuple(int(v) for v in value.split("+"))
+                except ValueError:
+                    raise FaultSpecError(f"fault spec {text!r}: rank must be N, N+M or all, got {value!r}") from None
+        else:
+            params[key] = value
+    return FaultSpec(name=parts[0], ranks=ranks, all_ranks=all_ranks, params=params, text=text.strip())
+
+
+@dataclass(kw_only=True, slots=True)
+class FaultContext:
+    """What a fault may know about the rank it is installed on."""
+
+    rank: int
+    world_size: int
+    warmup_calls: int
+    """Warmup calls of the profile: call ids >= this are steady-state calls."""
+    on_fire: Callable[["Fault"], None] = lambda fault: None
+    """Called once, when the fault first changes behaviour on this rank."""
+
+
+class Fault:
+    """Base of every fault. Subclasses set the class attributes and ``wrap``."""
+
+    name: ClassVar[str]
+    matrix_id: ClassVar[str]
+    summary: ClassVar[str]
+    target: ClassVar[str]
+    """``module:function`` of the runtime function the fault patches."""
+    default_ranks: ClassVar[str] = "1"
+    """``all`` or ``N`` / ``N+M``: where it acts when the spec has no ``rank=``."""
+    param_names: ClassVar[tuple[str, ...]] = ()
+    """Extra ``key=value`` parameters the fault accepts."""
+
+    def __init__(self, spec: FaultSpec, ctx: FaultContext) -> None:
+        unknown = set(spec.params) - set(self.param_names)
+        if unknown:
+            allowed = ", ".join(("rank",) + self.param_names)
+            raise FaultSpecError(f"fault {self.name!r} has no parameter(s) {sorted(unknown)}; it takes: {allowed}")
+        self.spec = spec
+        self.ctx = ctx
+        self.fired_at: float | None = None
+        self._restore: Callable[[], None] | None = None
+
+    @classmethod
+    def validate(cls, spec: FaultSpec, *, world_size: int) -> None:
+        """Usage check before launch: parameters and ranks exist."""
+        cls(spec, FaultContext(rank=0, world_size=world_size, warmup_calls=1))
+        for r in cls._ranks(spec, world_size):
+            if not 0 <= r < world_size:
+                raise FaultSpecError(f"fault spec {spec.text!r}: rank {r} does not exist with {world_size} ranks")
+
+    @classmethod
+    def _ranks(cls, spec: FaultSpec, world_size: int) -> tuple[int, ...]:
+        if spec.all_ranks:
+            return tuple(range(world_size))
+        if spec.ranks is not None:
+            return spec.ranks
+        if cls.default_ranks == "all":
+            return tuple(range(world_size))
+        return tuple(int(v) for v in cls.default_ranks.split("+"))
+
+    @property
+    def acts_here(self) -> bool:
+        return self.ctx.rank in self._ranks(self.spec, self.ctx.world_size)
+
+    def int_param(self, key: str, default: int) -> int:
+        value = self.spec.params.get(key)
+        if value is None:
+            return default
+        try:
+            return int(value)
+        except ValueError:
+            raise FaultSpecError(f"fault spec {self.spec.text!r}: {key} must be an integer, got {value!r}") from None
+
+    def fire(self) -> None:
+        if self.fired_at is None:
+            self.fired_at = time.time()
+            self.ctx.on_fire(self)
+
+    def wrap(self, original: Callable[..., Any]) -> Callable[..., Any]:
+        raise NotImplementedError
+
+    def install(self) -> None:
+        module_name, _, attr = self.target.partition(":")
+        module = importlib.import_module(module_name)
+        original = getattr(module, attr)
+        setattr(module, attr, self.wrap(original))
+        self._restore = lambda: setattr(module, attr, original)
+
+    def uninstall(self) -> None:
+        if self._restore is not None:
+            self._restore()
+            self._restore = None

@@ -1,0 +1,70 @@
+"""The ``compile`` suite: compile parity, graph breaks, recompiles, backends, warmup.
+
+Each case names the fault (what breaks), the error every rank must end with, and the
+detection budget (last rank's exit minus the fault's fire time). Budgets are for the
+CPU profile; they cover parity and gate exchanges, not the ~1-2 s first compile, except
+where the fault fires at build time and detection needs the first compile (C-02).
+"""
+
+from __future__ import annotations
+
+from hardening.cases import Case, RankExpect, completes, crashes
+
+SUITE = "compile"
+
+
+def build_cases() -> list[Case]:
+    return [
+        Case(
+            id="control",
+            suite=SUITE,
+            title="clean region: completes, 0 breaks, 0 recompiles, symmetric",
+            expect=completes(),
+            description="Guards against false crashes: the unfaulted region must pass every gate.",
+        ),
+        Case(
+            id="C-01",
+            suite=SUITE,
+            title="compile enabled on one rank only",
+            fault="compile_one_rank:rank=1",
+            expect=crashes("ParityError", match=r"compile\.enabled", within_s=3),
+            description="Funcol regions run fine half-compiled; only a parity handshake notices.",
+        ),
+        Case(
+            id="C-02",
+            suite=SUITE,
+            title="graph break injected into the region",
+            fault="graph_break:rank=all",
+            expect=crashes("CompileGateError", match=r"graph.?break", within_s=20),
+            description="A break must fail the gate with its reason, whether fullgraph or counted.",
+        ),
+        Case(
+            id="C-03",
+            suite=SUITE,
+            title="one rank recompiles after warmup",
+            fault="recompile:rank=1",
+            expect=crashes(
+                "PeerError",
+                match=r"rank 1 failed first: CompileGateError",
+                on={1: RankExpect(error="CompileGateError", match=r"rank 1 recompiled.*(guard|stride|mismatch)")},
+                within_s=3,
+            ),
+            description="The recompiling rank names the guard; its peers, stuck in a collective, follow it.",
+        ),
+        Case(
+            id="C-04",
+            suite=SUITE,
+            title="effective SDPA backend resolves differently on one rank",
+            fault="backend_divergence:rank=1",
+            expect=crashes("ParityError", match=r"sdpa", within_s=3),
+            description="Same config, different kernel: the measured backend, not the flag, is compared.",
+        ),
+        Case(
+            id="W-01",
+            suite=SUITE,
+            title="one rank runs fewer warmup calls",
+            fault="short_warmup:rank=1",
+            expect=crashes("WarmupError", match=r"plans \d+ warmup call", within_s=3),
+            description="Lockstep tickets catch the short rank before it strands a peer in a collective.",
+        ),
+    ]

@@ -1,0 +1,297 @@
+"""Compile health: counters against real torch.compile (backend eager, CPU), gates, guard."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch._dynamo
+from torch._dynamo.utils import counters as dynamo_counters
+
+from hardening.compile_health import (
+    CompileCounters,
+    CompileProbe,
+    RecompileGuard,
+    compile_region,
+    graph_break_from_exception,
+    local_gate_problems,
+    normalize_reason,
+    symmetry_problems,
+)
+from hardening.profile import CompileConfig, GateConfig
+
+EAGER = CompileConfig(backend="eager")
+GATES = GateConfig()
+
+
+@pytest.fixture
+def probe():
+    # reset() clears registered callbacks, so it must come before install(), never after.
+    torch._dynamo.reset()
+    dynamo_counters.clear()
+    p = CompileProbe()
+    p.install()
+    yield p
+    p.remove()
+    torch._dynamo.reset()
+
+
+def _x() -> torch.Tensor:
+    return torch.randn(4, 4)
+
+
+def test_clean_function(probe):
+    def clean(x):
+        return x.sin() + 1
+
+    compile_region(clean, EAGER, probe)(_x())
+    c = probe.counters()
+    assert (c.graphs, c.compiles, c.recompiles, c.graph_breaks) == (1, 1, 0, 0)
+    assert c.skip_reasons == [] and c.break_reasons == []
+    assert len(c.graph_signatures) == 1
+    assert local_gate_problems(c, GATES, compiled=True) == []
+
+
+def test_call_like_break(probe):
+    def broken(x):
+        y = x.sin()
+        torch._dynamo.graph_break()
+        return y.cos()
+
+    compile_region(broken, EAGER, probe)(_x())
+    c = probe.counters()
+    assert c.graph_breaks == 1
+    assert c.graphs == 2 and c.compiles == 2 and c.recompiles == 0  # the resume frame is a new frame
+    assert "graph_break" in c.break_reasons[0]
+    problems = local_gate_problems(c, GATES, compiled=True)
+    assert len(problems) == 1 and problems[0].startswith("1 graph break(s) > max 0")
+    assert local_gate_problems(c, GateConfig(max_graph_breaks=1), compiled=True) == []
+
+
+def test_data_dependent_branch_counted(probe):
+    def branchy(x):
+        y = x.sin()
+        if y.sum() > 0:
+            return y.cos()
+        return y.tan()
+
+    compile_region(branchy, EAGER, probe)(_x())
+    c = probe.counters()
+    # The naive counter misses this kind of break in every torch 2.8 to 2.15.
+    assert sum(dynamo_counters["graph_break"].values()) == 0
+    assert c.graph_breaks == 1
+    assert c.skip_reasons == []
+    assert local_gate_problems(c, GATES, compiled=True)
+
+
+def test_break_in_loop_skips_frame(probe, capsys):
+    def loop(x):
+        for _ in range(3):
+            x = x + 1
+            print("side effect")
+        return x
+
+    out = compile_region(loop, EAGER, probe)(_x())
+    assert out.shape == (4, 4)  # ran eagerly
+    c = probe.counters()
+    assert c.graphs == 0 and c.graph_breaks == 0  # every break counter says "fine"
+    assert c.compiles == 1
+    assert c.skip_reasons and "loop" in c.skip_reasons[0]
+    problems = local_gate_problems(c, GATES, compiled=True)
+    assert problems and problems[0].startswith("nothing was compiled: Dynamo skipped the frame (")
+    assert "loop" in problems[0]
+    # Run eagerly on purpose: nothing compiled is then not a problem.
+    assert local_gate_problems(CompileCounters(), GATES, compiled=False) == []
+
+
+def test_print_first_statement(probe, capsys):
+    def first(x):
+        print("hello")
+        return x.sin()
+
+    compile_region(first, EAGER, probe)(_x())
+    c = probe.counters()
+    # explain() reports 0 breaks here (graph_count - 1 with an empty prefix graph).
+    assert c.graphs == 1
+    assert c.graph_breaks == 1
+    assert "print" in c.break_reasons[0] or "builtin" in c.break_reasons[0]
+    assert local_gate_problems(c, GATES, compiled=True)
+
+
+def test_fullgraph_break_raises_with_reason(probe):
+    def broken(x):
+        y = x.sin()
+        torch._dynamo.graph_break()
+        return y.cos()
+
+    region = compile_region(broken, CompileConfig(backend="eager", fullgraph=True), probe)
+    with pytest.raises(Exception) as info:
+        region(_x())
+    reason = graph_break_from_exception(info.value)
+    assert reason is not None and "graph_break" in reason
+    wrapped = RuntimeError("region failed")
+    wrapped.__cause__ = info.value
+    assert graph_break_from_exception(wrapped) == reason
+    assert graph_break_from_exception(ValueError("not a break")) is None
+    assert probe.counters().graphs == 0
+
+
+def test_recompile_counted_without_guard(probe):
+    region = compile_region(lambda x: x.sum(0) * 3, EAGER, probe)
+    x = _x()
+    region(x)
+    before = probe.counters()
+    region(x.t())
+    c = probe.counters()
+    assert (c.compiles, c.recompiles, c.graphs) == (2, 1, 2)
+    # One recompile, one reason: metrics and guard_failures report it twice, counted once.
+    assert len(c.recompile_reasons) == 1 and "stride" in c.recompile_reasons[0]
+    d = c.delta(before)
+    assert (d.compiles, d.recompiles, d.graphs) == (1, 1, 1)
+    assert d.recompile_reasons == c.recompile_reasons[len(before.recompile_reasons) :]
+
+
+@pytest.mark.parametrize("mechanism", ["auto", "stance"])
+def test_recompile_guard_raises(probe, mechanism):
+    region = compile_region(lambda x: x.sum(0) * 3, EAGER, probe)
+    x = _x()
+    region(x)
+    guard = RecompileGuard(mechanism=mechanism)
+    with pytest.raises(RuntimeError) as info:
+        with guard:
+            region(x)  # a cache hit passes under the guard
+            region(x.t())
+    assert guard.mechanism == ("config" if mechanism == "auto" else "stance")
+    reason = RecompileGuard.reason(info.value)
+    assert reason is not None and "stride" in reason
+    assert RecompileGuard.reason(RuntimeError("something else")) is None
+    # The guard is gone after the block: the recompile is allowed again.
+    region(x.t())
+    assert probe.counters().recompiles >= 1
+
+
+def test_recompile_guard_rejects_unknown_mechanism():
+    with pytest.raises(ValueError):
+        RecompileGuard(mechanism="bogus")
+
+
+def test_symmetry_problems():
+    rank0 = CompileCounters(graphs=1, compiles=1, graph_signatures=["abc"])
+    rank1 = CompileCounters(
+        graphs=1, compiles=2, recompiles=1, graph_signatures=["abc"], recompile_reasons=["0/0: k == 1"]
+    )
+    problems = symmetry_problems([rank0, rank1])
+    recompiles = [p for p in problems if p.startswith("recompiles differ")]
+    assert recompiles == ["recompiles differ: rank 1 has 1 (reason: 0/0: k == 1), ranks 0 have 0"]
+    assert any(p.startswith("compiles differ") for p in problems)
+    same = CompileCounters.from_json(rank0.to_json())
+    assert symmetry_problems([rank0, same]) == []
+    assert symmetry_problems([rank0]) == []
+    # The majority is "the others"; the odd rank is named even when it is not the last.
+    three = symmetry_problems([rank1, rank0, CompileCounters.from_json(rank0.to_json())])
+    assert any(p.startswith("recompiles differ: rank 0 has 1") and p.endswith("ranks 1,2 have 0") for p in three)
+
+
+def test_normalize_reason():
+    a = "Unsupported method call <function all_reduce at 0x7f83cbffe660>\n  Developer debug context: x"
+    b = "Unsupported method call   <function all_reduce at 0x7fd7bb3ea660>\nother"
+    assert normalize_reason(a) == normalize_reason(b) == "Unsupported method call <function all_reduce at 0x?>"
+    assert normalize_reason("\n\n  first  line \nsecond") == "first line"
+    assert len(normalize_reason("x" * 1000)) <= 200
+    assert normalize_reason("0/0: ___check_obj_id(L['m'], 140234) x") == normalize_reason(
+        "0/0: ___check_obj_id(L['m'], 139999) x"
+    )
+
+
+def test_counters_json_round_trip_and_delta():
+    earlier = CompileCounters(graphs=1, compiles=1, graph_signatures=["s1"], notes=["n"])
+    later = CompileCounters(
+        graphs=3,
+        compiles=2,
+        recompiles=1,
+        graph_breaks=1,
+        break_reasons=["b"],
+        recompile_reasons=["r"],
+        graph_signatures=["s1", "s2", "s3"],
+        notes=["n"],
+    )
+    assert CompileCounters.from_json(later.to_json()) == later
+    d = later.delta(earlier)
+    assert (d.graphs, d.compiles, d.recompiles, d.graph_breaks) == (2, 1, 1, 1)
+    assert d.graph_signatures == ["s2", "s3"] and d.break_reasons == ["b"] and d.notes == ["n"]
+    with pytest.raises(ValueError):
+        earlier.delta(later)
+    with pytest.raises(ValueError):
+        CompileCounters.from_json({"graphs": 1, "bogus": 2})
+    with pytest.raises(ValueError):
+        CompileCounters.from_json({"graphs": -1})
+
+
+def test_compile_region_disabled_and_backend_validation(probe):
+    def fn(x):
+        return x + 1
+
+    assert compile_region(fn, CompileConfig(enabled=False), probe) is fn
+    with pytest.raises(ValueError):
+        probe.backend("cudagraphs")
+    with pytest.raises(ValueError):
+        probe.backend("inductor", mode="no-such-mode")
+    assert callable(probe.backend("inductor", mode="max-autotune-no-cudagraphs"))
+    probe.backend("eager", mode="max-autotune-no-cudagraphs")
+    assert any("ignored" in n for n in probe.counters().notes)
+
+
+def test_aot_eager_counts_graph(probe):
+    compile_region(lambda x: x.cos() * 2, CompileConfig(backend="aot_eager"), probe)(_x())
+    c = probe.counters()
+    assert (c.graphs, c.compiles, c.graph_breaks) == (1, 1, 0)
+
+
+def test_probe_requires_install_and_remove_is_idempotent():
+    p = CompileProbe()
+    with pytest.raises(ValueError):
+        p.counters()
+    torch._dynamo.reset()
+    p.install()
+    with pytest.raises(ValueError):
+        p.install()
+    p.remove()
+    p.remove()
+    assert p.counters().compiles == 0
+
+
+def test_reset_after_install_is_noted():
+    torch._dynamo.reset()
+    p = CompileProbe()
+    p.install()
+    torch._dynamo.reset()  # the mistake the docs warn about
+    notes = p.counters().notes
+    assert any("start callback was cleared" in n for n in notes)
+    p.remove()
+
+
+def test_fallbacks_when_private_apis_are_missing(monkeypatch, capsys):
+    # Simulate an older/newer torch that lacks the start callback and graph_break_reasons:
+    # the probe must keep counting from weaker signals and say so in notes.
+    from torch._dynamo.callback import CompilationCallbackHandler
+
+    torch._dynamo.reset()
+    dynamo_counters.clear()
+    monkeypatch.delattr(CompilationCallbackHandler, "register_start_callback")
+    monkeypatch.setattr(torch._dynamo.utils, "graph_break_reasons", None)
+    p = CompileProbe()
+    p.install()
+
+    def broken(x):
+        y = x.sin()
+        print("break")
+        return y.cos()
+
+    compile_region(broken, EAGER, p)(_x())
+    c = p.counters()
+    p.remove()
+    torch._dynamo.reset()
+    assert c.graphs == 2
+    assert c.compiles == 2  # from compilation metrics
+    assert c.graph_breaks == 1  # from counters["graph_break"] (a call-like break)
+    assert any("start callback unavailable" in n for n in c.notes)
+    assert any("graph_break_reasons unavailable" in n for n in c.notes)
