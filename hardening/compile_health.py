@@ -81,6 +81,20 @@ def normalize_reason(text: str) -> str:
     return first
 
 
+def _break_location(reason: object) -> str:
+    """`` at file.py:LINE in fn`` for a GraphCompileReason: where the user must look.
+
+    Messages such as ``generic_jump TensorVariable()`` (a data-dependent branch) name
+    no place; the innermost user frame does, and it is the same on every rank.
+    """
+    stack = getattr(reason, "user_stack", None) or []
+    if not stack:
+        return ""
+    frame = stack[-1]
+    filename = str(getattr(frame, "filename", "")).rsplit("/", 1)[-1]
+    return f" at {filename}:{getattr(frame, 'lineno', '?')} in {getattr(frame, 'name', '?')}"
+
+
 def _frame_compile_id(compile_id: str) -> tuple[int, int] | None:
     """``(frame_id, frame_compile_id)`` of a Dynamo compile id, or None when it has no frame part."""
     match = _FRAME_COMPILE.match(_CA_PREFIX.sub("", str(compile_id).strip()))
@@ -492,7 +506,9 @@ class CompileProbe:
                     self._note("graph_break_reasons was cleared after install() (torch._dynamo.reset()?): re-based")
                     self._gbr_seen = 0
                 for reason in gbr[self._gbr_seen :]:
-                    self._break_reasons.append(normalize_reason(getattr(reason, "reason", reason)))
+                    self._break_reasons.append(
+                        normalize_reason(getattr(reason, "reason", reason)) + _break_location(reason)
+                    )
                 self._gbr_seen = len(gbr)
                 self._gbr_last = gbr[-1] if gbr else None
             guard_failures = getattr(utils, "guard_failures", None)

@@ -279,6 +279,10 @@ class Runner:
                 if setup_deadline < deadline:
                     missing = sorted(set(range(self.world_size)) - set(ready))
                     deadline, why = setup_deadline, f"setup deadline {t.setup:g}s, rank(s) {missing} not past parity"
+            failed = [t_exit for status, t_exit in live.exits.values() if status != 0]
+            if failed and min(failed) + t.detect < deadline:
+                # Once one rank has failed, a peer still running after `detect` is stranded.
+                deadline, why = min(failed) + t.detect, f"detect deadline {t.detect:g}s after the first rank failed"
             fired = [float(v) for v in self._keys(live, "fired").values()]
             if fired and min(fired) + t.detect < deadline:
                 deadline, why = min(fired) + t.detect, f"detect deadline {t.detect:g}s after the fault fired"

@@ -164,6 +164,21 @@ class Terminator:
             pass
 
 
+def main_thread_where(depth: int = 3) -> str:
+    """Innermost frames of the main thread, user code first: where a stuck call is stuck.
+
+    Works while the main thread sits in C with the GIL released (a collective wait):
+    its Python frames are still there to read.
+    """
+    frame = sys._current_frames().get(threading.main_thread().ident or -1)
+    if frame is None:
+        return "?"
+    frames = traceback.extract_stack(frame)[::-1]
+    own = [f for f in frames if "site-packages" not in f.filename and "/lib/python" not in f.filename]
+    chosen = (own or frames)[:depth]
+    return " <- ".join(f"{f.name} ({os.path.basename(f.filename)}:{f.lineno})" for f in chosen)
+
+
 class Watchdog(threading.Thread):
     """Heartbeat, abort poll, peer liveness and call deadline for one rank."""
 
@@ -235,7 +250,8 @@ class Watchdog(threading.Thread):
             if running > self.call_deadline_s:
                 self.terminator.end(
                     CallDeadlineExceeded(
-                        f"call {s.call_id} has run {running:.1f}s, past the {self.call_deadline_s:g}s call deadline"
+                        f"call {s.call_id} has run {running:.1f}s, past the {self.call_deadline_s:g}s call deadline; "
+                        f"main thread in {main_thread_where()}"
                     )
                 )
         for r in self._peer_value:

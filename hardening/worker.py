@@ -155,7 +155,8 @@ def _recipe(spec: RankSpec, profile: Profile, state: RankState, store: dist.Stor
     compiled = compile_health.compile_region(reg.module, compile_cfg, probe)
 
     def run_call(call_id: int, inputs: Any, *, deadline_bound: bool) -> Any:
-        state.begin_call(call_id, deadline_bound=deadline_bound)
+        if not (deadline_bound and state.call_started is not None):
+            state.begin_call(call_id, deadline_bound=deadline_bound)
         try:
             out = compiled(*inputs)
             if device.type == "cuda":
@@ -194,13 +195,15 @@ def _recipe(spec: RankSpec, profile: Profile, state: RankState, store: dist.Stor
         problems += [f"rank {r}: {p}" for p in compile_health.local_gate_problems(counters, profile.gates, compiled=compile_cfg.enabled)]
     problems += compile_health.symmetry_problems(gathered)
     if problems:
-        raise CompileGateError("compile gate failed after warmup:\n  " + "\n  ".join(problems))
+        raise CompileGateError(_gate_message("after warmup", problems))
 
     # 7. Steady state under the recompile guard: a recompile on any rank raises at once
     #    with its guard-failure text (entered on this thread: dynamo config is per thread).
     state.enter("steady")
     guard = compile_health.RecompileGuard() if (compile_cfg.enabled and profile.gates.max_recompiles == 0) else None
     for call_id in range(next_call, next_call + profile.steps):
+        # The deadline covers the whole step, input production included.
+        state.begin_call(call_id, deadline_bound=True)
         inputs = region.make_call_inputs(reg, call_id)
         try:
             if guard is not None:
@@ -229,8 +232,14 @@ def _recipe(spec: RankSpec, profile: Profile, state: RankState, store: dist.Stor
     ]
     problems += compile_health.symmetry_problems(finals)
     if problems:
-        raise CompileGateError("compile gate failed in steady state:\n  " + "\n  ".join(problems))
+        raise CompileGateError(_gate_message("in steady state", problems))
     state.enter("done")
+
+
+def _gate_message(when: str, problems: list[str]) -> str:
+    """First line carries the first problem: it is what tables and summaries show."""
+    more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
+    return f"compile gate failed {when}: {problems[0]}{more}" + "".join(f"\n  {p}" for p in problems[1:])
 
 
 def _summary(total: "compile_health.CompileCounters", steady: "compile_health.CompileCounters | None") -> dict[str, Any]:
