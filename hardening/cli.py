@@ -156,6 +156,7 @@ def _suite(args: argparse.Namespace) -> int:
     from hardening.runner import HarnessError, Runner
 
     run_dir = Path(args.artifacts or Path(".hardening") / "runs" / f"{time.strftime('%Y%m%d-%H%M%S')}-{args.name}")
+    run_dir = run_dir.resolve()  # reports name files that must open from anywhere
     if run_dir.exists() and any(run_dir.iterdir()):
         raise UsageError(f"--artifacts {run_dir} exists and is not empty")
     # SIGTERM (a CI cancel) ends the run like Ctrl-C: ranks torn down, partial report written.

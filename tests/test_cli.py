@@ -1,0 +1,140 @@
+"""The CLI: exit codes from suite results, and real `python -m hardening` runs that end before any rank starts."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from hardening.cli import ExitCode, exit_code_for
+from hardening.results import CaseResult, Outcome, SuiteResult, Verdict
+from hardening.suites import get_suite
+
+# -- exit_code_for -------------------------------------------------------------------------
+
+
+def _case(case_id: str, outcome: Outcome, verdict: Verdict) -> CaseResult:
+    return CaseResult(id=case_id, title=case_id, fault=None, expectation="completes", outcome=outcome, verdict=verdict)
+
+
+def _suite(*cases: CaseResult, **kw) -> SuiteResult:
+    return SuiteResult(suite="compile", profile="cpu", num_ranks=2, cases=list(cases), **kw)
+
+
+PASS = _case("control", Outcome.COMPLETED, Verdict.PASS)
+FAIL = _case("C-01", Outcome.SURVIVED, Verdict.FAIL)
+UNKNOWN = _case("C-02", Outcome.NOT_FIRED, Verdict.UNKNOWN)
+
+
+def test_exit_code_values_are_the_documented_ones() -> None:
+    assert [int(c) for c in ExitCode] == [0, 1, 2, 3, 4, 5, 6]
+    assert ExitCode.USAGE_ERROR == 4 and ExitCode.NO_CASES == 5 and ExitCode.INDETERMINATE == 6
+
+
+def test_all_pass_is_ok() -> None:
+    assert exit_code_for(_suite(PASS, PASS)) is ExitCode.OK
+
+
+def test_a_fail_is_failed_even_next_to_unknowns() -> None:
+    assert exit_code_for(_suite(PASS, FAIL)) is ExitCode.FAILED
+    assert exit_code_for(_suite(UNKNOWN, FAIL, PASS)) is ExitCode.FAILED
+
+
+def test_only_unknowns_besides_passes_is_indeterminate() -> None:
+    assert exit_code_for(_suite(PASS, UNKNOWN)) is ExitCode.INDETERMINATE
+
+
+def test_interrupted_wins() -> None:
+    assert exit_code_for(_suite(PASS, FAIL, interrupted=True)) is ExitCode.INTERRUPTED
+
+
+def test_harness_error_of_the_suite_is_internal_error() -> None:
+    assert exit_code_for(_suite(harness_error="fork server not ready after 60s")) is ExitCode.INTERNAL_ERROR
+
+
+def test_harness_error_of_a_case_is_internal_error() -> None:
+    broken = _case("C-03", Outcome.HARNESS_ERROR, Verdict.UNKNOWN)
+    assert exit_code_for(_suite(PASS, FAIL, broken)) is ExitCode.INTERNAL_ERROR
+
+
+def test_no_cases() -> None:
+    assert exit_code_for(_suite()) is ExitCode.NO_CASES
+
+
+# -- real subprocess runs -----------------------------------------------------------------
+
+
+def _hardening(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(
+        [sys.executable, "-m", "hardening", *args],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    # Every run here ends before a rank starts: nothing may be left behind.
+    assert not (tmp_path / ".hardening").exists(), "a run directory was created"
+    return proc
+
+
+@pytest.mark.timeout(60)
+def test_list_prints_every_case(tmp_path: Path) -> None:
+    proc = _hardening(tmp_path, "list")
+    assert proc.returncode == ExitCode.OK, proc.stderr
+    ids = [c.id for c in get_suite("compile")]
+    assert len(ids) >= 6
+    rows = {line.split()[0] for line in proc.stdout.splitlines() if line.strip()}
+    for case_id in ids:
+        assert case_id in rows, f"{case_id} missing from:\n{proc.stdout}"
+    for case in get_suite("compile"):
+        if case.fault:
+            assert case.fault in proc.stdout
+
+
+@pytest.mark.timeout(60)
+def test_unknown_suite_is_a_usage_error_naming_known_suites(tmp_path: Path) -> None:
+    proc = _hardening(tmp_path, "suite", "nope")
+    assert proc.returncode == ExitCode.USAGE_ERROR
+    assert "'nope'" in proc.stderr and "compile" in proc.stderr and "all" in proc.stderr
+
+
+@pytest.mark.timeout(60)
+def test_unknown_case_id_is_a_usage_error(tmp_path: Path) -> None:
+    proc = _hardening(tmp_path, "suite", "compile", "--only", "C-99")
+    assert proc.returncode == ExitCode.USAGE_ERROR
+    assert "C-99" in proc.stderr and "C-01" in proc.stderr
+
+
+@pytest.mark.timeout(60)
+def test_bad_profile_names_the_file_and_the_key(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("compile: {fullgrph: true}\n")
+    proc = _hardening(tmp_path, "suite", "compile", "--profile", str(bad))
+    assert proc.returncode == ExitCode.USAGE_ERROR
+    assert str(bad) in proc.stderr
+    assert "compile.fullgrph" in proc.stderr
+
+
+@pytest.mark.timeout(60)
+def test_one_rank_runs_no_case(tmp_path: Path) -> None:
+    proc = _hardening(tmp_path, "suite", "compile", "--ranks", "1")
+    assert proc.returncode == ExitCode.NO_CASES
+    assert "no cases selected" in proc.stderr
+    assert "skipping control" in proc.stderr
+
+
+@pytest.mark.timeout(60)
+def test_unimportable_target_is_a_usage_error(tmp_path: Path) -> None:
+    proc = _hardening(tmp_path, "suite", "compile", "--target", "nosuchmod:build")
+    assert proc.returncode == ExitCode.USAGE_ERROR
+    assert "nosuchmod" in proc.stderr
+
+
+@pytest.mark.timeout(60)
+def test_heads_not_dividing_by_ranks_is_a_usage_error(tmp_path: Path) -> None:
+    proc = _hardening(tmp_path, "suite", "compile", "--ranks", "3")
+    assert proc.returncode == ExitCode.USAGE_ERROR
+    assert "region" in proc.stderr and "dims" in proc.stderr
+    assert "heads (4)" in proc.stderr and "3 ranks" in proc.stderr

@@ -1,0 +1,337 @@
+"""Faults: spec parsing and validation, the registry, and real install/uninstall patches."""
+
+from __future__ import annotations
+
+import importlib
+from typing import Iterator
+
+import pytest
+import torch
+from torch import nn
+
+import hardening.region
+import hardening.warmup
+import hardening.worker
+from hardening.inject import (
+    ENV_VAR,
+    FAULTS,
+    Fault,
+    FaultContext,
+    FaultSpecError,
+    fault_class,
+    install_from_env,
+    parse_spec,
+    validate_spec,
+)
+from hardening.profile import load_profile
+from hardening.region import Region
+
+# -- parse_spec -------------------------------------------------------------------------
+
+
+def test_parse_name_only() -> None:
+    spec = parse_spec("short_warmup")
+    assert spec.name == "short_warmup"
+    assert spec.ranks is None and spec.all_ranks is False and spec.params == {}
+    assert spec.text == "short_warmup"
+
+
+def test_parse_one_rank() -> None:
+    spec = parse_spec("compile_one_rank:rank=1")
+    assert spec.name == "compile_one_rank" and spec.ranks == (1,) and not spec.all_ranks
+
+
+def test_parse_several_ranks() -> None:
+    assert parse_spec("recompile:rank=0+1").ranks == (0, 1)
+
+
+def test_parse_all_ranks() -> None:
+    spec = parse_spec("graph_break:rank=all")
+    assert spec.all_ranks is True and spec.ranks is None
+
+
+def test_parse_extra_params() -> None:
+    spec = parse_spec("  recompile:rank=1:call=3  ")
+    assert spec.ranks == (1,)
+    assert spec.params == {"call": "3"}
+    assert spec.text == "recompile:rank=1:call=3"
+
+
+@pytest.mark.parametrize(
+    "text, why",
+    [
+        ("recompile:rank", "not key=value"),
+        ("recompile:=1", "not key=value"),
+        ("recompile:call=", "not key=value"),
+        ("recompile:rank=one", "rank must be"),
+        ("recompile:rank=1+", "rank must be"),
+        ("", "empty"),
+        (":rank=1", "empty"),
+    ],
+)
+def test_malformed_specs_raise(text: str, why: str) -> None:
+    with pytest.raises(FaultSpecError, match=why):
+        parse_spec(text)
+
+
+def test_fault_spec_error_is_a_value_error() -> None:
+    assert issubclass(FaultSpecError, ValueError)
+
+
+# -- registry and validate_spec ---------------------------------------------------------
+
+
+def test_unknown_fault_lists_every_known_fault() -> None:
+    with pytest.raises(FaultSpecError) as info:
+        fault_class("nosuch_fault")
+    msg = str(info.value)
+    assert "'nosuch_fault'" in msg
+    for name in FAULTS:
+        assert name in msg
+    with pytest.raises(FaultSpecError, match="known faults"):
+        validate_spec("nosuch_fault:rank=1", world_size=2)
+
+
+def test_validate_spec_accepts_good_specs() -> None:
+    spec = validate_spec("recompile:rank=1:call=3", world_size=2)
+    assert spec.name == "recompile" and spec.ranks == (1,) and spec.params == {"call": "3"}
+    assert validate_spec("graph_break:rank=all", world_size=4).all_ranks
+
+
+def test_validate_spec_rejects_a_rank_outside_the_world() -> None:
+    with pytest.raises(FaultSpecError, match="rank 2 does not exist with 2 ranks"):
+        validate_spec("compile_one_rank:rank=2", world_size=2)
+    with pytest.raises(FaultSpecError, match="rank 3"):
+        validate_spec("compile_one_rank:rank=0+3", world_size=2)
+    # The default rank of a fault (1) must exist too.
+    with pytest.raises(FaultSpecError, match="rank 1"):
+        validate_spec("short_warmup", world_size=1)
+
+
+def test_validate_spec_rejects_an_unknown_parameter() -> None:
+    with pytest.raises(FaultSpecError) as info:
+        validate_spec("short_warmup:rank=1:calls=2", world_size=2)
+    msg = str(info.value)
+    assert "calls" in msg and "short_warmup" in msg
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: Fault.validate never checks integer parameters (int_param runs only in wrap at install), "
+    "so a non-integer call= passes the pre-launch check and fails inside every rank instead of exit 4",
+)
+def test_validate_spec_rejects_a_non_integer_parameter() -> None:
+    with pytest.raises(FaultSpecError, match="call must be an integer"):
+        validate_spec("recompile:rank=1:call=three", world_size=2)
+
+
+def test_every_suite_fault_spec_validates() -> None:
+    from hardening.suites import get_suite
+
+    specs = [c.fault for c in get_suite("all") if c.fault]
+    assert specs
+    for text in specs:
+        validate_spec(text, world_size=2)
+
+
+@pytest.mark.parametrize("name", sorted(FAULTS))
+def test_registered_fault_is_complete_and_targets_a_real_function(name: str) -> None:
+    cls = FAULTS[name]
+    assert issubclass(cls, Fault)
+    assert cls.name == name
+    for attr in ("matrix_id", "summary", "target"):
+        value = getattr(cls, attr)
+        assert isinstance(value, str) and value.strip(), f"{name}.{attr} empty"
+    module_name, sep, attr = cls.target.partition(":")
+    assert sep, cls.target
+    target = getattr(importlib.import_module(module_name), attr)
+    assert callable(target)
+    assert cls.wrap is not Fault.wrap, f"{name} does not implement wrap"
+
+
+def test_matrix_ids_are_unique() -> None:
+    ids = [cls.matrix_id for cls in FAULTS.values()]
+    assert len(ids) == len(set(ids))
+
+
+# -- real patches -----------------------------------------------------------------------
+
+
+class _Fired:
+    def __init__(self) -> None:
+        self.calls: list[tuple[Fault, float | None]] = []
+
+    def __call__(self, fault: Fault) -> None:
+        self.calls.append((fault, fault.fired_at))
+
+
+@pytest.fixture
+def installed() -> Iterator[list[Fault]]:
+    """Faults appended here are uninstalled after the test, whatever happens."""
+    faults: list[Fault] = []
+    try:
+        yield faults
+    finally:
+        for fault in reversed(faults):
+            fault.uninstall()
+
+
+def _install(installed: list[Fault], text: str, *, rank: int, world_size: int = 2, warmup_calls: int = 2):
+    fired = _Fired()
+    spec = parse_spec(text)
+    fault = fault_class(spec.name)(spec, FaultContext(rank=rank, world_size=world_size, warmup_calls=warmup_calls, on_fire=fired))
+    installed.append(fault)
+    fault.install()
+    return fault, fired
+
+
+def test_install_replaces_the_function_and_uninstall_restores_the_same_object(installed: list[Fault]) -> None:
+    original = hardening.warmup.planned_warmup_calls
+    fault, _ = _install(installed, "short_warmup:rank=1", rank=1)
+    assert hardening.warmup.planned_warmup_calls is not original
+    fault.uninstall()
+    assert hardening.warmup.planned_warmup_calls is original
+    fault.uninstall()  # a second uninstall is harmless
+    assert hardening.warmup.planned_warmup_calls is original
+
+
+def test_short_warmup_acts_on_its_rank_and_fires_once(installed: list[Fault]) -> None:
+    profile = load_profile("premerge")
+    fault, fired = _install(installed, "short_warmup:rank=1", rank=1, warmup_calls=profile.warmup_calls)
+    assert fault.fired_at is None
+    assert hardening.warmup.planned_warmup_calls(profile) == profile.warmup_calls - 1
+    assert hardening.warmup.planned_warmup_calls(profile) == profile.warmup_calls - 1
+    assert len(fired.calls) == 1
+    who, at = fired.calls[0]
+    assert who is fault and isinstance(at, float) and at > 0
+    assert fault.fired_at == at
+
+
+def test_short_warmup_leaves_other_ranks_alone(installed: list[Fault]) -> None:
+    profile = load_profile("premerge")
+    fault, fired = _install(installed, "short_warmup:rank=1", rank=0, warmup_calls=profile.warmup_calls)
+    assert hardening.warmup.planned_warmup_calls(profile) == profile.warmup_calls
+    assert fired.calls == [] and fault.fired_at is None
+
+
+def test_compile_one_rank_flips_enabled_only_on_its_rank(installed: list[Fault]) -> None:
+    profile = load_profile("cpu")
+    assert profile.compile.enabled is True
+    fault, fired = _install(installed, "compile_one_rank:rank=1", rank=1)
+    cfg = hardening.worker.resolve_compile_config(profile)
+    assert cfg.enabled is False
+    assert (cfg.backend, cfg.fullgraph) == (profile.compile.backend, profile.compile.fullgraph)
+    assert profile.compile.enabled is True  # the profile itself is not mutated
+    assert len(fired.calls) == 1 and fault.fired_at is not None
+    fault.uninstall()
+    assert hardening.worker.resolve_compile_config(profile).enabled is True
+
+
+def test_compile_one_rank_on_another_rank_is_the_original(installed: list[Fault]) -> None:
+    profile = load_profile("cpu")
+    fault, fired = _install(installed, "compile_one_rank:rank=1", rank=0)
+    assert hardening.worker.resolve_compile_config(profile) == profile.compile
+    assert fired.calls == [] and fault.fired_at is None
+
+
+def _tiny_region() -> Region:
+    def make_inputs(call_id: int) -> tuple[torch.Tensor, ...]:
+        return (torch.arange(16, dtype=torch.float32).reshape(4, 4) + call_id,)
+
+    return Region(module=nn.Identity(), make_inputs=make_inputs)
+
+
+def test_recompile_changes_strides_at_the_chosen_call_only(installed: list[Fault]) -> None:
+    region = _tiny_region()
+    fault, fired = _install(installed, "recompile:rank=1:call=3", rank=1, warmup_calls=2)
+    for call_id in range(6):
+        expected = region.make_inputs(call_id)[0]
+        (got,) = hardening.region.make_call_inputs(region, call_id)
+        assert got.shape == expected.shape
+        assert torch.equal(got, expected)
+        if call_id == 3:
+            assert got.stride() != expected.stride()
+            assert got.stride() == (1, 4)
+        else:
+            assert got.stride() == expected.stride() == (4, 1)
+    assert len(fired.calls) == 1
+    assert fault.fired_at is not None
+
+
+def test_recompile_defaults_to_the_first_steady_call(installed: list[Fault]) -> None:
+    region = _tiny_region()
+    fault, fired = _install(installed, "recompile:rank=1", rank=1, warmup_calls=3)
+    strides = [hardening.region.make_call_inputs(region, k)[0].stride() for k in range(5)]
+    assert strides == [(4, 1), (4, 1), (4, 1), (1, 4), (4, 1)]
+    assert len(fired.calls) == 1
+
+
+def test_recompile_on_another_rank_never_fires(installed: list[Fault]) -> None:
+    region = _tiny_region()
+    fault, fired = _install(installed, "recompile:rank=1:call=3", rank=0)
+    for call_id in range(6):
+        (got,) = hardening.region.make_call_inputs(region, call_id)
+        assert got.stride() == (4, 1)
+    assert fired.calls == [] and fault.fired_at is None
+
+
+def test_backend_divergence_disables_flash_and_restores_it(installed: list[Fault]) -> None:
+    before = torch.backends.cuda.flash_sdp_enabled()
+    profile = load_profile("cpu")
+    try:
+        torch.backends.cuda.enable_flash_sdp(True)
+        fault, fired = _install(installed, "backend_divergence:rank=1", rank=1)
+        hardening.worker.apply_backend_settings(profile)
+        assert torch.backends.cuda.flash_sdp_enabled() is False
+        assert len(fired.calls) == 1
+        fault.uninstall()
+        assert torch.backends.cuda.flash_sdp_enabled() is True
+    finally:
+        torch.backends.cuda.enable_flash_sdp(before)
+
+
+def test_backend_divergence_on_another_rank_keeps_flash(installed: list[Fault]) -> None:
+    before = torch.backends.cuda.flash_sdp_enabled()
+    try:
+        torch.backends.cuda.enable_flash_sdp(True)
+        fault, fired = _install(installed, "backend_divergence:rank=1", rank=0)
+        hardening.worker.apply_backend_settings(load_profile("cpu"))
+        assert torch.backends.cuda.flash_sdp_enabled() is True
+        assert fired.calls == []
+    finally:
+        torch.backends.cuda.enable_flash_sdp(before)
+
+
+def test_graph_break_wraps_the_built_region(installed: list[Fault], tmp_path) -> None:
+    factory = tmp_path / "tiny_region.py"
+    factory.write_text(
+        "import torch\n"
+        "from hardening.region import Region\n"
+        "def build(ctx):\n"
+        "    torch.manual_seed(0)\n"
+        "    return Region(module=torch.nn.Linear(4, 4), make_inputs=lambda k: (torch.ones(2, 4),))\n"
+    )
+    target = f"{factory}:build"
+    fault, fired = _install(installed, "graph_break:rank=all", rank=0)
+    region = hardening.region.build_region(target, ctx=None)
+    assert len(fired.calls) == 1
+    # The instance forward is the wrapper; the class forward is untouched and gives the same result.
+    assert "forward" in vars(region.module)
+    x = torch.ones(2, 4)
+    assert torch.equal(region.module(x), nn.Linear.forward(region.module, x))
+    fault.uninstall()
+    clean = hardening.region.build_region(target, ctx=None)
+    assert "forward" not in vars(clean.module)
+
+
+def test_install_from_env(installed: list[Fault], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    assert install_from_env(FaultContext(rank=1, world_size=2, warmup_calls=2)) is None
+    monkeypatch.setenv(ENV_VAR, "short_warmup:rank=1")
+    original = hardening.warmup.planned_warmup_calls
+    fault = install_from_env(FaultContext(rank=1, world_size=2, warmup_calls=2))
+    assert fault is not None
+    installed.append(fault)
+    assert fault.name == "short_warmup"
+    assert hardening.warmup.planned_warmup_calls is not original
+    assert hardening.warmup.planned_warmup_calls(load_profile("cpu")) == 1

@@ -1,0 +1,212 @@
+"""End to end: the runner on real rank processes, real gloo, real signals.
+
+Each test runs the ``hardening`` command as a user would, reads the JSON report, and
+checks that no process outlives the run. Every subprocess is bounded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+from hardening.triage import ptrace_problem
+
+REPO = Path(__file__).resolve().parent.parent
+EXAMPLES = REPO / "examples"
+
+pytestmark = [pytest.mark.multiproc]
+
+
+def hardening(*args: str, cwd: Path, timeout: float = 240) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "hardening", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+        return state != "Z"
+    except OSError:
+        return False
+
+
+def descendants(pid: int) -> set[int]:
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    found, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+def wait_gone(pids: set[int], timeout: float) -> set[int]:
+    end = time.time() + timeout
+    while time.time() < end and any(alive(p) for p in pids):
+        time.sleep(0.1)
+    return {p for p in pids if alive(p)}
+
+
+def rank_pids(report: dict) -> set[int]:
+    return {r["pid"] for case in report["cases"] for r in case["ranks"] if r["pid"]}
+
+
+@pytest.mark.timeout(300)
+def test_compile_suite_end_to_end(tmp_path: Path) -> None:
+    out = hardening(
+        "suite", "compile", "--ranks", "2", "--json", "r.json", "--junit", "r.xml", "--artifacts", "run", cwd=tmp_path
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    report = json.loads((tmp_path / "r.json").read_text())
+    cases = {c["id"]: c for c in report["cases"]}
+    assert set(cases) == {"control", "C-01", "C-02", "C-03", "C-04", "W-01"}
+
+    control = cases["control"]
+    assert (control["outcome"], control["verdict"]) == ("completed", "pass")
+    for rank in control["ranks"]:
+        assert rank["exit_code"] == 0
+        assert rank["counters"]["graph_breaks"] == 0
+        assert rank["counters"]["recompiles"] == 0
+        assert rank["counters"]["graphs"] >= 1  # something was really compiled
+
+    expected = {
+        "C-01": ["ParityError", "ParityError"],
+        "C-02": ["CompileGateError", "CompileGateError"],
+        "C-03": ["PeerError", "CompileGateError"],
+        "C-04": ["ParityError", "ParityError"],
+        "W-01": ["WarmupError", "WarmupError"],
+    }
+    for case_id, errors in expected.items():
+        case = cases[case_id]
+        assert (case["outcome"], case["verdict"]) == ("crashed", "pass"), case
+        assert [r["error_class"] for r in case["ranks"]] == errors
+        assert case["t_detect"] is not None and case["t_detect"] <= case["budget_s"]
+    assert "compile.enabled" in cases["C-01"]["ranks"][0]["message"]
+    assert "sdpa" in cases["C-04"]["ranks"][1]["message"]
+    assert "graph_break" in cases["C-02"]["ranks"][0]["message"]
+    assert "stride" in cases["C-03"]["ranks"][1]["message"]
+    assert cases["C-03"]["root_cause_rank"] == 1
+
+    suite = ET.parse(tmp_path / "r.xml").getroot().find("testsuite")
+    assert suite is not None and suite.get("tests") == "6" and suite.get("failures") == "0"
+    assert "C-01" in out.stdout and "PASS" in out.stdout  # the table is always printed
+    assert not wait_gone(rank_pids(report), 5)
+
+
+@pytest.mark.timeout(180)
+def test_user_target_with_graph_break_fails_the_gate(tmp_path: Path) -> None:
+    target = f"{EXAMPLES / 'break_region.py'}:build"
+    out = hardening("suite", "compile", "--only", "control", "--target", target, "--json", "r.json", cwd=tmp_path)
+    assert out.returncode == 1, out.stdout + out.stderr
+    case = json.loads((tmp_path / "r.json").read_text())["cases"][0]
+    assert (case["outcome"], case["verdict"]) == ("crashed", "fail")
+    assert "Tensor.item()" in case["reason"] and "break_region.py" in case["reason"]
+    for rank in case["ranks"]:
+        assert rank["error_class"] == "CompileGateError"
+        assert any("Tensor.item()" in r for r in rank["counters"]["break_reasons"])
+    assert "Tensor.item()" in out.stdout
+
+
+def _hang_profile(tmp_path: Path, case_s: float) -> Path:
+    profile = tmp_path / "hang.yaml"
+    text = (EXAMPLES / "no_watchdog.yaml").read_text().replace("case: 20", f"case: {case_s:g}")
+    profile.write_text(text)
+    return profile
+
+
+@pytest.mark.timeout(180)
+def test_hung_rank_is_reported_hung_with_stacks_of_every_rank(tmp_path: Path) -> None:
+    problem = ptrace_problem()
+    if problem:
+        pytest.skip(f"py-spy cannot attach here: {problem}")
+    target = f"{EXAMPLES / 'hang_region.py'}:build"
+    profile = _hang_profile(tmp_path, 10)
+    out = hardening(
+        "suite", "compile", "--only", "control", "--target", target, "--profile", str(profile),
+        "--json", "r.json", "--artifacts", "run", cwd=tmp_path,
+    )  # fmt: skip
+    assert out.returncode == 1, out.stdout + out.stderr
+    report = json.loads((tmp_path / "r.json").read_text())
+    case = report["cases"][0]
+    assert (case["outcome"], case["verdict"]) == ("hung", "fail")
+    for rank in case["ranks"]:
+        assert rank["exit_code"] is None  # alive at the deadline
+        stacks = Path(rank["stacks_path"]).read_text()
+        assert "Thread" in stacks and "hang_region.py" in stacks
+    where = {r["rank"]: r["where"] for r in case["ranks"]}
+    assert "wait_for_a_message_that_never_comes" in where[1]
+    assert "forward" in where[0]  # rank 0 waits inside the region's all-reduce
+    assert (tmp_path / "run" / "control" / "stacks_summary.txt").is_file()
+    assert not wait_gone(rank_pids(report), 5), "a rank outlived the run"
+
+
+def _start_hang_run(tmp_path: Path) -> subprocess.Popen[str]:
+    target = f"{EXAMPLES / 'hang_region.py'}:build"
+    profile = _hang_profile(tmp_path, 120)
+    return subprocess.Popen(
+        [sys.executable, "-m", "hardening", "suite", "compile", "--only", "control", "--target", target,
+         "--profile", str(profile), "--json", "r.json", "--artifacts", "run"],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+
+
+def _wait_for_ranks(proc: subprocess.Popen[str], tmp_path: Path, timeout: float = 60) -> set[int]:
+    """Wait until both ranks are stuck in the steady state (rank 1 stalls at its first steady call)."""
+    end = time.time() + timeout
+    while time.time() < end:
+        ranks = {p for p in descendants(proc.pid) if "forkserver" in Path(f"/proc/{p}/cmdline").read_text(errors="replace")}
+        logs = [tmp_path / "run" / "control" / f"rank{r}" / "stdout.log" for r in (0, 1)]
+        if len(ranks) >= 3 and all(log.exists() for log in logs):
+            time.sleep(4)  # past warmup: both ranks are now inside the stalled step
+            return descendants(proc.pid)
+        time.sleep(0.2)
+    raise AssertionError("ranks did not start")
+
+
+@pytest.mark.timeout(180)
+def test_ctrl_c_kills_ranks_and_writes_partial_report(tmp_path: Path) -> None:
+    proc = _start_hang_run(tmp_path)
+    try:
+        tree = _wait_for_ranks(proc, tmp_path)
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 2, stdout + stderr
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["interrupted"] is True
+    assert report["cases"][0]["outcome"] == "interrupted"
+    assert "INTERRUPTED" in stdout
+    assert not wait_gone(tree, 10), "processes outlived an interrupted run"
+
+
+@pytest.mark.timeout(180)
+def test_killed_runner_leaves_no_process_behind(tmp_path: Path) -> None:
+    proc = _start_hang_run(tmp_path)
+    try:
+        tree = _wait_for_ranks(proc, tmp_path)
+        assert len(tree) >= 3  # fork server + 2 ranks
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert not wait_gone(tree, 15), "ranks or the fork server outlived a SIGKILLed runner"
