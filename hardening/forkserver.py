@@ -89,6 +89,20 @@ def serve() -> None:
     import hardening.worker  # noqa: F401
     import hardening.reference  # noqa: F401
 
+    # What the first compile imports lazily: cold, these imports hold the GIL for
+    # seconds inside every rank of every case (and starve its watchdog thread).
+    for name in (
+        "torch._dynamo.backends.common",
+        "torch._functorch.aot_autograd",
+        "torch._inductor.compile_fx",
+        "torch.fx.experimental.symbolic_shapes",
+        "sympy",
+    ):
+        try:
+            __import__(name)
+        except Exception:  # an optional piece missing in this torch: the rank imports it itself
+            pass
+
     out = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)  # stray prints from imports must not corrupt the protocol stream
     inp = 0  # raw fd: a buffered reader would hide queued requests from select()

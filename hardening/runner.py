@@ -252,12 +252,22 @@ class Runner:
                 for rank, pid in live.pids.items():
                     if pid == event["pid"]:
                         live.exits[rank] = (event["status"], event["t"])
+                        self._report_death(live, rank, event["status"])
             elif kind == "eof":
                 raise HarnessError(f"fork server died; see {self.run_dir / 'forkserver.log'}")
             try:
                 event = self._events.get_nowait()
             except queue.Empty:
                 return
+
+    def _report_death(self, live: _Live, rank: int, status: int) -> None:
+        """Tell the surviving ranks at once; their heartbeat check is the slow path."""
+        code = os.waitstatus_to_exitcode(status)
+        how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
+        try:
+            self._store.set(f"{live.prefix}/exit/{rank}", json.dumps({"exit_code": code, "how": how}))
+        except Exception:  # the store is in this process; failing here means we are shutting down
+            pass
 
     def _keys(self, live: _Live, kind: str) -> dict[int, str]:
         found = {}

@@ -4,7 +4,8 @@ A daemon thread per rank heartbeats into the launcher-hosted c10d store (the sto
 outlives any rank), and ends the process when:
 
 - another rank wrote the job-wide ``abort`` key (fast death propagation) -> PeerError,
-- a peer's heartbeat stopped changing for ``peer_lost`` seconds -> PeerLost,
+- a peer died (reported by the launcher that hosts the store) or its heartbeat stopped
+  changing for ``peer_lost`` seconds (``setup`` while it imports or compiles) -> PeerLost,
 - the main thread's current call ran past ``call_deadline`` -> CallDeadlineExceeded,
 - the launcher died (the parent changed) -> exit code 11.
 
@@ -38,6 +39,7 @@ from hardening.errors import (
 )
 
 ABORT_KEY = "abort"
+SLOW_PHASES = frozenset({"init", "parity", "build", "warmup"})
 
 
 @dataclass(kw_only=True, slots=True)
@@ -209,6 +211,7 @@ class Watchdog(threading.Thread):
         self._peer_value: dict[int, bytes | None] = {}
         self._peer_changed: dict[int, float] = {}
         self._abort_seen: float | None = None
+        self._abort_pending = False
 
     def run(self) -> None:
         start = self.clock()
@@ -235,6 +238,7 @@ class Watchdog(threading.Thread):
         if self.store.check([ABORT_KEY]):
             info = json.loads(self.store.get(ABORT_KEY))
             if info.get("rank") != s.rank:
+                self._abort_pending = True
                 # Give this rank's own main thread two beats to raise a collective error
                 # (parity, warmup) itself, so that it reports its own cause, not PeerError.
                 if self._abort_seen is None:
@@ -254,12 +258,19 @@ class Watchdog(threading.Thread):
                         f"main thread in {main_thread_where()}"
                     )
                 )
+        if self._abort_pending:
+            return  # a peer already named the cause; this rank follows it, not a death it caused
         for r in self._peer_value:
             self._check_peer(r, now)
 
     def _check_peer(self, r: int, now: float) -> None:
         if self.store.check([f"done/{r}"]):
             return
+        # Fast path: a launcher that hosts the store reports each rank's death at once.
+        if self.store.check([f"exit/{r}"]):
+            death = json.loads(self.store.get(f"exit/{r}"))
+            if death.get("exit_code") != 0:
+                self.terminator.end(PeerLost(f"rank {r} died ({death.get('how')}, reported by the launcher)"))
         key = f"hb/{r}"
         value = self.store.get(key) if self.store.check([key]) else None
         if value != self._peer_value[r]:
@@ -267,13 +278,18 @@ class Watchdog(threading.Thread):
             self._peer_changed[r] = now
             return
         age = now - self._peer_changed[r]
-        if value is None and age > self.first_heartbeat_s:
-            self.terminator.end(PeerLost(f"rank {r} never sent a heartbeat within {self.first_heartbeat_s:g}s"))
-        if value is not None and age > self.peer_lost_s:
-            last = json.loads(value)
+        if value is None:
+            if age > self.first_heartbeat_s:
+                self.terminator.end(PeerLost(f"rank {r} never sent a heartbeat within {self.first_heartbeat_s:g}s"))
+            return
+        last = json.loads(value)
+        # Imports and the first compile can hold the GIL for seconds (cold lazy imports,
+        # dlopen): a peer in those phases is slow, not lost, so it gets the setup budget.
+        limit = self.first_heartbeat_s if last.get("phase") in SLOW_PHASES else self.peer_lost_s
+        if age > limit:
             self.terminator.end(
                 PeerLost(
-                    f"rank {r} lost: no heartbeat for {age:.1f}s (> peer_lost {self.peer_lost_s:g}s); "
+                    f"rank {r} lost: no heartbeat for {age:.1f}s (> {limit:g}s); "
                     f"last seen in phase {last.get('phase')}, call {last.get('call_id')}"
                 )
             )

@@ -79,6 +79,35 @@ def _hardening(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
     return proc
 
 
+# The two runs that get as far as validating the region import torch (seconds each):
+# start them together once, so they overlap instead of queueing.
+TORCH_RUNS = {
+    "target": ("suite", "compile", "--target", "nosuchmod:build"),
+    "ranks3": ("suite", "compile", "--ranks", "3"),
+}
+
+
+@pytest.fixture(scope="module")
+def torch_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, subprocess.CompletedProcess[str]]:
+    procs = {}
+    for key, args in TORCH_RUNS.items():
+        cwd = tmp_path_factory.mktemp(key)
+        argv = [sys.executable, "-m", "hardening", *args]
+        procs[key] = (cwd, argv, subprocess.Popen(argv, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    done = {}
+    try:
+        for key, (cwd, argv, proc) in procs.items():
+            out, err = proc.communicate(timeout=120)
+            assert not (cwd / ".hardening").exists(), "a run directory was created"
+            done[key] = subprocess.CompletedProcess(argv, proc.returncode, out, err)
+    finally:
+        for _, _, proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=10)
+    return done
+
+
 @pytest.mark.timeout(60)
 def test_list_prints_every_case(tmp_path: Path) -> None:
     proc = _hardening(tmp_path, "list")
@@ -126,15 +155,15 @@ def test_one_rank_runs_no_case(tmp_path: Path) -> None:
 
 
 @pytest.mark.timeout(60)
-def test_unimportable_target_is_a_usage_error(tmp_path: Path) -> None:
-    proc = _hardening(tmp_path, "suite", "compile", "--target", "nosuchmod:build")
+def test_unimportable_target_is_a_usage_error(torch_runs: dict[str, subprocess.CompletedProcess[str]]) -> None:
+    proc = torch_runs["target"]
     assert proc.returncode == ExitCode.USAGE_ERROR
     assert "nosuchmod" in proc.stderr
 
 
 @pytest.mark.timeout(60)
-def test_heads_not_dividing_by_ranks_is_a_usage_error(tmp_path: Path) -> None:
-    proc = _hardening(tmp_path, "suite", "compile", "--ranks", "3")
+def test_heads_not_dividing_by_ranks_is_a_usage_error(torch_runs: dict[str, subprocess.CompletedProcess[str]]) -> None:
+    proc = torch_runs["ranks3"]
     assert proc.returncode == ExitCode.USAGE_ERROR
     assert "region" in proc.stderr and "dims" in proc.stderr
     assert "heads (4)" in proc.stderr and "3 ranks" in proc.stderr
