@@ -213,9 +213,12 @@ def load_profile(name_or_path: str | None = None, overrides: dict[str, Any] | No
         raise ProfileError(f"{source}: top level must be a mapping of keys")
     profile = Profile(name=name, source=source)
     _merge(profile, data, source=source, prefix="")
-    for key, value in (overrides or {}).items():
-        _merge(profile, _nest(key, value), source="command line", prefix="")
     _validate_all(profile, source)
+    if overrides:
+        # Validated again so that a bad flag is blamed on the command line, not the file.
+        for key, value in overrides.items():
+            _merge(profile, _nest(key, value), source="command line", prefix="")
+        _validate_all(profile, "command line")
     return profile
 
 

@@ -58,7 +58,7 @@ class RecompileAfterWarmup(Fault):
     matrix_id = "C-03"
     summary = "feed one rank a same-shape, different-stride input after warmup (guard failure)"
     target = "hardening.region:make_call_inputs"
-    param_names = ("call",)
+    int_params = ("call",)
 
     def wrap(self, original: Callable[..., Any]) -> Callable[..., Any]:
         at_call = self.int_param("call", self.ctx.warmup_calls)

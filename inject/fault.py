@@ -85,14 +85,16 @@ class Fault:
     """``module:function`` of the runtime function the fault patches."""
     default_ranks: ClassVar[str] = "1"
     """``all`` or ``N`` / ``N+M``: where it acts when the spec has no ``rank=``."""
-    param_names: ClassVar[tuple[str, ...]] = ()
-    """Extra ``key=value`` parameters the fault accepts."""
+    int_params: ClassVar[tuple[str, ...]] = ()
+    """Extra integer ``key=value`` parameters the fault accepts (e.g. ``call``)."""
 
     def __init__(self, spec: FaultSpec, ctx: FaultContext) -> None:
-        unknown = set(spec.params) - set(self.param_names)
+        unknown = set(spec.params) - set(self.int_params)
         if unknown:
-            allowed = ", ".join(("rank",) + self.param_names)
+            allowed = ", ".join(("rank",) + self.int_params)
             raise FaultSpecError(f"fault {self.name!r} has no parameter(s) {sorted(unknown)}; it takes: {allowed}")
+        for key in spec.params:
+            _int_param(spec.params, key, 0, spec.text)  # checked here, before any rank starts
         self.spec = spec
         self.ctx = ctx
         self.fired_at: float | None = None
@@ -121,13 +123,8 @@ class Fault:
         return self.ctx.rank in self._ranks(self.spec, self.ctx.world_size)
 
     def int_param(self, key: str, default: int) -> int:
-        value = self.spec.params.get(key)
-        if value is None:
-            return default
-        try:
-            return int(value)
-        except ValueError:
-            raise FaultSpecError(f"fault spec {self.spec.text!r}: {key} must be an integer, got {value!r}") from None
+        spec = getattr(self, "spec", None)
+        return _int_param(spec.params if spec else {}, key, default, spec.text if spec else "")
 
     def fire(self) -> None:
         if self.fired_at is None:
@@ -148,3 +145,13 @@ class Fault:
         if self._restore is not None:
             self._restore()
             self._restore = None
+
+
+def _int_param(params: dict[str, str], key: str, default: int, text: str) -> int:
+    value = params.get(key)
+    if value is None:
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise FaultSpecError(f"fault spec {text!r}: {key} must be an integer, got {value!r}") from None

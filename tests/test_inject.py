@@ -115,11 +115,6 @@ def test_validate_spec_rejects_an_unknown_parameter() -> None:
     assert "calls" in msg and "short_warmup" in msg
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: Fault.validate never checks integer parameters (int_param runs only in wrap at install), "
-    "so a non-integer call= passes the pre-launch check and fails inside every rank instead of exit 4",
-)
 def test_validate_spec_rejects_a_non_integer_parameter() -> None:
     with pytest.raises(FaultSpecError, match="call must be an integer"):
         validate_spec("recompile:rank=1:call=three", world_size=2)

@@ -234,7 +234,12 @@ def test_override_with_wrong_type_names_command_line() -> None:
 
 def test_override_with_bad_value_is_rejected() -> None:
     msg = _error("cpu", {"world.ranks": 0})
-    assert "'world.ranks'" in msg
+    assert "'world.ranks'" in msg and "at least 1" in msg
+
+
+def test_override_with_bad_value_names_command_line() -> None:
+    msg = _error("cpu", {"world.ranks": 0})
+    assert "command line" in msg
 
 
 def test_profile_error_is_a_value_error() -> None:
