@@ -1,8 +1,9 @@
-"""A user region whose rank 1 stalls at its first steady-state call.
+"""A user region whose leader stalls while making the inputs of its first steady call.
 
-Rank 1 waits forever for a message that never comes; rank 0 is left inside the
-region's all-reduce. With the default profile the watchdog turns this into a crash
-(rank 1: CallDeadlineExceeded, rank 0: PeerError). With ``examples/no_watchdog.yaml``
+Rank 0 (the leader, which makes every call's inputs and sends them in the envelope)
+waits forever for a message that never comes; rank 1 is left waiting for the envelope.
+With the default profile the watchdog turns this into a crash at the call deadline on
+both ranks, each naming where it is stuck. With ``examples/no_watchdog.yaml``
 nothing in the ranks reacts, and the runner's deadline shows the hang as it is:
 outcome ``hung``, py-spy stacks of both ranks, nothing left running.
 """
@@ -42,7 +43,7 @@ def build(ctx: RegionContext) -> Region:
     first_steady_call = ctx.profile.warmup_calls
 
     def make_inputs(call_id: int):
-        if ctx.rank == 1 and call_id == first_steady_call:
+        if call_id == first_steady_call:  # only the leader makes inputs
             wait_for_a_message_that_never_comes()
         gen = torch.Generator().manual_seed(ctx.seed * 7919 + call_id)
         return (torch.randn(ctx.dims["tokens"], ctx.dims["hidden"], generator=gen),)

@@ -13,6 +13,11 @@ class HardeningError(RuntimeError):
 
     exit_code = 10
 
+    def __init__(self, message: str, *, root_cause_rank: int | None = None) -> None:
+        super().__init__(message)
+        self.root_cause_rank = root_cause_rank
+        """The rank whose failure this one follows, when it is not this rank's own."""
+
 
 class ParityError(HardeningError):
     """Ranks disagree on a fingerprint key (environment, compile settings, backends)."""

@@ -107,6 +107,8 @@ def build_fingerprint(
         "region.target": profile.region.target,
         "region.dtype": str(dtype),
         "region.config_hash": _digest(region_cfg)[:16],
+        "region.seed": profile.region.seed,
+        "region.dims": profile.region.dims,
         "compile.enabled": compile_cfg.enabled,
         "compile.backend": compile_cfg.backend,
         "compile.mode": compile_cfg.mode,

@@ -145,6 +145,24 @@ class GateConfig:
 
 
 @dataclass(kw_only=True, slots=True)
+class DriftConfig:
+    digest_every: int = 1
+    """Check the input digest every N steady-state calls (0 disables; warmup is never checked)."""
+
+    weights: bool = True
+    """Check weight fingerprints (manifest and replicated parameters) after build."""
+
+    reset_every: int = 4
+    """The leader resets the KV cache every N calls (a new cache_epoch); 0: only at call 0."""
+
+    def validate(self) -> None:
+        if self.digest_every < 0:
+            raise ValueError("digest_every: must be >= 0")
+        if self.reset_every < 0:
+            raise ValueError("reset_every: must be >= 0")
+
+
+@dataclass(kw_only=True, slots=True)
 class TriageConfig:
     py_spy: bool = True
     """Dump every live rank's stacks with py-spy at a deadline."""
@@ -176,6 +194,7 @@ class Profile:
 
     timeouts: TimeoutConfig = field(default_factory=TimeoutConfig)
     gates: GateConfig = field(default_factory=GateConfig)
+    drift: DriftConfig = field(default_factory=DriftConfig)
     triage: TriageConfig = field(default_factory=TriageConfig)
 
     def validate(self) -> None:

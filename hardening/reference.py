@@ -17,6 +17,7 @@ import torch.distributed._functional_collectives as funcol
 import torch.nn.functional as F
 from torch import nn
 
+from hardening.drift import checksum
 from hardening.region import Region, RegionContext
 
 
@@ -59,17 +60,29 @@ class TPDiTBlock(nn.Module):
         w_q, w_k, w_v = dense(hidden, hidden), dense(hidden, hidden), dense(hidden, hidden)
         w_out = dense(hidden, hidden)
         w_fc1, w_fc2 = dense(mlp, hidden), dense(hidden, mlp)
-        heads_rows = slice(rank * width, (rank + 1) * width)
-        mlp_rows = slice(rank * (mlp // world), (rank + 1) * (mlp // world))
 
         def param(t: torch.Tensor) -> nn.Parameter:
             return nn.Parameter(t.contiguous().to(device=ctx.device, dtype=ctx.dtype), requires_grad=False)
 
-        self.ada = param(w_ada)  # replicated
-        self.qkv = param(torch.cat([w_q[heads_rows], w_k[heads_rows], w_v[heads_rows]]))  # column-parallel
-        self.out = param(w_out[:, heads_rows])  # row-parallel
-        self.fc1 = param(w_fc1[mlp_rows])  # column-parallel
-        self.fc2 = param(w_fc2[:, mlp_rows])  # row-parallel
+        def shards(r: int) -> dict[str, torch.Tensor]:
+            heads_r = slice(r * width, (r + 1) * width)
+            mlp_r = slice(r * (mlp // world), (r + 1) * (mlp // world))
+            return {
+                "ada": w_ada,  # replicated
+                "qkv": torch.cat([w_q[heads_r], w_k[heads_r], w_v[heads_r]]),  # column-parallel
+                "out": w_out[:, heads_r],  # row-parallel
+                "fc1": w_fc1[mlp_r],  # column-parallel
+                "fc2": w_fc2[:, mlp_r],  # row-parallel
+            }
+
+        for name, tensor in shards(rank).items():
+            setattr(self, name, param(tensor))
+        # What every rank's shard must fingerprint to: every rank holds the full weights
+        # here, so it can state the manifest of all ranks (a checkpoint would ship it).
+        self.weight_manifest = {
+            name: {r: checksum(t.contiguous().to(ctx.dtype)).tolist() for r, t in ((r, shards(r)[name]) for r in range(world))}
+            for name in shards(rank)
+        }
         cache_shape = (self.batch, self.local_heads, self.cache_len, self.head_dim)
         self.register_buffer("cache_k", torch.zeros(cache_shape, device=ctx.device, dtype=ctx.dtype))
         self.register_buffer("cache_v", torch.zeros(cache_shape, device=ctx.device, dtype=ctx.dtype))
@@ -106,8 +119,16 @@ def build(ctx: RegionContext) -> Region:
         c = torch.randn(block.batch, hidden, generator=gen)
         return x.to(ctx.device, ctx.dtype), c.to(ctx.device, ctx.dtype)
 
+    def reset_cache() -> None:
+        block.cache_k.zero_()
+        block.cache_v.zero_()
+
     return Region(
         module=block,
         make_inputs=make_inputs,
         parity_keys={"reference.local_heads": block.local_heads, "reference.cache_len": block.cache_len},
+        input_names=("x", "c"),
+        weight_manifest=block.weight_manifest,
+        replicated_params=("ada",),
+        reset_cache=reset_cache,
     )

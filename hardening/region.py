@@ -67,6 +67,18 @@ class Region:
     parity_keys: dict[str, Any] = field(default_factory=dict)
     """Extra keys that must be equal on every rank (checked with the environment fingerprint)."""
 
+    input_names: tuple[str, ...] = ()
+    """Names of the inputs in the envelope manifest (default ``input0``, ``input1``, ...)."""
+
+    weight_manifest: dict[str, dict[int, list[int]]] | None = None
+    """Expected fingerprint (``hardening.drift.checksum``) of each parameter's shard, per rank."""
+
+    replicated_params: tuple[str, ...] = ()
+    """Parameters that must be bit-identical on every rank."""
+
+    reset_cache: Callable[[], None] | None = None
+    """Clears the region's KV cache (called on a ``reset`` envelope, outside the compiled region)."""
+
 
 RegionFactory = Callable[[RegionContext], Region]
 
@@ -106,5 +118,15 @@ def build_region(target: str, ctx: RegionContext) -> Region:
 
 
 def make_call_inputs(region: Region, call_id: int) -> tuple["torch.Tensor", ...]:
-    """Inputs of call ``call_id`` (fault hook: C-03 perturbs them on one rank)."""
+    """Inputs of call ``call_id``, made on the leader only (then sent in the envelope)."""
     return tuple(region.make_inputs(call_id))
+
+
+def input_names(region: Region, count: int) -> tuple[str, ...]:
+    return region.input_names or tuple(f"input{i}" for i in range(count))
+
+
+def inputs_of(region: Region, tensors: dict[str, "torch.Tensor"], call_id: int) -> tuple["torch.Tensor", ...]:
+    """The region call's positional inputs from a received envelope, on every rank
+    (fault hook: C-03 changes strides on one rank, H-01 stalls, OM-13 kills)."""
+    return tuple(tensors.values())

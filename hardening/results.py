@@ -12,7 +12,7 @@ import enum
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from hardening.cases import Case, Expectation
+from hardening.cases import Case, Expectation, RankExpect
 
 SCHEMA_VERSION = 1
 
@@ -169,7 +169,11 @@ def classify(
     if interrupted:
         return Outcome.INTERRUPTED, None
     if any(r.alive_at_deadline for r in ranks):
-        return Outcome.HUNG, None
+        fired = fire_time(ranks)
+        exits = [r.exited_at for r in ranks if r.exited_at is not None]
+        # Still measured: a case may expect one rank to stay frozen (H-01) and the rest to leave.
+        t_detect = max(0.0, max(exits) - fired) if fired is not None and exits else None
+        return Outcome.HUNG, t_detect
     all_ok = all(r.exit_code == 0 for r in ranks)
     if case.fault is None:
         return (Outcome.COMPLETED if all_ok else Outcome.CRASHED), None
@@ -199,7 +203,7 @@ def judge(expect: Expectation, outcome: Outcome, ranks: list[RankResult]) -> tup
         return Verdict.UNKNOWN, "the fault never fired"
     if outcome is Outcome.EARLY_CRASH:
         return Verdict.UNKNOWN, "a rank died before the fault fired: " + (_first_failure(ranks) or "?")
-    if outcome is Outcome.HUNG:
+    if outcome is Outcome.HUNG and not _hang_expected(expect, ranks):
         alive = [str(r.rank) for r in ranks if r.alive_at_deadline]
         return Verdict.FAIL, f"rank(s) {','.join(alive)} still alive at the deadline"
     if outcome is Outcome.SURVIVED:
@@ -211,12 +215,30 @@ def judge(expect: Expectation, outcome: Outcome, ranks: list[RankResult]) -> tup
         want = expect.for_rank(r.rank)
         if want is None:
             continue
+        if want.error == HUNG:
+            if not r.alive_at_deadline:
+                problems.append(f"rank {r.rank}: expected to stay frozen, but it ended ({r.error_class or r.exit_code})")
+            elif not r.stacks_path:
+                problems.append(f"rank {r.rank}: frozen as expected, but no stacks were captured")
+            continue
         why = want.check(r.error_class, r.message)
         if why:
             problems.append(f"rank {r.rank}: {why}")
     if problems:
         return Verdict.FAIL, "; ".join(problems)
     return Verdict.PASS, ""
+
+
+HUNG = "hung"
+"""RankExpect.error of a rank that must still be alive (frozen) at the deadline, stacks taken."""
+
+
+def _hang_expected(expect: Expectation, ranks: list[RankResult]) -> bool:
+    alive = [r for r in ranks if r.alive_at_deadline]
+    return bool(alive) and all((expect.for_rank(r.rank) or _NO_EXPECT).error == HUNG for r in alive)
+
+
+_NO_EXPECT = RankExpect(error="")
 
 
 def _first_failure(ranks: list[RankResult]) -> str:

@@ -296,12 +296,24 @@ class Runner:
             fired = [float(v) for v in self._keys(live, "fired").values()]
             if fired and min(fired) + t.detect < deadline:
                 deadline, why = min(fired) + t.detect, f"detect deadline {t.detect:g}s after the fault fired"
+            frozen = self._all_live_stopped(live)
+            if frozen and now < deadline:
+                deadline, why = now, f"rank(s) {frozen} stopped (SIGSTOP/SIGTSTP) while the others ended"
             if now >= deadline and len(live.exits) < self.world_size:
                 live.deadline_reason = why
                 live.hung = {r for r in range(self.world_size) if r not in live.exits}
                 self._dump_stacks(live)
                 self._teardown(live, reason=why)
                 return
+
+    def _all_live_stopped(self, live: _Live) -> list[int]:
+        """Ranks frozen by a stop signal, when they are all that is left: nothing will change."""
+        if not live.exits:
+            return []
+        remaining = [r for r in live.pids if r not in live.exits]
+        if not remaining or len(live.pids) < self.world_size:
+            return []
+        return remaining if all(_proc_state(live.pids[r]) == "T" for r in remaining) else []
 
     def _dump_stacks(self, live: _Live) -> None:
         if not self.profile.triage.py_spy:
@@ -364,21 +376,33 @@ class Runner:
                 rr.started_at = record.get("started_at")
                 rr.fired_at = record.get("fired_at")
             elif rr.exit_code not in (None, 0):
-                rr.error_class = CAUSE_BY_EXIT_CODE.get(rr.exit_code) if rr.exit_code > 0 else None
+                rr.error_class = CAUSE_BY_EXIT_CODE.get(rr.exit_code) if rr.exit_code > 0 else rr.signal
                 rr.message = _tail(rank_dir / "stderr.log")
             if rr.fired_at is None and rank in fired_keys:
                 rr.fired_at = float(fired_keys[rank])
             dump = live.dumps.get(rank)
-            if dump is not None:
+            if dump is not None and dump.ok:
                 rr.stacks_path, rr.where = dump.path, dump.where or dump.innermost
+            elif dump is not None:
+                rr.where = f"no stacks: {dump.text.splitlines()[0] if dump.text else 'py-spy failed'}"
             if rank in live.hung:
                 rr.phase = rr.phase or _last_phase(self._store, live.prefix, rank)
+                if _proc_state(live.pids.get(rank, -1)) == "T" or "stopped" in rr.where:
+                    rr.where = f"[stopped] {rr.where}"
             ranks.append(rr)
         return ranks
 
 
 def why_short(live: _Live) -> str:
     return live.deadline_reason or "deadline"
+
+
+def _proc_state(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return ""
 
 
 def _read_record(path: Path) -> dict[str, Any] | None:
@@ -396,13 +420,11 @@ def _tail(path: Path, lines: int = 3) -> str:
 
 
 def _last_phase(store: Any, prefix: str, rank: int) -> str:
-    key = f"{prefix}/hb/{rank}"
+    key = f"{prefix}/phase/{rank}"
     try:
-        if store.check([key]):
-            return json.loads(store.get(key)).get("phase", "")
+        return store.get(key).decode() if store.check([key]) else ""
     except Exception:
         return ""
-    return ""
 
 
 def environment(profile: Profile) -> dict[str, Any]:

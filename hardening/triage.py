@@ -270,6 +270,10 @@ def dump_stack(
         # Full filenames let summarize_frames tell torch and the stdlib from user code by
         # path; it shortens them again for display.
         cmd = [py_spy, "dump", "--pid", str(target), "--full-filenames"] + (["--native"] if native else [])
+        if _proc_state(target) == "T" and not native:
+            # A stopped process is already still: read it without ptrace-suspending it,
+            # which fails on a job-control stop ("unexpected waitpid result").
+            cmd.append("--nonblocking")
         try:
             rc, out, err = _run_py_spy(cmd, timeout)
             if rc not in (0, None) and "--full-filenames" in err:  # a py-spy older than the flag

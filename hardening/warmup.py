@@ -29,8 +29,8 @@ def run_lockstep(
     *,
     num_calls: int,
     first_call_id: int,
-    make_inputs: Callable[[int], Sequence[Any]],
-    run_call: Callable[[int, Sequence[Any]], Any],
+    run_call: Callable[[int], Any],
+    make_inputs: Callable[[int], Sequence[Any]] | None = None,
 ) -> int:
     """Run ``num_calls`` warmup calls in lockstep; returns the next call id.
 
@@ -40,16 +40,16 @@ def run_lockstep(
     call_id = first_call_id
     for k in range(num_calls + 1):
         if k < num_calls:
-            inputs = make_inputs(call_id)
-            ticket: dict[str, Any] = {"planned": num_calls, "step": k, "shapes": shape_signature(inputs)}
+            shapes = shape_signature(make_inputs(call_id)) if make_inputs is not None else []
+            ticket: dict[str, Any] = {"planned": num_calls, "step": k, "shapes": shapes}
         else:
-            inputs, ticket = (), {"planned": num_calls, "step": k, "shapes": "end"}
+            ticket = {"planned": num_calls, "step": k, "shapes": "end"}
         tickets = side.exchange(f"warmup/{k}", ticket)
         if any(t != tickets[0] for t in tickets):
             raise WarmupError(_describe(tickets))
         if k == num_calls:
             return call_id
-        run_call(call_id, inputs)
+        run_call(call_id)
         call_id += 1
     raise AssertionError("unreachable: the last ticket is the end ticket")
 

@@ -58,9 +58,15 @@ class RankState:
     timings: dict[str, float] = field(default_factory=dict)
     """Seconds from process start at which each phase began."""
 
+    on_phase: Callable[[str], None] | None = None
+    """Publishes a phase change at once, from the main thread (a heartbeat may never come:
+    a rank frozen right after entering a phase must not be judged by the old one)."""
+
     def enter(self, phase: str) -> None:
         self.phase = phase
         self.timings[phase] = round(time.time() - self.started_at, 3)
+        if self.on_phase is not None:
+            self.on_phase(phase)
 
     def begin_call(self, call_id: int, *, deadline_bound: bool) -> None:
         self.call_id = call_id
@@ -96,6 +102,8 @@ class Terminator:
                 time.sleep(3600)
         if exc is not None and not isinstance(exc, HardeningError):
             exc, root_cause_rank = self._attribute(exc, root_cause_rank)
+        if root_cause_rank is None:
+            root_cause_rank = getattr(exc, "root_cause_rank", None)
         code = exit_code if exit_code is not None else (exit_code_for(exc) if exc else EXIT_OK)
         s = self.state
         record = {
@@ -135,20 +143,34 @@ class Terminator:
         os._exit(code)
 
     def _attribute(self, exc: BaseException, root_cause_rank: int | None) -> tuple[BaseException, int | None]:
-        """A plain error right after a peer aborted is that peer's doing (gloo reports a
-        dead peer as "Connection closed by peer"): report it as PeerError naming the peer."""
+        """A plain error right after a peer aborted or died is that peer's doing (gloo
+        reports it as "Connection closed/reset by peer"): name the peer, not the symptom."""
         if self.store is None:
             return exc, root_cause_rank
         deadline = time.monotonic() + self.attribution_window_s
+        first_line = (str(exc).splitlines() or [""])[0][:300]
         while True:
             try:
+                for r in range(self.state.world_size):
+                    # A peer killed by a signal cannot publish an abort; its launcher reports it.
+                    key = f"exit/{r}"
+                    if r != self.state.rank and self.store.check([key]):
+                        death = json.loads(self.store.get(key))
+                        if death.get("exit_code") != 0 and not self.store.check([ABORT_KEY]):
+                            lost = PeerLost(
+                                f"rank {r} died ({death.get('how')}, reported by the launcher)\n"
+                                f"(here it surfaced as {type(exc).__name__}: {first_line})",
+                                root_cause_rank=r,
+                            )
+                            lost.__cause__ = exc
+                            return lost, r
                 if self.store.check([ABORT_KEY]):
                     info = json.loads(self.store.get(ABORT_KEY))
                     if info.get("rank") != self.state.rank:
-                        first_line = (str(exc).splitlines() or [""])[0][:300]
                         peer = PeerError(
                             f"rank {info['rank']} failed first: {info['error']}: {info['message']}\n"
-                            f"(here it surfaced as {type(exc).__name__}: {first_line})"
+                            f"(here it surfaced as {type(exc).__name__}: {first_line})",
+                            root_cause_rank=info["rank"],
                         )
                         peer.__cause__ = exc
                         return peer, info["rank"]
@@ -283,13 +305,15 @@ class Watchdog(threading.Thread):
                 self.terminator.end(PeerLost(f"rank {r} never sent a heartbeat within {self.first_heartbeat_s:g}s"))
             return
         last = json.loads(value)
+        phase_key = f"phase/{r}"
+        phase = self.store.get(phase_key).decode() if self.store.check([phase_key]) else last.get("phase")
         # Imports and the first compile can hold the GIL for seconds (cold lazy imports,
         # dlopen): a peer in those phases is slow, not lost, so it gets the setup budget.
-        limit = self.first_heartbeat_s if last.get("phase") in SLOW_PHASES else self.peer_lost_s
+        limit = self.first_heartbeat_s if phase in SLOW_PHASES else self.peer_lost_s
         if age > limit:
             self.terminator.end(
                 PeerLost(
                     f"rank {r} lost: no heartbeat for {age:.1f}s (> {limit:g}s); "
-                    f"last seen in phase {last.get('phase')}, call {last.get('call_id')}"
+                    f"last seen in phase {phase}, call {last.get('call_id')}"
                 )
             )

@@ -18,12 +18,14 @@ from typing import Any, NoReturn
 import torch
 import torch.distributed as dist
 
-from hardening import compile_health, region, warmup
-from hardening.errors import CompileGateError, HardeningError
+from hardening import compile_health, drift, envelope, lifecycle, region, warmup
+from hardening.envelope import CallContract, Channel, Envelope, Kind, TensorSpec
+from hardening.errors import CompileGateError, ContractError, HardeningError
+from hardening.lifecycle import CacheSchedule, KVCacheLifecycle
 from hardening.inject import FaultContext, install_from_env
 from hardening.parity import build_fingerprint, check_parity
 from hardening.profile import CompileConfig, Profile, load_profile
-from hardening.region import RegionContext
+from hardening.region import Region, RegionContext
 from hardening.sidechannel import SideChannel
 from hardening.watchdog import RankState, Terminator, Watchdog
 
@@ -85,6 +87,7 @@ def run_rank(spec: RankSpec) -> NoReturn:
             state.fired_at = fault.fired_at
             store.set(f"fired/{spec.rank}", json.dumps(fault.fired_at))
 
+        state.on_phase = lambda phase: store.set(f"phase/{spec.rank}", phase)
         # The fault goes in before anything it may patch runs; it acts only on its ranks.
         install_from_env(
             FaultContext(rank=spec.rank, world_size=spec.world_size, warmup_calls=profile.warmup_calls, on_fire=on_fire)
@@ -105,10 +108,28 @@ def run_rank(spec: RankSpec) -> NoReturn:
     terminator.end(None)
 
 
+LEADER = 0
+
+
+def make_envelope(reg: Region, call_id: int, schedule: CacheSchedule, *, phase: str) -> Envelope:
+    """The leader's envelope for call ``call_id`` (fault hook: OM-01..03, OM-06, OM-10)."""
+    op, epoch, extra = schedule.plan(call_id)
+    inputs = region.make_call_inputs(reg, call_id)
+    return Envelope(
+        kind=Kind.CALL,
+        call_id=call_id,
+        cache_epoch=epoch,
+        plan={"expected_generator_calls": 1, "cache_op": op},
+        meta={"phase": phase, **extra},
+        tensors=dict(zip(region.input_names(reg, len(inputs)), inputs)),
+    )
+
+
 def _recipe(spec: RankSpec, profile: Profile, state: RankState, store: dist.Store) -> None:
     timeouts = profile.timeouts
     device = _device(profile, spec.rank)
     dtype = DTYPES[profile.region.dtype]
+    is_leader = spec.rank == LEADER
 
     # 1. Backends, then the data plane with an explicit short timeout (never 600/1800 s).
     state.enter("init")
@@ -133,7 +154,8 @@ def _recipe(spec: RankSpec, profile: Profile, state: RankState, store: dist.Stor
     side.create_group()
     store.set(f"ready/{spec.rank}", "1")
 
-    # 3. Build the region; its own parity keys are checked before the first call.
+    # 3. Build the region; its own parity keys and its weights are checked before the
+    #    first call (a perturbed shard is named here, not found as drift later).
     state.enter("build")
     ctx = RegionContext(
         rank=spec.rank,
@@ -148,20 +170,47 @@ def _recipe(spec: RankSpec, profile: Profile, state: RankState, store: dist.Stor
     reg = region.build_region(profile.region.target, ctx)
     if reg.parity_keys:
         check_parity(side, {f"region.{k}": json.dumps(v, default=str) for k, v in sorted(reg.parity_keys.items())}, tag="region-parity")
+    if profile.drift.weights:
+        drift.check_weights(side, reg.module, manifest=reg.weight_manifest, replicated=reg.replicated_params)
+    sample = region.make_call_inputs(reg, 0)
+    contract = CallContract(
+        tensors=tuple(
+            TensorSpec(name=n, shape=tuple(t.shape), dtype=str(t.dtype).removeprefix("torch."))
+            for n, t in zip(region.input_names(reg, len(sample)), sample)
+        )
+    )
+    channel = Channel(
+        control_group=side.group, data_group=dist.group.WORLD, device=device, leader=LEADER, rank=spec.rank, contract=contract
+    )
+    lifecycle = KVCacheLifecycle(reset_fn=reg.reset_cache)
+    schedule = CacheSchedule(reset_every=profile.drift.reset_every)
 
     # 4. Compile with the counting probe installed first, so no compile goes uncounted.
     probe = compile_health.CompileProbe()
     probe.install()
     compiled = compile_health.compile_region(reg.module, compile_cfg, probe)
 
-    def run_call(call_id: int, inputs: Any, *, deadline_bound: bool) -> Any:
-        if not (deadline_bound and state.call_started is not None):
-            state.begin_call(call_id, deadline_bound=deadline_bound)
+    def step(call_id: int, *, phase: str) -> None:
+        """One call: envelope, lifecycle, digest, then the data plane. The call deadline
+        covers all of it (the leader making inputs, a follower waiting for them)."""
+        state.begin_call(call_id, deadline_bound=phase == "steady")
         try:
-            out = compiled(*inputs)
+            if is_leader:
+                env = envelope.send(make_envelope(reg, call_id, schedule, phase=phase), channel)
+            else:
+                env = envelope.receive(channel)
+            first = next(iter(env.tensors.values()), None)
+            tokens = int(first.shape[-2]) if first is not None and first.dim() >= 2 else 1
+            lifecycle_apply(lifecycle, op=env.plan["cache_op"], epoch=env.cache_epoch, tokens=tokens, call_id=call_id)
+            every = profile.drift.digest_every
+            if phase == "steady" and every and call_id % every == 0:
+                drift.check_input_digest(
+                    side, call_id=call_id, blob=env.blob, tensors=env.tensors, device=device, leader=LEADER
+                )
+            inputs = region.inputs_of(reg, env.tensors, call_id)
+            compiled(*inputs)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
-            return out
         finally:
             state.end_call()
 
@@ -172,8 +221,7 @@ def _recipe(spec: RankSpec, profile: Profile, state: RankState, store: dist.Stor
             side,
             num_calls=warmup.planned_warmup_calls(profile),
             first_call_id=0,
-            make_inputs=lambda k: region.make_call_inputs(reg, k),
-            run_call=lambda k, inputs: run_call(k, inputs, deadline_bound=False),
+            run_call=lambda k: step(k, phase="warmup"),
         )
     except HardeningError:
         raise
@@ -202,15 +250,12 @@ def _recipe(spec: RankSpec, profile: Profile, state: RankState, store: dist.Stor
     state.enter("steady")
     guard = compile_health.RecompileGuard() if (compile_cfg.enabled and profile.gates.max_recompiles == 0) else None
     for call_id in range(next_call, next_call + profile.steps):
-        # The deadline covers the whole step, input production included.
-        state.begin_call(call_id, deadline_bound=True)
-        inputs = region.make_call_inputs(reg, call_id)
         try:
             if guard is not None:
                 with guard:
-                    run_call(call_id, inputs, deadline_bound=True)
+                    step(call_id, phase="steady")
             else:
-                run_call(call_id, inputs, deadline_bound=True)
+                step(call_id, phase="steady")
         except HardeningError:
             raise
         except Exception as exc:
@@ -218,6 +263,12 @@ def _recipe(spec: RankSpec, profile: Profile, state: RankState, store: dist.Stor
             if reason is None:
                 raise
             raise CompileGateError(f"rank {spec.rank} recompiled at call {call_id}, after warmup: {reason}") from exc
+    if is_leader:
+        envelope.send(Envelope(kind=Kind.SHUTDOWN, call_id=next_call + profile.steps), channel)
+    else:
+        env = envelope.receive(channel)
+        if env.kind is not Kind.SHUTDOWN:
+            raise ContractError(f"expected SHUTDOWN after {profile.steps} steps, got {env.kind.name} {env.call_id}")
 
     # 8. Final symmetric gate on steady-state compiles; the exchange is also the barrier
     #    that keeps every rank alive until all are done.
@@ -234,6 +285,11 @@ def _recipe(spec: RankSpec, profile: Profile, state: RankState, store: dist.Stor
     if problems:
         raise CompileGateError(_gate_message("in steady state", problems))
     state.enter("done")
+
+
+def lifecycle_apply(lc: KVCacheLifecycle, **kwargs: Any) -> None:
+    # Looked up at call time so that a fault patching lifecycle.apply_transition acts.
+    lifecycle.apply_transition(lc, **kwargs)
 
 
 def _gate_message(when: str, problems: list[str]) -> str:

@@ -9,11 +9,12 @@ from __future__ import annotations
 import os
 
 from hardening.inject import compile as _compile
+from hardening.inject import operator as _operator
 from hardening.inject.fault import Fault, FaultContext, FaultSpec, FaultSpecError, parse_spec
 
 ENV_VAR = "HARDENING_FAULT"
 
-FAULTS: dict[str, type[Fault]] = {cls.name: cls for cls in _compile.FAULTS}
+FAULTS: dict[str, type[Fault]] = {cls.name: cls for cls in [*_compile.FAULTS, *_operator.FAULTS]}
 
 
 def fault_class(name: str) -> type[Fault]:

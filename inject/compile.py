@@ -57,14 +57,14 @@ class RecompileAfterWarmup(Fault):
     name = "recompile"
     matrix_id = "C-03"
     summary = "feed one rank a same-shape, different-stride input after warmup (guard failure)"
-    target = "hardening.region:make_call_inputs"
+    target = "hardening.region:inputs_of"
     int_params = ("call",)
 
     def wrap(self, original: Callable[..., Any]) -> Callable[..., Any]:
         at_call = self.int_param("call", self.ctx.warmup_calls)
 
-        def make_call_inputs(region, call_id):
-            inputs = original(region, call_id)
+        def inputs_of(region, tensors, call_id):
+            inputs = original(region, tensors, call_id)
             if not self.acts_here or call_id != at_call:
                 return inputs
             out = list(inputs)
@@ -76,7 +76,7 @@ class RecompileAfterWarmup(Fault):
                     break
             return tuple(out)
 
-        return make_call_inputs
+        return inputs_of
 
 
 class BackendDivergence(Fault):

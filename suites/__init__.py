@@ -9,9 +9,11 @@ from typing import Callable
 
 from hardening.cases import Case
 from hardening.suites import compile as _compile
+from hardening.suites import operator as _operator
 
 SUITES: dict[str, Callable[[], list[Case]]] = {
     "compile": _compile.build_cases,
+    "operator": _operator.build_cases,
 }
 
 

@@ -53,7 +53,7 @@ def _lockstep_on_two_ranks(
                 num_calls=num_calls[rank],
                 first_call_id=first_call_id,
                 make_inputs=inputs,
-                run_call=lambda call_id, args: ran[rank].append(call_id),
+                run_call=lambda call_id: ran[rank].append(call_id),
             )
         except BaseException as exc:  # noqa: BLE001 - reported to the test
             out[rank] = exc

@@ -1,0 +1,318 @@
+"""The control-plane envelope: one framed, validated message per call, leader to all ranks.
+
+Frame, in this order, every rank calling the same broadcasts:
+
+1. prefix ``int64[6]`` on the control group: magic, protocol version, kind, header
+   length, meta length, tensor count. Fixed size, so it can never mismatch.
+2. blob ``uint8[header+meta]`` on the control group: the header (canonical JSON:
+   call_id, cache_epoch, plan, tensor_specs manifest) followed by the meta (canonical
+   JSON: sorted keys, no NaN, no pickle).
+3. the tensors of the manifest, in order, on the data group (where they live).
+4. trailer ``int64[2]`` on the control group: status and reason length (+ reason bytes
+   when the leader failed after committing).
+
+**Preflight before commit**: the leader serializes meta, checks every dtype, shape and
+the plan before broadcasting the prefix (the commitment point). A refused call sends an
+``ERROR`` frame instead, so peers end with a named error instead of waiting. Receivers
+check version, kind, call_id monotonicity and the manifest against the call contract.
+
+``send`` and ``receive`` are runtime functions faults patch by name: call them through
+this module.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from hardening.errors import ContractError, PeerError, PreflightError
+
+PROTOCOL_VERSION = 1
+MAGIC = 0x48415244  # "HARD"
+PREFIX_LEN = 6
+
+ALLOWED_DTYPES = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "int64": torch.int64,
+    "int32": torch.int32,
+    "uint8": torch.uint8,
+    "bool": torch.bool,
+}
+CACHE_OPS = ("advance", "reset", "recompute")
+
+
+class Kind(enum.IntEnum):
+    CALL = 1
+    SHUTDOWN = 2
+    ERROR = 3
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class TensorSpec:
+    """One manifest entry."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class CallContract:
+    """What every CALL must carry, identical on every rank (built from the region)."""
+
+    tensors: tuple[TensorSpec, ...]
+    """The manifest every CALL must match: names, shapes and dtypes, in order."""
+
+    expected_generator_calls: int = 1
+    """Region calls one envelope triggers on every rank (the phase plan)."""
+
+
+@dataclass(kw_only=True, slots=True)
+class Envelope:
+    """One message of the control plane."""
+
+    kind: Kind
+    call_id: int
+    cache_epoch: int = 0
+    plan: dict[str, Any] = field(default_factory=dict)
+    """Phase plan: ``expected_generator_calls`` and the KV-cache ``cache_op``."""
+    meta: dict[str, Any] = field(default_factory=dict)
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    """In manifest order."""
+    blob: bytes = b""
+    """Header and meta bytes as sent (filled by send/receive; digested by drift checks)."""
+
+
+@dataclass(kw_only=True, slots=True)
+class Channel:
+    """Where envelopes travel and who sends them."""
+
+    control_group: Any
+    """Gloo group for prefix, blob and trailer (host bytes, never device copies)."""
+    data_group: Any
+    """Group the tensors travel on (the data plane)."""
+    device: torch.device
+    leader: int = 0
+    """Global rank of the sender."""
+    rank: int = 0
+    contract: CallContract | None = None
+    last_call_id: int = -1
+    """Last CALL id seen on this rank (monotonic check)."""
+
+
+def canonical_json(value: Any, *, what: str) -> bytes:
+    """Deterministic JSON bytes, or PreflightError naming the offending key."""
+    bad = _find_unserializable(value, what)
+    if bad:
+        raise PreflightError(bad)
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
+
+
+def _find_unserializable(value: Any, path: str) -> str | None:
+    if value is None or isinstance(value, (bool, int, str)):
+        return None
+    if isinstance(value, float):
+        return None if math.isfinite(value) else f"{path} is {value!r}: NaN/inf are not canonical JSON"
+    if isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            bad = _find_unserializable(item, f"{path}[{i}]")
+            if bad:
+                return bad
+        return None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                return f"{path} has a non-string key {key!r}"
+            bad = _find_unserializable(item, f"{path}.{key}")
+            if bad:
+                return bad
+        return None
+    return f"{path} is a {type(value).__name__}, not JSON (no pickle on the control plane)"
+
+
+def preflight(env: Envelope, channel: Channel) -> tuple[bytes, bytes, list[TensorSpec]]:
+    """Everything that could fail, checked before the commitment point."""
+    meta = canonical_json(env.meta, what="meta")
+    if env.kind is not Kind.CALL:
+        header = canonical_json({"call_id": env.call_id, "cache_epoch": env.cache_epoch, "plan": env.plan}, what="header")
+        return header, meta, []
+    if env.call_id != channel.last_call_id + 1:
+        raise PreflightError(f"call_id {env.call_id} does not follow {channel.last_call_id}: ids must be monotonic")
+    contract = channel.contract
+    assert contract is not None, "a CALL needs the call contract"
+    specs = []
+    for name, tensor in env.tensors.items():
+        dtype = str(tensor.dtype).removeprefix("torch.")
+        if dtype not in ALLOWED_DTYPES:
+            raise PreflightError(f"tensor {name!r} has dtype {dtype}, not in the allowed set {sorted(ALLOWED_DTYPES)}")
+        specs.append(TensorSpec(name=name, shape=tuple(tensor.shape), dtype=dtype))
+    expected = {s.name: s for s in contract.tensors}
+    extra = [s.name for s in specs if s.name not in expected]
+    if extra:
+        raise ContractError(f"tensor(s) {extra} are not in the call contract {list(expected)}: no ad-hoc broadcasts")
+    for spec in specs:
+        want = expected[spec.name]
+        if spec != want:
+            raise PreflightError(f"tensor {spec.name!r} is {spec.shape}/{spec.dtype}, the contract says {want.shape}/{want.dtype}")
+    missing = [n for n in expected if n not in env.tensors]
+    if missing:
+        raise PreflightError(f"tensor(s) {missing} required by the call contract are missing")
+    calls = env.plan.get("expected_generator_calls")
+    if calls != contract.expected_generator_calls:
+        raise PreflightError(
+            f"phase plan says expected_generator_calls={calls!r}, the call contract runs "
+            f"{contract.expected_generator_calls} region call(s) per envelope"
+        )
+    op = env.plan.get("cache_op")
+    if op not in CACHE_OPS:
+        raise PreflightError(f"plan cache_op {op!r} is not one of {CACHE_OPS}")
+    if op == "recompute" and "recompute_override" not in env.meta:
+        raise PreflightError("cache_op recompute needs meta.recompute_override (no silent fallback to advance)")
+    header = canonical_json(
+        {
+            "call_id": env.call_id,
+            "cache_epoch": env.cache_epoch,
+            "plan": env.plan,
+            "tensor_specs": [[s.name, list(s.shape), s.dtype] for s in specs],
+        },
+        what="header",
+    )
+    return header, meta, specs
+
+
+def _bcast_bytes(data: bytes | None, length: int, channel: Channel) -> bytes:
+    buf = torch.empty(length, dtype=torch.uint8)
+    if data is not None:
+        buf.copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+    if length:
+        dist.broadcast(buf, src=channel.leader, group=channel.control_group)
+    return bytes(buf.numpy().tobytes())
+
+
+def _bcast_prefix(values: list[int] | None, channel: Channel) -> list[int]:
+    t = torch.tensor(values if values is not None else [0] * PREFIX_LEN, dtype=torch.int64)
+    dist.broadcast(t, src=channel.leader, group=channel.control_group)
+    return t.tolist()
+
+
+def send(env: Envelope, channel: Channel) -> Envelope:
+    """Leader side. Preflight, commit, tensors, trailer. Returns the envelope as sent."""
+    try:
+        header, meta, specs = preflight(env, channel)
+    except (PreflightError, ContractError) as exc:
+        send_error(f"{type(exc).__name__}: {exc}", channel, call_id=env.call_id)
+        raise
+    # Commitment point: from here every peer expects the whole frame.
+    _bcast_prefix([MAGIC, PROTOCOL_VERSION, int(env.kind), len(header), len(meta), len(specs)], channel)
+    env.blob = _bcast_bytes(header + meta, len(header) + len(meta), channel)
+    sent = 0
+    try:
+        for spec in specs:
+            tensor = env.tensors[spec.name].to(channel.device).contiguous()
+            dist.broadcast(tensor, src=channel.leader, group=channel.data_group)
+            env.tensors[spec.name] = tensor
+            sent += 1
+    except Exception as exc:
+        # Failed after commit: fill the broadcasts peers wait for, then say why in the trailer.
+        for spec in specs[sent:]:
+            filler = torch.zeros(spec.shape, dtype=ALLOWED_DTYPES[spec.dtype], device=channel.device)
+            dist.broadcast(filler, src=channel.leader, group=channel.data_group)
+        reason = f"{type(exc).__name__}: {exc}".encode()[:4096]
+        _bcast_prefix([1, len(reason), 0, 0, 0, 0], channel)
+        _bcast_bytes(reason, len(reason), channel)
+        raise
+    _bcast_prefix([0, 0, 0, 0, 0, 0], channel)
+    if env.kind is Kind.CALL:
+        channel.last_call_id = env.call_id
+    return env
+
+
+def send_error(reason: str, channel: Channel, *, call_id: int) -> None:
+    """Terminal action: tell every peer why the leader stops (they raise PeerError)."""
+    blob = canonical_json({"call_id": call_id, "reason": reason[:4096]}, what="error")
+    _bcast_prefix([MAGIC, PROTOCOL_VERSION, int(Kind.ERROR), len(blob), 0, 0], channel)
+    _bcast_bytes(blob, len(blob), channel)
+
+
+def receive(channel: Channel) -> Envelope:
+    """Follower side: the next envelope, validated; raises a named error otherwise."""
+    magic, version, kind, header_len, meta_len, count = _bcast_prefix(None, channel)
+    if magic != MAGIC:
+        raise ContractError(f"control-plane frame without the envelope magic (got {magic:#x}): an ad-hoc broadcast?")
+    if version != PROTOCOL_VERSION:
+        raise ContractError(f"envelope protocol version {version}, this rank speaks {PROTOCOL_VERSION}")
+    try:
+        kind_ = Kind(kind)
+    except ValueError:
+        raise ContractError(f"unknown envelope kind {kind}") from None
+    blob = _bcast_bytes(None, header_len + meta_len, channel)
+    try:
+        header = json.loads(blob[:header_len]) if header_len else {}
+        meta = json.loads(blob[header_len:]) if meta_len else {}
+    except json.JSONDecodeError as exc:
+        raise ContractError(f"envelope header/meta is not JSON: {exc}") from None
+    if kind_ is Kind.ERROR:
+        raise PeerError(
+            f"rank {channel.leader} (leader) stopped at call {header.get('call_id')}: {header.get('reason')}",
+            root_cause_rank=channel.leader,
+        )
+    env = Envelope(
+        kind=kind_,
+        call_id=int(header.get("call_id", -1)),
+        cache_epoch=int(header.get("cache_epoch", 0)),
+        plan=header.get("plan", {}),
+        meta=meta,
+        blob=blob,
+    )
+    specs = [TensorSpec(name=n, shape=tuple(s), dtype=d) for n, s, d in header.get("tensor_specs", [])]
+    if kind_ is Kind.CALL:
+        _validate_call(env, specs, count, channel)
+    for spec in specs:
+        tensor = torch.empty(spec.shape, dtype=ALLOWED_DTYPES[spec.dtype], device=channel.device)
+        dist.broadcast(tensor, src=channel.leader, group=channel.data_group)
+        env.tensors[spec.name] = tensor
+    status, reason_len, *_ = _bcast_prefix(None, channel)
+    if status != 0:
+        reason = _bcast_bytes(None, reason_len, channel).decode(errors="replace")
+        raise PeerError(
+            f"rank {channel.leader} (leader) failed after committing call {env.call_id}: {reason}",
+            root_cause_rank=channel.leader,
+        )
+    if kind_ is Kind.CALL:
+        channel.last_call_id = env.call_id
+    return env
+
+
+def _validate_call(env: Envelope, specs: list[TensorSpec], count: int, channel: Channel) -> None:
+    if env.call_id != channel.last_call_id + 1:
+        raise ContractError(
+            f"call_id {env.call_id} after {channel.last_call_id}: a call was skipped or replayed"
+        )
+    if count != len(specs):
+        raise ContractError(f"prefix announces {count} tensors, the manifest lists {len(specs)}")
+    contract = channel.contract
+    assert contract is not None, "a CALL needs the call contract"
+    expected = {s.name: s for s in contract.tensors}
+    for spec in specs:
+        if spec.dtype not in ALLOWED_DTYPES:
+            raise ContractError(f"manifest tensor {spec.name!r} has dtype {spec.dtype}, not allowed")
+        if spec.name not in expected:
+            raise ContractError(f"manifest tensor {spec.name!r} is not in the call contract {list(expected)}")
+        if spec != expected[spec.name]:
+            want = expected[spec.name]
+            raise ContractError(f"manifest tensor {spec.name!r} is {spec.shape}/{spec.dtype}, the contract says {want.shape}/{want.dtype}")
+    if [s.name for s in specs] != [s.name for s in contract.tensors]:
+        raise ContractError(f"manifest {[s.name for s in specs]} does not match the contract {[s.name for s in contract.tensors]}")
+    if env.plan.get("expected_generator_calls") != contract.expected_generator_calls:
+        raise ContractError(
+            f"phase plan expected_generator_calls={env.plan.get('expected_generator_calls')!r}, this rank's contract "
+            f"runs {contract.expected_generator_calls}"
+        )

@@ -1,0 +1,255 @@
+"""Operator-family faults (OM-01..OM-13, H-01, K-01): the control plane, drift, dead ranks.
+
+Call-bound faults act at ``call=k`` (default: the first steady-state call, so that
+warmup and the compile gates have passed and the fault meets the runtime's steady
+state).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from typing import Any, Callable
+
+import torch
+
+from hardening.inject.fault import Fault
+
+
+class _AtCall(Fault):
+    """A fault that acts once, at call ``call`` (default: first steady-state call)."""
+
+    int_params = ("call",)
+    default_ranks = "0"
+
+    def at_call(self) -> int:
+        return self.int_param("call", self.ctx.warmup_calls)
+
+    def due(self, call_id: int) -> bool:
+        return self.acts_here and call_id == self.at_call() and self.fired_at is None
+
+
+class _EnvelopeFault(_AtCall):
+    """Breaks the envelope the leader is about to send."""
+
+    target = "hardening.worker:make_envelope"
+
+    def wrap(self, original: Callable[..., Any]) -> Callable[..., Any]:
+        def make_envelope(reg, call_id, schedule, *, phase):
+            env = original(reg, call_id, schedule, phase=phase)
+            if self.due(call_id):
+                self.break_envelope(env)
+                self.fire()
+            return env
+
+        return make_envelope
+
+    def break_envelope(self, env: Any) -> None:
+        raise NotImplementedError
+
+
+class UnserializableMeta(_EnvelopeFault):
+    name = "unserializable_meta"
+    matrix_id = "OM-01"
+    summary = "the leader puts a callback object into the envelope's meta"
+
+    def break_envelope(self, env: Any) -> None:
+        env.meta["on_done"] = lambda: None
+
+
+class UnsupportedDtype(_EnvelopeFault):
+    name = "unsupported_dtype"
+    matrix_id = "OM-02"
+    summary = "the leader sends a float64 tensor"
+
+    def break_envelope(self, env: Any) -> None:
+        name = next(iter(env.tensors))
+        env.tensors[name] = env.tensors[name].to(torch.float64)
+
+
+class PlanMismatch(_EnvelopeFault):
+    name = "plan_mismatch"
+    matrix_id = "OM-03"
+    summary = "the leader's phase plan announces 2 region calls for a 1-call contract"
+
+    def break_envelope(self, env: Any) -> None:
+        env.plan["expected_generator_calls"] = 2
+
+
+class TensorOutsideManifest(_EnvelopeFault):
+    name = "tensor_outside_manifest"
+    matrix_id = "OM-06"
+    summary = "the leader adds a tensor the call contract does not name"
+
+    def break_envelope(self, env: Any) -> None:
+        env.tensors["debug_latents"] = torch.zeros(4)
+
+
+class MissingRecomputeOverride(_EnvelopeFault):
+    name = "missing_recompute_override"
+    matrix_id = "OM-10"
+    summary = "the leader plans a recompute without its override"
+
+    def break_envelope(self, env: Any) -> None:
+        env.plan["cache_op"] = "recompute"
+        env.meta.pop("recompute_override", None)
+
+
+class ConfigSkew(Fault):
+    name = "config_skew"
+    matrix_id = "OM-04"
+    summary = "one rank's region config differs (region.seed + 1)"
+    target = "hardening.worker:apply_backend_settings"
+
+    def wrap(self, original: Callable[..., Any]) -> Callable[..., Any]:
+        def apply_backend_settings(profile):
+            original(profile)
+            if self.acts_here:
+                profile.region.seed += 1  # as if this rank had loaded another config file
+                self.fire()
+
+        return apply_backend_settings
+
+
+class CollectiveGatingFlag(Fault):
+    name = "collective_gating_flag"
+    matrix_id = "OM-05"
+    summary = "one rank has HARDENING_NAN_CHECK_ALLREDUCE=1 (a flag that adds a collective)"
+    target = "hardening.worker:apply_backend_settings"
+    variable = "HARDENING_NAN_CHECK_ALLREDUCE"
+
+    def wrap(self, original: Callable[..., Any]) -> Callable[..., Any]:
+        def apply_backend_settings(profile):
+            original(profile)
+            if self.acts_here:
+                self._previous = os.environ.get(self.variable)
+                os.environ[self.variable] = "1"
+                self.fire()
+
+        return apply_backend_settings
+
+    def uninstall(self) -> None:
+        if self.fired_at is not None:
+            if getattr(self, "_previous", None) is None:
+                os.environ.pop(self.variable, None)
+            else:
+                os.environ[self.variable] = self._previous
+        super().uninstall()
+
+
+class InputMutation(_AtCall):
+    name = "input_mutation"
+    matrix_id = "OM-11"
+    summary = "a receiver changes one element of its received input"
+    target = "hardening.envelope:receive"
+    default_ranks = "1"
+
+    def wrap(self, original: Callable[..., Any]) -> Callable[..., Any]:
+        def receive(channel):
+            env = original(channel)
+            if env.tensors and self.due(env.call_id):
+                first = next(iter(env.tensors.values()))
+                first.view(-1)[0] += 1
+                self.fire()
+            return env
+
+        return receive
+
+
+class WeightPerturbation(Fault):
+    name = "weight_perturbation"
+    matrix_id = "OM-12"
+    summary = "one element of one rank's weight shard is changed after load"
+    target = "hardening.region:build_region"
+
+    def wrap(self, original: Callable[..., Any]) -> Callable[..., Any]:
+        def build_region(target, ctx):
+            region = original(target, ctx)
+            if self.acts_here:
+                params = dict(region.module.named_parameters())
+                name = next((n for n in params if n not in region.replicated_params), next(iter(params)))
+                with torch.no_grad():
+                    params[name].view(-1)[min(7, params[name].numel() - 1)] += 1e-3
+                self.fire()
+            return region
+
+        return build_region
+
+
+class _StepFault(_AtCall):
+    """Acts inside a step, after the envelope arrived, before the data plane."""
+
+    target = "hardening.region:inputs_of"
+
+    def wrap(self, original: Callable[..., Any]) -> Callable[..., Any]:
+        def inputs_of(region, tensors, call_id):
+            if self.due(call_id):
+                self.fire()  # recorded in the store before the process stops or dies
+                self.act()
+            return original(region, tensors, call_id)
+
+        return inputs_of
+
+    def act(self) -> None:
+        raise NotImplementedError
+
+
+class KillRank(_StepFault):
+    name = "kill"
+    matrix_id = "OM-13"
+    summary = "SIGKILL a rank mid-loop (default: rank 0, the leader)"
+
+    def act(self) -> None:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+class StallRank(_StepFault):
+    name = "stall"
+    matrix_id = "H-01"
+    summary = "a rank freezes inside a call: SIGSTOP, or an endless sleep with sleep=1"
+    default_ranks = "1"
+    int_params = ("call", "sleep")
+
+    def act(self) -> None:
+        if self.int_param("sleep", 0):
+            while True:
+                time.sleep(1)
+        os.kill(os.getpid(), signal.SIGSTOP)
+
+
+class SkipCacheReset(Fault):
+    name = "skip_cache_reset"
+    matrix_id = "K-01"
+    summary = "one rank skips the first KV-cache reset after warmup"
+    target = "hardening.lifecycle:apply_transition"
+
+    def wrap(self, original: Callable[..., Any]) -> Callable[..., Any]:
+        def apply_transition(lifecycle, *, op, epoch, tokens, call_id):
+            if (
+                self.acts_here
+                and self.fired_at is None
+                and op == "reset"
+                and call_id >= self.ctx.warmup_calls
+            ):
+                self.fire()
+                return  # the reset never happens on this rank
+            original(lifecycle, op=op, epoch=epoch, tokens=tokens, call_id=call_id)
+
+        return apply_transition
+
+
+FAULTS = [
+    UnserializableMeta,
+    UnsupportedDtype,
+    PlanMismatch,
+    ConfigSkew,
+    CollectiveGatingFlag,
+    TensorOutsideManifest,
+    MissingRecomputeOverride,
+    InputMutation,
+    WeightPerturbation,
+    KillRank,
+    StallRank,
+    SkipCacheReset,
+]

@@ -1,0 +1,103 @@
+"""The ``operator`` suite: the control plane, drift tripwires, dead and stalled ranks.
+
+Each case names the fault, the error every rank must end with and the detection budget.
+Preflight, parity and drift faults must be detected well under a second; kill and stall
+faults within the watchdog window (``timeouts.peer_lost``, 3 s on the CPU profile).
+"""
+
+from __future__ import annotations
+
+from hardening.cases import Case, RankExpect, completes, crashes
+
+SUITE = "operator"
+
+
+def _leader_refuses(case_id: str, title: str, fault: str, error: str, match: str) -> Case:
+    """The leader refuses before commit; the followers end on its ERROR frame."""
+    return Case(
+        id=case_id,
+        suite=SUITE,
+        title=title,
+        fault=fault,
+        expect=crashes(
+            "PeerError",
+            match=rf"rank 0 \(leader\) stopped at call \d+: {error}",
+            on={0: RankExpect(error=error, match=match)},
+            within_s=1,
+        ),
+        description="Preflight before commit: nothing reaches the data plane, nobody waits.",
+    )
+
+
+def build_cases() -> list[Case]:
+    return [
+        Case(
+            id="control",
+            suite=SUITE,
+            title="served envelopes, digests, cache resets/recomputes: completes",
+            expect=completes(),
+            description="The clean loop with every tripwire on must not trip.",
+        ),
+        _leader_refuses("OM-01", "unserializable meta on the sender", "unserializable_meta", "PreflightError", r"meta\.on_done"),
+        _leader_refuses("OM-02", "unsupported dtype in the envelope", "unsupported_dtype", "PreflightError", r"float64"),
+        _leader_refuses("OM-03", "phase-plan / call-count mismatch", "plan_mismatch", "PreflightError", r"expected_generator_calls"),
+        Case(
+            id="OM-04",
+            suite=SUITE,
+            title="a parity key differs on one rank (region.seed)",
+            fault="config_skew:rank=1",
+            expect=crashes("ParityError", match=r"region\.seed", within_s=1),
+        ),
+        Case(
+            id="OM-05",
+            suite=SUITE,
+            title="a collective-gating flag set on one rank",
+            fault="collective_gating_flag:rank=1",
+            expect=crashes("ParityError", match=r"HARDENING_NAN_CHECK_ALLREDUCE", within_s=1),
+            description="A flag that adds a collective on one rank must fail before any collective.",
+        ),
+        _leader_refuses("OM-06", "tensor sent outside the manifest", "tensor_outside_manifest", "ContractError", r"debug_latents"),
+        _leader_refuses("OM-10", "recompute override missing", "missing_recompute_override", "PreflightError", r"recompute_override"),
+        Case(
+            id="OM-11",
+            suite=SUITE,
+            title="input mutated on a receiver after receive",
+            fault="input_mutation:rank=1",
+            expect=crashes("DriftError", match=r"call \d+: rank 1 \(x\)", within_s=1),
+        ),
+        Case(
+            id="OM-12",
+            suite=SUITE,
+            title="one element of one rank's weight shard perturbed",
+            fault="weight_perturbation:rank=1",
+            expect=crashes("DriftError", match=r"parameter 'qkv' on rank 1", within_s=1),
+        ),
+        Case(
+            id="OM-13",
+            suite=SUITE,
+            title="rank 0 killed mid-loop (SIGKILL)",
+            fault="kill:rank=0",
+            expect=crashes("PeerLost", match=r"rank 0 died", on={0: RankExpect(error="SIGKILL")}, within_s=4),
+            description="Workers must not wait 30 min in a collective for a dead leader.",
+        ),
+        Case(
+            id="H-01",
+            suite=SUITE,
+            title="a rank stalls inside a call (SIGSTOP)",
+            fault="stall:rank=1",
+            expect=crashes("PeerLost", match=r"rank 1 lost", on={1: RankExpect(error="hung")}, within_s=5),
+            description="Peers leave within the watchdog window; the runner's py-spy stacks show the frozen rank.",
+        ),
+        Case(
+            id="K-01",
+            suite=SUITE,
+            title="a rank skips a KV-cache reset",
+            fault="skip_cache_reset:rank=1",
+            expect=crashes(
+                "PeerError",
+                match=r"rank 1 failed first: LifecycleError",
+                on={1: RankExpect(error="LifecycleError", match=r"reset was skipped")},
+                within_s=1,
+            ),
+        ),
+    ]
