@@ -106,6 +106,8 @@ class Channel:
     contract: CallContract | None = None
     last_call_id: int = -1
     """Last CALL id seen on this rank (monotonic check)."""
+    stock: bool = False
+    """Benchmark baseline: what an unhardened loop does (pickled header, nothing checked)."""
 
 
 def canonical_json(value: Any, *, what: str) -> bytes:
@@ -205,6 +207,8 @@ def _bcast_prefix(values: list[int] | None, channel: Channel) -> list[int]:
 
 def send(env: Envelope, channel: Channel) -> Envelope:
     """Leader side. Preflight, commit, tensors, trailer. Returns the envelope as sent."""
+    if channel.stock:
+        return _send_stock(env, channel)
     try:
         header, meta, specs = preflight(env, channel)
     except (PreflightError, ContractError) as exc:
@@ -244,6 +248,8 @@ def send_error(reason: str, channel: Channel, *, call_id: int) -> None:
 
 def receive(channel: Channel) -> Envelope:
     """Follower side: the next envelope, validated; raises a named error otherwise."""
+    if channel.stock:
+        return _receive_stock(channel)
     magic, version, kind, header_len, meta_len, count = _bcast_prefix(None, channel)
     if magic != MAGIC:
         raise ContractError(f"control-plane frame without the envelope magic (got {magic:#x}): an ad-hoc broadcast?")
@@ -316,3 +322,27 @@ def _validate_call(env: Envelope, specs: list[TensorSpec], count: int, channel: 
             f"phase plan expected_generator_calls={env.plan.get('expected_generator_calls')!r}, this rank's contract "
             f"runs {contract.expected_generator_calls}"
         )
+
+
+def _send_stock(env: Envelope, channel: Channel) -> Envelope:
+    """The unhardened baseline: pickle the header, broadcast the tensors, check nothing."""
+    specs = [(n, tuple(t.shape), str(t.dtype).removeprefix("torch.")) for n, t in env.tensors.items()]
+    header = {"kind": int(env.kind), "call_id": env.call_id, "cache_epoch": env.cache_epoch, "plan": env.plan,
+              "meta": env.meta, "specs": specs}  # fmt: skip
+    dist.broadcast_object_list([header], src=channel.leader, group=channel.control_group)
+    for name in env.tensors:
+        env.tensors[name] = env.tensors[name].to(channel.device).contiguous()
+        dist.broadcast(env.tensors[name], src=channel.leader, group=channel.data_group)
+    return env
+
+
+def _receive_stock(channel: Channel) -> Envelope:
+    box: list[Any] = [None]
+    dist.broadcast_object_list(box, src=channel.leader, group=channel.control_group)
+    h = box[0]
+    env = Envelope(kind=Kind(h["kind"]), call_id=h["call_id"], cache_epoch=h["cache_epoch"], plan=h["plan"], meta=h["meta"])
+    for name, shape, dtype in h["specs"]:
+        tensor = torch.empty(shape, dtype=getattr(torch, dtype), device=channel.device)
+        dist.broadcast(tensor, src=channel.leader, group=channel.data_group)
+        env.tensors[name] = tensor
+    return env

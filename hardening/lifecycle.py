@@ -52,9 +52,13 @@ class KVCacheLifecycle:
             raise LifecycleError(f"call {call_id}: unknown cache op {op!r}")
 
 
-def apply_transition(lifecycle: KVCacheLifecycle, *, op: str, epoch: int, tokens: int, call_id: int) -> None:
-    """Validate, then apply (fault hook: K-01 makes one rank skip a reset)."""
-    lifecycle.validate(op=op, epoch=epoch, call_id=call_id)
+def apply_transition(
+    lifecycle: KVCacheLifecycle, *, op: str, epoch: int, tokens: int, call_id: int, validate: bool = True
+) -> None:
+    """Validate, then apply (fault hook: K-01 makes one rank skip a reset).
+    ``validate=False`` is the stock behaviour the benchmark compares with."""
+    if validate:
+        lifecycle.validate(op=op, epoch=epoch, call_id=call_id)
     s = lifecycle.state
     if op == "reset":
         lifecycle.reset_fn()

@@ -192,6 +192,11 @@ class Profile:
     steps: int = 4
     """Steady-state calls after warmup, under the recompile guard."""
 
+    hardened: bool = True
+    """False runs the same served loop with the hardening runtime switched off (pickled
+    meta, torch's default timeouts, no parity, watchdog, digests, lifecycle checks or
+    gates): stock behaviour, for the detection benchmark. Never for real use."""
+
     timeouts: TimeoutConfig = field(default_factory=TimeoutConfig)
     gates: GateConfig = field(default_factory=GateConfig)
     drift: DriftConfig = field(default_factory=DriftConfig)

@@ -79,9 +79,13 @@ class RankState:
 class Terminator:
     """The one way out of a rank: record, abort, flush, ``os._exit``."""
 
-    def __init__(self, state: RankState, store: dist.Store | None, *, attribution_window_s: float = 0.5) -> None:
+    def __init__(
+        self, state: RankState, store: dist.Store | None, *, attribution_window_s: float = 0.5, runtime: bool = True
+    ) -> None:
         self.state = state
         self.attribution_window_s = attribution_window_s
+        self.runtime = runtime
+        """False (stock mode): record and exit only; no abort, no attribution."""
         self.store = store  # a client of its own: the main thread's may be blocked mid-wait
         self._lock = threading.Lock()
 
@@ -100,7 +104,7 @@ class Terminator:
         if not self._lock.acquire(blocking=False):
             while True:  # another thread is already ending this process
                 time.sleep(3600)
-        if exc is not None and not isinstance(exc, HardeningError):
+        if exc is not None and not isinstance(exc, HardeningError) and self.runtime:
             exc, root_cause_rank = self._attribute(exc, root_cause_rank)
         if root_cause_rank is None:
             root_cause_rank = getattr(exc, "root_cause_rank", None)
@@ -131,7 +135,7 @@ class Terminator:
             print(f"[hardening] rank {s.rank}: could not write final record: {err}", file=sys.stderr)
         if exc is not None:
             print(f"[hardening] rank {s.rank} ends: {type(exc).__name__}: {exc}", file=sys.stderr)
-            if publish_abort and self.store is not None:
+            if publish_abort and self.runtime and self.store is not None:
                 self._publish_abort(exc)
         elif self.store is not None:
             try:

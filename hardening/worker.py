@@ -76,7 +76,7 @@ def run_rank(spec: RankSpec) -> NoReturn:
     profile = load_profile(spec.profile_path)
     state = RankState(rank=spec.rank, world_size=spec.world_size, record_path=Path(spec.rank_dir) / "record.json")
     timeouts = profile.timeouts
-    terminator = Terminator(state, None)
+    terminator = Terminator(state, None, runtime=profile.hardened)
     try:
         # Store clients first: the terminator and the watchdog each get their own
         # connection, because the main thread's may be blocked in a wait when they act.
@@ -92,16 +92,17 @@ def run_rank(spec: RankSpec) -> NoReturn:
         install_from_env(
             FaultContext(rank=spec.rank, world_size=spec.world_size, warmup_calls=profile.warmup_calls, on_fire=on_fire)
         )
-        Watchdog(
-            state,
-            terminator,
-            connect_store(spec, timeouts.setup),
-            heartbeat_s=timeouts.heartbeat,
-            peer_lost_s=timeouts.peer_lost,
-            first_heartbeat_s=timeouts.setup,
-            call_deadline_s=timeouts.call_deadline,
-            parent_pid=spec.parent_pid,
-        ).start()
+        if profile.hardened:
+            Watchdog(
+                state,
+                terminator,
+                connect_store(spec, timeouts.setup),
+                heartbeat_s=timeouts.heartbeat,
+                peer_lost_s=timeouts.peer_lost,
+                first_heartbeat_s=timeouts.setup,
+                call_deadline_s=timeouts.call_deadline,
+                parent_pid=spec.parent_pid,
+            ).start()
         _recipe(spec, profile, state, store)
     except BaseException as exc:  # noqa: BLE001 - every end must be recorded, KeyboardInterrupt included
         terminator.end(exc)
@@ -130,6 +131,7 @@ def _recipe(spec: RankSpec, profile: Profile, state: RankState, store: dist.Stor
     device = _device(profile, spec.rank)
     dtype = DTYPES[profile.region.dtype]
     is_leader = spec.rank == LEADER
+    hardened = profile.hardened
 
     # 1. Backends, then the data plane with an explicit short timeout (never 600/1800 s).
     state.enter("init")
@@ -139,7 +141,7 @@ def _recipe(spec: RankSpec, profile: Profile, state: RankState, store: dist.Stor
         store=dist.PrefixStore("pg", store),
         rank=spec.rank,
         world_size=spec.world_size,
-        timeout=timedelta(seconds=timeouts.pg),
+        timeout=timedelta(seconds=timeouts.pg) if hardened else None,  # stock: torch's 600/1800 s
     )
     side = SideChannel(store, rank=spec.rank, world_size=spec.world_size, timeout_s=timeouts.pg)
 
@@ -150,8 +152,9 @@ def _recipe(spec: RankSpec, profile: Profile, state: RankState, store: dist.Stor
     fingerprint = build_fingerprint(
         profile=profile, compile_cfg=compile_cfg, world_size=spec.world_size, device=device, dtype=dtype
     )
-    check_parity(side, fingerprint)
-    side.create_group()
+    if hardened:
+        check_parity(side, fingerprint)
+        side.create_group()
     store.set(f"ready/{spec.rank}", "1")
 
     # 3. Build the region; its own parity keys and its weights are checked before the
@@ -168,9 +171,9 @@ def _recipe(spec: RankSpec, profile: Profile, state: RankState, store: dist.Stor
         profile=profile,
     )
     reg = region.build_region(profile.region.target, ctx)
-    if reg.parity_keys:
+    if reg.parity_keys and hardened:
         check_parity(side, {f"region.{k}": json.dumps(v, default=str) for k, v in sorted(reg.parity_keys.items())}, tag="region-parity")
-    if profile.drift.weights:
+    if profile.drift.weights and hardened:
         drift.check_weights(side, reg.module, manifest=reg.weight_manifest, replicated=reg.replicated_params)
     sample = region.make_call_inputs(reg, 0)
     contract = CallContract(
@@ -180,7 +183,13 @@ def _recipe(spec: RankSpec, profile: Profile, state: RankState, store: dist.Stor
         )
     )
     channel = Channel(
-        control_group=side.group, data_group=dist.group.WORLD, device=device, leader=LEADER, rank=spec.rank, contract=contract
+        control_group=side.group if hardened else dist.group.WORLD,
+        data_group=dist.group.WORLD,
+        device=device,
+        leader=LEADER,
+        rank=spec.rank,
+        contract=contract,
+        stock=not hardened,
     )
     lifecycle = KVCacheLifecycle(reset_fn=reg.reset_cache)
     schedule = CacheSchedule(reset_every=profile.drift.reset_every)
@@ -201,9 +210,11 @@ def _recipe(spec: RankSpec, profile: Profile, state: RankState, store: dist.Stor
                 env = envelope.receive(channel)
             first = next(iter(env.tensors.values()), None)
             tokens = int(first.shape[-2]) if first is not None and first.dim() >= 2 else 1
-            lifecycle_apply(lifecycle, op=env.plan["cache_op"], epoch=env.cache_epoch, tokens=tokens, call_id=call_id)
+            lifecycle_apply(
+                lifecycle, op=env.plan["cache_op"], epoch=env.cache_epoch, tokens=tokens, call_id=call_id, validate=hardened
+            )
             every = profile.drift.digest_every
-            if phase == "steady" and every and call_id % every == 0:
+            if hardened and phase == "steady" and every and call_id % every == 0:
                 drift.check_input_digest(
                     side, call_id=call_id, blob=env.blob, tensors=env.tensors, device=device, leader=LEADER
                 )
@@ -216,6 +227,12 @@ def _recipe(spec: RankSpec, profile: Profile, state: RankState, store: dist.Stor
 
     # 5. Warmup in lockstep; a break under fullgraph=True raises here on the first call.
     state.enter("warmup")
+    if not hardened:
+        num_warmup = warmup.planned_warmup_calls(profile)
+        for k in range(num_warmup):
+            step(k, phase="warmup")
+        _stock_steady(spec, profile, state, step, channel, first_call=num_warmup)
+        return
     try:
         next_call = warmup.run_lockstep(
             side,
@@ -284,6 +301,19 @@ def _recipe(spec: RankSpec, profile: Profile, state: RankState, store: dist.Stor
     problems += compile_health.symmetry_problems(finals)
     if problems:
         raise CompileGateError(_gate_message("in steady state", problems))
+    state.enter("done")
+
+
+def _stock_steady(spec: RankSpec, profile: Profile, state: RankState, step: Any, channel: Channel, *, first_call: int) -> None:
+    """The same loop with nothing checked: what an unhardened TP worker does."""
+    state.enter("steady")
+    for call_id in range(first_call, first_call + profile.steps):
+        step(call_id, phase="steady")
+    if spec.rank == LEADER:
+        envelope.send(Envelope(kind=Kind.SHUTDOWN, call_id=first_call + profile.steps), channel)
+    else:
+        envelope.receive(channel)
+    dist.barrier()
     state.enter("done")
 
 

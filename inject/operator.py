@@ -225,7 +225,7 @@ class SkipCacheReset(Fault):
     target = "hardening.lifecycle:apply_transition"
 
     def wrap(self, original: Callable[..., Any]) -> Callable[..., Any]:
-        def apply_transition(lifecycle, *, op, epoch, tokens, call_id):
+        def apply_transition(lifecycle, *, op, epoch, tokens, call_id, **kwargs):
             if (
                 self.acts_here
                 and self.fired_at is None
@@ -234,7 +234,7 @@ class SkipCacheReset(Fault):
             ):
                 self.fire()
                 return  # the reset never happens on this rank
-            original(lifecycle, op=op, epoch=epoch, tokens=tokens, call_id=call_id)
+            original(lifecycle, op=op, epoch=epoch, tokens=tokens, call_id=call_id, **kwargs)
 
         return apply_transition
 

@@ -1,0 +1,541 @@
+"""Benchmark: steady-state overhead of the hardening runtime on the compiled reference region.
+
+Starts the ranks once (real processes, gloo on 127.0.0.1, the c10d store hosted by this
+process as the runner hosts it), builds the reference region (``hardening.reference``,
+tensor-parallel over the ranks) and compiles it through ``compile_health.compile_region``
+with a ``CompileProbe``, as the worker does. Then every rank times interleaved blocks of
+``--calls`` calls of three loops, ``--repeats`` times (the order of the three is rotated
+from one repeat to the next, so drift and position effects fall on all of them alike):
+
+A  unhardened: the leader makes the inputs of the call (``region.make_inputs``) and ships
+   each tensor with ``dist.broadcast`` on the data group (a plain TP serving loop must
+   ship its inputs somehow); the KV cache is reset at the same calls as in B (a serving
+   loop resets its cache too); every rank runs the compiled region.
+B  hardened, what ``worker.step`` does in steady state: the recompile guard entered around
+   each call (as the worker's steady loop does), ``RankState.begin_call``/``end_call``,
+   the leader's ``worker.make_envelope`` (``CacheSchedule`` plan + the same inputs) and
+   ``envelope.send`` (preflight, canonical JSON, prefix + blob + trailer on the gloo side
+   group, the tensors on the data group), the followers' ``envelope.receive``
+   (validation against the call contract), ``lifecycle.apply_transition``, the input
+   digest (``drift.check_input_digest``: CRC of header+meta, a checksum per tensor and an
+   all-gather on the gloo side group) on every call (``digest_every=1``), the compiled
+   region. A ``Watchdog`` thread runs in the rank for the whole block (heartbeat
+   ``--heartbeat`` s into the store, abort poll, peer liveness, call deadline).
+C  as B with ``digest_every=0``: what the digest costs.
+
+Per-call wall time is measured on every rank (the ranks run in lockstep, so the slowest
+piece of either rank shows on both). The main table gives the median and the mean
+per call of each loop on each rank and the ratios B/A and C/A; the second table splits
+each loop into its pieces (in a lockstep loop, waiting for the peer lands in whichever
+piece holds the next collective: a follower's ``receive`` includes the leader making
+the inputs, a ``region call`` includes the slower rank's share of the all-reduces).
+
+Not included (paid once per run, not per call): process launch and the fork server,
+init and env parity, region parity keys, the weight fingerprints, warmup lockstep
+tickets, the compile gates, the SHUTDOWN envelope, fault-injection install. The watchdog
+is stopped during the A blocks so that A carries none of the runtime. Each rank uses
+``--threads`` intra-op threads (default 1: two ranks on a 2-core box).
+
+    python bench/overhead.py [--calls 100] [--repeats 15] [--hidden 256 ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+VARIANTS = ("A", "B", "C", "D")
+RATIO_VARIANTS = ("A", "B", "C")
+TITLES = {
+    "A": "A unhardened (make inputs, broadcast, region)",
+    "B": "B hardened (envelope, lifecycle, digest every call, watchdog, guard)",
+    "C": "C hardened, digest off (digest_every=0)",
+    "D": "D the side-group collectives B adds, alone (no region, no Python around them)",
+}
+PIECES = {
+    "A": ("inputs", "broadcast", "region"),
+    "B": ("bookkeeping", "make_envelope", "envelope", "lifecycle", "digest", "region"),
+    "D": ("prefix", "blob", "trailer", "allgather"),
+}
+PIECES["C"] = PIECES["B"]
+PIECE_TITLES = {
+    "inputs": "leader makes the inputs (+ cache reset at the same calls as B)",
+    "broadcast": "dist.broadcast of each input tensor",
+    "region": "compiled region call",
+    "bookkeeping": "recompile guard enter/exit, begin_call/end_call",
+    "make_envelope": "worker.make_envelope (leader: schedule plan + inputs)",
+    "envelope": "envelope.send (leader) / envelope.receive (followers)",
+    "lifecycle": "lifecycle.apply_transition",
+    "digest": "drift.check_input_digest",
+    "prefix": "broadcast int64[6] (envelope prefix)",
+    "blob": "broadcast uint8[header+meta] (envelope blob)",
+    "trailer": "broadcast int64[6] (envelope trailer)",
+    "allgather": "all_gather int64[1+2n] (input digest)",
+}
+LOCAL_TITLES = {
+    "preflight": "envelope.preflight + canonical JSON (leader, no collective)",
+    "input_digest": "drift.input_digest: CRC + checksum per tensor (no collective)",
+    "guard": "RecompileGuard enter + exit (once per call in the worker's steady loop)",
+    "lifecycle": "lifecycle.apply_transition (advance, no reset)",
+}
+
+
+# ------------------------------------------------------------------------------------------
+# Rank process
+# ------------------------------------------------------------------------------------------
+
+
+def _die_with_parent() -> None:
+    """Linux: SIGKILL this rank when the benchmark's parent process dies."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+    except Exception:
+        pass
+
+
+def rank_main(spec: dict[str, Any]) -> None:
+    _die_with_parent()
+    import torch
+    import torch.distributed as dist
+
+    from hardening import compile_health, drift, envelope, reference, region, worker
+    from hardening.envelope import CallContract, Channel, TensorSpec
+    from hardening.lifecycle import CacheSchedule, KVCacheLifecycle
+    from hardening.profile import load_profile
+    from hardening.region import RegionContext
+    from hardening.sidechannel import SideChannel
+    from hardening.watchdog import RankState, Terminator, Watchdog
+
+    rank, world = spec["rank"], spec["world"]
+    leader = rank == worker.LEADER
+    torch.set_num_threads(spec["threads"])
+    timeout = timedelta(seconds=spec["pg_timeout"])
+
+    def connect() -> dist.Store:
+        raw = dist.TCPStore("127.0.0.1", spec["port"], is_master=False, timeout=timeout)
+        return dist.PrefixStore("bench", raw)
+
+    profile = load_profile(
+        "cpu",
+        {
+            "world.ranks": world,
+            "region.dims": spec["dims"],
+            "compile.backend": spec["backend"],
+            "drift.reset_every": spec["reset_every"],
+            "timeouts.heartbeat": spec["heartbeat"],
+            "timeouts.pg": spec["pg_timeout"],
+        },
+    )
+    t = profile.timeouts
+    store = connect()
+    dist.init_process_group("gloo", store=dist.PrefixStore("pg", store), rank=rank, world_size=world, timeout=timeout)
+    side = SideChannel(store, rank=rank, world_size=world, timeout_s=t.pg)
+    side.create_group()
+
+    device, dtype = torch.device("cpu"), torch.float32
+    ctx = RegionContext(
+        rank=rank, world_size=world, device=device, dtype=dtype, group=dist.group.WORLD,
+        dims=dict(profile.region.dims), seed=profile.region.seed, profile=profile,
+    )
+    reg = reference.build(ctx)
+    sample = region.make_call_inputs(reg, 0)
+    names = region.input_names(reg, len(sample))
+    contract = CallContract(
+        tensors=tuple(
+            TensorSpec(name=n, shape=tuple(x.shape), dtype=str(x.dtype).removeprefix("torch."))
+            for n, x in zip(names, sample)
+        )
+    )
+    channel = Channel(
+        control_group=side.group, data_group=dist.group.WORLD, device=device, leader=worker.LEADER, rank=rank,
+        contract=contract,
+    )
+    lc = KVCacheLifecycle(reset_fn=reg.reset_cache)
+    schedule = CacheSchedule(reset_every=profile.drift.reset_every)
+    reset_every = profile.drift.reset_every
+    probe = compile_health.CompileProbe()
+    probe.install()
+    compiled = compile_health.compile_region(reg.module, profile.compile, probe)
+
+    out_dir = Path(spec["out"])
+    state = RankState(rank=rank, world_size=world, record_path=out_dir / f"record{rank}.json")
+    state.on_phase = lambda phase: store.set(f"phase/{rank}", phase)
+    terminator = Terminator(state, connect())  # a real end (record, abort, exit code) if the watchdog fires
+    guard = compile_health.RecompileGuard() if profile.compile.enabled and profile.gates.max_recompiles == 0 else None
+    pc = time.perf_counter
+
+    # -- the three loops; each returns its pieces' seconds -------------------------------
+    plain_id = 0
+    hard_id = 0
+
+    def plain_call() -> list[float]:
+        nonlocal plain_id
+        call_id, plain_id = plain_id, plain_id + 1
+        t0 = pc()
+        if call_id == 0 or (reset_every and call_id % reset_every == 0):
+            reg.reset_cache()
+        if leader:
+            tensors = reg.make_inputs(call_id)
+        else:
+            tensors = tuple(torch.empty(s.shape, dtype=getattr(torch, s.dtype)) for s in contract.tensors)
+        t1 = pc()
+        for x in tensors:
+            dist.broadcast(x, src=worker.LEADER)
+        t2 = pc()
+        compiled(*tensors)
+        t3 = pc()
+        return [t1 - t0, t2 - t1, t3 - t2]
+
+    def hardened_call(digest_every: int) -> list[float]:
+        """worker.step(phase="steady") inside the steady loop's ``with guard:``, timed in pieces."""
+        nonlocal hard_id
+        call_id, hard_id = hard_id, hard_id + 1
+        t0 = pc()
+        if guard is not None:
+            guard.__enter__()
+        try:
+            state.begin_call(call_id, deadline_bound=True)
+            try:
+                t1 = pc()
+                if leader:
+                    env = worker.make_envelope(reg, call_id, schedule, phase="steady")
+                    t2 = pc()
+                    env = envelope.send(env, channel)
+                else:
+                    t2 = pc()
+                    env = envelope.receive(channel)
+                t3 = pc()
+                first = next(iter(env.tensors.values()), None)
+                tokens = int(first.shape[-2]) if first is not None and first.dim() >= 2 else 1
+                worker.lifecycle_apply(lc, op=env.plan["cache_op"], epoch=env.cache_epoch, tokens=tokens, call_id=call_id)
+                t4 = pc()
+                if digest_every and call_id % digest_every == 0:
+                    drift.check_input_digest(
+                        side, call_id=call_id, blob=env.blob, tensors=env.tensors, device=device, leader=worker.LEADER
+                    )
+                t5 = pc()
+                inputs = region.inputs_of(reg, env.tensors, call_id)
+                compiled(*inputs)
+                t6 = pc()
+            finally:
+                state.end_call()
+        finally:
+            if guard is not None:
+                guard.__exit__(None, None, None)
+        t7 = pc()
+        return [(t1 - t0) + (t7 - t6), t2 - t1, t3 - t2, t4 - t3, t5 - t4, t6 - t5]
+
+    probe_env = worker.make_envelope(reg, 1, CacheSchedule(reset_every=reset_every), phase="steady")
+    header, meta, _ = envelope.preflight(probe_env, Channel(
+        control_group=None, data_group=None, device=device, leader=0, rank=rank, contract=contract, last_call_id=0))
+    blob_len = len(header) + len(meta)
+    digest_len = 1 + 2 * len(contract.tensors)
+
+    def collectives_call() -> list[float]:
+        """The collectives B issues on the side group beyond A's (prefix, blob, trailer, digest)."""
+        t0 = pc()
+        dist.broadcast(torch.zeros(6, dtype=torch.int64), src=worker.LEADER, group=side.group)
+        t1 = pc()
+        dist.broadcast(torch.zeros(blob_len, dtype=torch.uint8), src=worker.LEADER, group=side.group)
+        t2 = pc()
+        dist.broadcast(torch.zeros(6, dtype=torch.int64), src=worker.LEADER, group=side.group)
+        t3 = pc()
+        out = [torch.empty(digest_len, dtype=torch.int64) for _ in range(world)]
+        dist.all_gather(out, torch.zeros(digest_len, dtype=torch.int64), group=side.group)
+        t4 = pc()
+        return [t1 - t0, t2 - t1, t3 - t2, t4 - t3]
+
+    run_call = {"A": plain_call, "B": lambda: hardened_call(1), "C": lambda: hardened_call(0), "D": collectives_call}
+
+    class _BlockTerminator(Terminator):
+        """The runtime's Terminator (record, abort, exit code on a real end), plus a stop
+        flag so that the watchdog thread runs only during the hardened blocks."""
+
+        def __init__(self, *a: Any, **k: Any) -> None:
+            super().__init__(*a, **k)
+            self.stopped = False
+
+        @property
+        def ending(self) -> bool:
+            return self.stopped or super().ending
+
+    def start_watchdog() -> tuple[Watchdog, _BlockTerminator]:
+        term = _BlockTerminator(state, terminator.store)
+        dog = Watchdog(
+            state, term, watchdog_store, heartbeat_s=t.heartbeat, peer_lost_s=t.peer_lost,
+            first_heartbeat_s=t.setup, call_deadline_s=t.call_deadline, parent_pid=os.getppid(),
+        )
+        dog.start()
+        return dog, term
+
+    watchdog_store = connect()  # the watchdog's own client, as in run_rank
+
+    def block(variant: str, calls: int) -> dict[str, Any]:
+        dog = term = None
+        if variant in ("B", "C"):
+            dog, term = start_watchdog()
+        dist.barrier(group=side.group)  # every rank starts the block together
+        totals, pieces = [], []
+        b0 = pc()
+        for _ in range(calls):
+            c0 = pc()
+            p = run_call[variant]()
+            totals.append(pc() - c0)
+            pieces.append(p)
+        wall = pc() - b0
+        if dog is not None:
+            term.stopped = True
+            dog.join(timeout=5 * t.heartbeat + 1)
+        return {"totals": totals, "pieces": pieces, "wall": wall, "ticks": dog._seq if dog is not None else 0}
+
+    # -- warmup: the first call compiles (outside the guard), then each loop settles ------
+    state.enter("warmup")
+    for variant in VARIANTS:
+        block(variant, spec["warmup"])
+    after_warmup = probe.counters()
+    state.enter("steady")  # the watchdog judges peers by this phase (peer_lost, not setup)
+
+    results: dict[str, list[dict[str, Any]]] = {v: [] for v in VARIANTS}
+    for i in range(spec["repeats"]):
+        order = VARIANTS[i % len(VARIANTS) :] + VARIANTS[: i % len(VARIANTS)]
+        for variant in order:
+            results[variant].append(block(variant, spec["calls"]))
+
+    steady = probe.counters().delta(after_warmup)
+
+    # -- local costs of the pieces, without any collective (no peer to wait for) ----------
+    dist.barrier(group=side.group)
+    local: dict[str, float] = {}
+
+    def local_time(name: str, fn: Any, reps: int = 300) -> None:
+        for _ in range(20):
+            fn()
+        xs = []
+        for _ in range(reps):
+            t0 = pc()
+            fn()
+            xs.append(pc() - t0)
+        local[name] = statistics.median(xs)
+
+    scratch = Channel(control_group=None, data_group=None, device=device, leader=0, rank=rank, contract=contract, last_call_id=0)
+    local_time("preflight", lambda: envelope.preflight(probe_env, scratch))
+    blob = header + meta
+    local_time("input_digest", lambda: drift.input_digest(blob, probe_env.tensors, device))
+    if guard is not None:
+        local_time("guard", lambda: (guard.__enter__(), guard.__exit__(None, None, None)))
+    scratch_lc = KVCacheLifecycle()
+    scratch_lc.state.epoch = 1
+    local_time("lifecycle", lambda: worker.lifecycle_apply(scratch_lc, op="advance", epoch=1, tokens=1, call_id=0))
+    dist.barrier(group=side.group)
+    report = {
+        "rank": rank,
+        "results": results,
+        "warmup_counters": after_warmup.to_json(),
+        "steady_counters": steady.to_json(),
+        "guard": guard.mechanism if guard is not None else "off",
+        "local": local,
+        "threads": torch.get_num_threads(),
+    }
+    (out_dir / f"rank{rank}.json").write_text(json.dumps(report))
+    dist.barrier(group=side.group)  # nobody leaves while a peer still needs the groups
+
+
+# ------------------------------------------------------------------------------------------
+# Parent: launch, collect, report
+# ------------------------------------------------------------------------------------------
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1e3:.3f}"
+
+
+def _us(seconds: float) -> str:
+    return f"{seconds * 1e6:.0f}"
+
+
+def summarize(reports: list[dict[str, Any]], args: argparse.Namespace, elapsed: float) -> str:
+    import torch
+    from tabulate import tabulate
+
+    ranks = range(len(reports))
+    med = {(v, r): statistics.median(x for b in reports[r]["results"][v] for x in b["totals"]) for v in VARIANTS for r in ranks}
+    mean = {
+        (v, r): sum(b["wall"] for b in reports[r]["results"][v]) / sum(len(b["totals"]) for b in reports[r]["results"][v])
+        for v in VARIANTS
+        for r in ranks
+    }
+    # Spread of the per-block ratio (each B block against the A block of the same repeat).
+    def block_ratios(v: str, r: int) -> list[float]:
+        a = [b["wall"] for b in reports[r]["results"]["A"]]
+        x = [b["wall"] for b in reports[r]["results"][v]]
+        return sorted(xi / ai for xi, ai in zip(x, a))
+
+    dims = {k: getattr(args, k) for k in ("hidden", "heads", "tokens", "cache", "mlp", "batch")}
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    head = [
+        f"ranks {args.ranks} (gloo, 127.0.0.1), reference region dims {json.dumps(dims)}, float32, "
+        f"torch.compile backend {args.backend!r}",
+        f"{args.repeats} repeats x {args.calls} calls per loop, interleaved A/B/C blocks (order rotated per repeat), "
+        f"{args.warmup} warmup calls per loop",
+        f"torch {torch.__version__}, python {sys.version.split()[0]}, {cores} cores, "
+        f"{reports[0]['threads']} intra-op thread(s) per rank, reset_every {args.reset_every}, "
+        f"watchdog heartbeat {args.heartbeat} s, recompile guard: {reports[0]['guard']}; total run {elapsed:.0f} s",
+    ]
+    cols = ["loop"]
+    for r in ranks:
+        cols += [f"rank {r} median ms/call", f"rank {r} mean ms/call"]
+    cols += ["ratio to A (rank 0 median)", "ratio to A (rank 0 mean)", "per-block ratio rank 0 (min..max)"]
+    rows = []
+    for v in RATIO_VARIANTS:
+        row = [TITLES[v]]
+        for r in ranks:
+            row += [_ms(med[v, r]), _ms(mean[v, r])]
+        if v == "A":
+            row += ["1.00", "1.00", ""]
+        else:
+            br = block_ratios(v, 0)
+            row += [f"{med[v, 0] / med['A', 0]:.3f}", f"{mean[v, 0] / mean['A', 0]:.3f}", f"{br[0]:.2f}..{br[-1]:.2f}"]
+        rows.append(row)
+    lines = head + ["", tabulate(rows, headers=cols, tablefmt="github", disable_numparse=True)]
+    lines.append("")
+    for v in ("B", "C"):
+        lines.append(
+            f"{v}/A: median {med[v, 0] / med['A', 0]:.3f} (rank 0), "
+            + ", ".join(f"{med[v, r] / med['A', r]:.3f} (rank {r})" for r in ranks if r)
+            + f"; absolute overhead {1e3 * (med[v, 0] - med['A', 0]):+.3f} ms/call (rank 0 median), "
+            f"{1e3 * (mean[v, 0] - mean['A', 0]):+.3f} ms/call (rank 0 mean)"
+        )
+
+    # Breakdown: per-piece mean and median, microseconds; means add up to the mean per call.
+    bcols = ["loop", "piece"]
+    for r in ranks:
+        bcols += [f"rank {r} median us", f"rank {r} mean us"]
+    brows = []
+    for v in VARIANTS:
+        for i, piece in enumerate(PIECES[v]):
+            row = [v, PIECE_TITLES[piece]]
+            for r in ranks:
+                xs = [p[i] for b in reports[r]["results"][v] for p in b["pieces"]]
+                row += [_us(statistics.median(xs)), _us(sum(xs) / len(xs))]
+            brows.append(row)
+        row = [v, "whole call (timed around the call)"]
+        for r in ranks:
+            xs = [x for b in reports[r]["results"][v] for x in b["totals"]]
+            row += [_us(statistics.median(xs)), _us(sum(xs) / len(xs))]
+        brows.append(row)
+    lines += ["", "where the time goes (per call):", tabulate(brows, headers=bcols, tablefmt="github", disable_numparse=True)]
+    lcols = ["piece alone, no collective", *(f"rank {r} median us" for r in ranks)]
+    lrows = [
+        [title, *(_us(reports[r]["local"][name]) if name in reports[r]["local"] else "-" for r in ranks)]
+        for name, title in LOCAL_TITLES.items()
+    ]
+    lines += ["", tabulate(lrows, headers=lcols, tablefmt="github", disable_numparse=True)]
+
+    problems = []
+    for r in ranks:
+        steady = reports[r]["steady_counters"]
+        if steady["compiles"] or steady["recompiles"]:
+            problems.append(f"rank {r}: {steady['compiles']} compile(s) / {steady['recompiles']} recompile(s) after warmup")
+        if reports[r]["warmup_counters"]["graph_breaks"]:
+            problems.append(f"rank {r}: {reports[r]['warmup_counters']['graph_breaks']} graph break(s)")
+    ticks = [sum(b["ticks"] for v in ("B", "C") for b in reports[r]["results"][v]) for r in ranks]
+    lines += [
+        "",
+        f"compile: {reports[0]['warmup_counters']['graphs']} graph(s), no compile after warmup"
+        if not problems
+        else "WARNING: " + "; ".join(problems),
+        f"watchdog ticks during the hardened blocks: {', '.join(f'rank {r}: {n}' for r, n in zip(ranks, ticks))}",
+    ]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--ranks", type=int, default=2)
+    parser.add_argument("--calls", type=int, default=100, help="calls per timed block")
+    parser.add_argument("--repeats", type=int, default=15, help="timed blocks per loop (interleaved)")
+    parser.add_argument("--warmup", type=int, default=8, help="untimed calls per loop before timing")
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--cache", type=int, default=64)
+    parser.add_argument("--mlp", type=int, default=1024)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--backend", default="eager", choices=("eager", "aot_eager", "inductor"))
+    parser.add_argument("--threads", type=int, default=1, help="intra-op threads per rank")
+    parser.add_argument("--reset-every", type=int, default=4, help="KV-cache reset period (profile drift.reset_every)")
+    parser.add_argument("--heartbeat", type=float, default=0.2, help="watchdog heartbeat seconds")
+    parser.add_argument("--pg-timeout", type=float, default=30.0, help="process-group and store timeout seconds")
+    parser.add_argument("--timeout", type=float, default=170.0, help="hard cap on the whole run, seconds")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.worker:
+        spec = json.loads(args.worker)
+        code = 0
+        try:
+            rank_main(spec)
+        except BaseException:  # noqa: BLE001 - report, then exit without a teardown that could hang
+            traceback.print_exc()
+            code = 1
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+    import torch.distributed as dist
+
+    started = time.perf_counter()
+    master = dist.TCPStore(
+        "127.0.0.1", 0, None, True, timeout=timedelta(seconds=args.pg_timeout), wait_for_workers=False
+    )
+    dims = {k: getattr(args, k) for k in ("hidden", "heads", "tokens", "cache", "mlp", "batch")}
+    procs: list[subprocess.Popen[bytes]] = []
+    with tempfile.TemporaryDirectory(prefix="hardening-overhead-") as tmp:
+        try:
+            for rank in range(args.ranks):
+                spec = {
+                    "rank": rank, "world": args.ranks, "port": master.port, "out": tmp, "dims": dims,
+                    "backend": args.backend, "threads": args.threads, "reset_every": args.reset_every,
+                    "heartbeat": args.heartbeat, "pg_timeout": args.pg_timeout, "calls": args.calls,
+                    "repeats": args.repeats, "warmup": args.warmup,
+                }
+                procs.append(subprocess.Popen([sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)]))
+            deadline = started + args.timeout
+            while any(p.poll() is None for p in procs):
+                failed = [r for r, p in enumerate(procs) if p.returncode not in (None, 0)]
+                if failed:
+                    raise SystemExit(f"rank(s) {failed} failed (exit {[procs[r].returncode for r in failed]})")
+                if time.perf_counter() > deadline:
+                    raise SystemExit(f"benchmark ran past --timeout {args.timeout:g} s")
+                time.sleep(0.1)
+            failed = [r for r, p in enumerate(procs) if p.returncode != 0]
+            if failed:
+                raise SystemExit(f"rank(s) {failed} failed (exit {[procs[r].returncode for r in failed]})")
+            reports = [json.loads((Path(tmp) / f"rank{r}.json").read_text()) for r in range(args.ranks)]
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+            for p in procs:
+                try:
+                    p.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    pass
+    print(summarize(reports, args, time.perf_counter() - started))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,303 @@
+"""One rank of a real 2-rank gloo pair that runs every envelope / input-digest scenario
+in sequence and writes what it saw as JSON (``argv: rank port result_path``).
+
+Both ranks run the same scenario list in lockstep. Every scenario records, per rank,
+either ``{"ok": ..., ...}`` or the error it raised (class, message, root_cause_rank).
+Where a receiver refuses a frame after the leader committed it, the receiver drains the
+rest of that frame by hand (the test knows the manifest) so that later scenarios still
+run on an aligned channel. The process is bounded: gloo groups time out after 20 s and
+``faulthandler`` ends it after 50 s whatever happens.
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import json
+import os
+import sys
+import traceback
+from datetime import timedelta
+from typing import Any, Callable
+
+faulthandler.dump_traceback_later(50, exit=True)
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+from hardening import drift, envelope  # noqa: E402
+from hardening.envelope import CallContract, Channel, Envelope, Kind, TensorSpec  # noqa: E402
+from hardening.errors import HardeningError  # noqa: E402
+from hardening.sidechannel import SideChannel  # noqa: E402
+
+RANK = int(sys.argv[1])
+PORT = int(sys.argv[2])
+RESULT = sys.argv[3]
+LEADER = 0
+CONTRACT = CallContract(
+    tensors=(
+        TensorSpec(name="x", shape=(2, 3), dtype="float32"),
+        TensorSpec(name="c", shape=(4,), dtype="bfloat16"),
+    )
+)
+results: dict[str, Any] = {"rank": RANK, "pid": os.getpid()}
+
+
+def make_tensors(k: int) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(1000 + k)
+    x = torch.randn(2, 3, generator=gen)
+    x[0, 1] = -0.0  # bit patterns a value compare would miss
+    if k == 1:
+        x[1, 1] = float("nan")
+    c = torch.randn(4, generator=gen).to(torch.bfloat16)
+    return {"x": x, "c": c}
+
+
+def make_meta(k: int) -> dict[str, Any]:
+    return {"phase": "steady", "k": k, "nested": {"list": [1, 2.5, {"deep": None}], "text": "\u00fc\u2192\u2713", "flag": True}}
+
+
+def make_call(k: int, *, op: str = "advance", epoch: int = 1, tensors: dict[str, torch.Tensor] | None = None) -> Envelope:
+    meta = make_meta(k)
+    if op == "recompute":
+        meta["recompute_override"] = {"window": "full"}
+    return Envelope(
+        kind=Kind.CALL,
+        call_id=k,
+        cache_epoch=epoch,
+        plan={"expected_generator_calls": 1, "cache_op": op},
+        meta=meta,
+        tensors=make_tensors(k) if tensors is None else tensors,
+    )
+
+
+def bits(t: torch.Tensor) -> list[int]:
+    view = {4: torch.int32, 2: torch.int16, 8: torch.int64, 1: torch.uint8}[t.element_size()]
+    return t.contiguous().view(view).reshape(-1).tolist()
+
+
+def describe(env: Envelope) -> dict[str, Any]:
+    return {
+        "kind": env.kind.name,
+        "call_id": env.call_id,
+        "cache_epoch": env.cache_epoch,
+        "plan": env.plan,
+        "meta": env.meta,
+        "blob_hex": env.blob.hex(),
+        "names": list(env.tensors),
+        "dtypes": {n: str(t.dtype) for n, t in env.tensors.items()},
+        "shapes": {n: list(t.shape) for n, t in env.tensors.items()},
+        "bits": {n: bits(t) for n, t in env.tensors.items()},
+        "checksums": {n: drift.checksum(t).tolist() for n, t in env.tensors.items()},
+    }
+
+
+def error_of(exc: BaseException) -> dict[str, Any]:
+    return {
+        "ok": False,
+        "error_class": type(exc).__name__,
+        "message": str(exc),
+        "root_cause_rank": getattr(exc, "root_cause_rank", None),
+        "hardening": isinstance(exc, HardeningError),
+    }
+
+
+def drain(specs: list[tuple[tuple[int, ...], torch.dtype]], channel: Channel) -> int:
+    """Consume the rest of a committed frame the receiver refused: tensors, trailer."""
+    for shape, dtype in specs:
+        dist.broadcast(torch.empty(shape, dtype=dtype), src=LEADER, group=channel.data_group)
+    trailer = torch.zeros(6, dtype=torch.int64)
+    dist.broadcast(trailer, src=LEADER, group=channel.control_group)
+    return int(trailer[0])
+
+
+def scenario(name: str, body: Callable[[], Any]) -> None:
+    try:
+        out = body()
+        results[name] = {"ok": True, **(out or {})}
+    except Exception as exc:  # noqa: BLE001 - reported to the test
+        results[name] = error_of(exc)
+    results[name]["last_call_id"] = channel.last_call_id
+
+
+def main() -> None:
+    global channel, side
+    client = dist.TCPStore("127.0.0.1", PORT, is_master=False, timeout=timedelta(seconds=20))
+    dist.init_process_group(
+        "gloo", store=dist.PrefixStore("pg", client), rank=RANK, world_size=2, timeout=timedelta(seconds=20)
+    )
+    side = SideChannel(client, rank=RANK, world_size=2, timeout_s=20)
+    side.create_group()
+    channel = Channel(
+        control_group=side.group,
+        data_group=dist.group.WORLD,
+        device=torch.device("cpu"),
+        leader=LEADER,
+        rank=RANK,
+        contract=CONTRACT,
+    )
+    is_leader = RANK == LEADER
+    XC = [((2, 3), torch.float32), ((4,), torch.bfloat16)]
+
+    # 1. Round trip of several CALLs: calls 0..3, the last one a recompute.
+    def roundtrip() -> dict[str, Any]:
+        seen = []
+        for k in range(4):
+            op = "recompute" if k == 3 else "advance"
+            if is_leader:
+                env = envelope.send(make_call(k, op=op), channel)
+            else:
+                env = envelope.receive(channel)
+            info = describe(env)
+            expected = make_tensors(k)
+            info["bits_equal_to_source"] = all(bits(env.tensors[n]) == bits(t) for n, t in expected.items())
+            seen.append(info)
+        return {"calls": seen}
+
+    scenario("roundtrip", roundtrip)
+
+    # 2. Input digest: clean, one element of c changed on rank 1, one blob byte on rank 1.
+    def digest(k: int, mutate: str | None) -> Callable[[], dict[str, Any]]:
+        def body() -> dict[str, Any]:
+            env = envelope.send(make_call(k), channel) if is_leader else envelope.receive(channel)
+            blob = env.blob
+            if RANK == 1 and mutate == "tensor":
+                env.tensors["c"][2] += 1
+            if RANK == 1 and mutate == "blob":
+                blob = blob[:-2] + bytes([blob[-2] ^ 1]) + blob[-1:]
+            drift.check_input_digest(
+                side, call_id=env.call_id, blob=blob, tensors=env.tensors, device=torch.device("cpu"), leader=LEADER
+            )
+            return {"call_id": env.call_id}
+
+        return body
+
+    scenario("digest_clean", digest(4, None))
+    scenario("digest_tensor", digest(5, "tensor"))
+    scenario("digest_blob", digest(6, "blob"))
+
+    # 3. Preflight failure on the leader (float64): ERROR frame, PeerError on rank 1.
+    def preflight_error() -> None:
+        if is_leader:
+            tensors = make_tensors(7)
+            tensors["x"] = tensors["x"].double()
+            envelope.send(make_call(7, tensors=tensors), channel)
+        else:
+            envelope.receive(channel)
+
+    scenario("preflight_error", preflight_error)
+
+    # 4. The next valid call after the ERROR frame: the frames stayed aligned.
+    def after_error() -> dict[str, Any]:
+        env = envelope.send(make_call(7), channel) if is_leader else envelope.receive(channel)
+        info = describe(env)
+        info["bits_equal_to_source"] = all(bits(env.tensors[n]) == bits(t) for n, t in make_tensors(7).items())
+        return info
+
+    scenario("after_error", after_error)
+
+    # 5. A tensor outside the contract on the leader: ContractError before commit.
+    def leader_contract_error() -> None:
+        if is_leader:
+            tensors = make_tensors(8)
+            tensors["y"] = torch.zeros(1)
+            envelope.send(make_call(8, tensors=tensors), channel)
+        else:
+            envelope.receive(channel)
+
+    scenario("leader_contract_error", leader_contract_error)
+
+    # 6. The receiver's contract lacks 'c' (the leader's has it): ContractError on rank 1.
+    def receiver_contract() -> dict[str, Any]:
+        if is_leader:
+            envelope.send(make_call(8), channel)
+            return {}
+        channel.contract = CallContract(tensors=(CONTRACT.tensors[0],))
+        try:
+            envelope.receive(channel)
+        except HardeningError as exc:
+            results["receiver_contract_trailer"] = drain(XC, channel)
+            raise exc
+        finally:
+            channel.contract = CONTRACT
+        return {}
+
+    scenario("receiver_contract", receiver_contract)
+    channel.last_call_id = 8  # the leader committed call 8; rank 1 refused it
+
+    # 7. A call_id gap on the leader (its last_call_id bumped): PreflightError pre-commit.
+    def gap_preflight() -> None:
+        if is_leader:
+            channel.last_call_id = 20
+            envelope.send(make_call(9), channel)
+        else:
+            envelope.receive(channel)
+
+    scenario("gap_preflight", gap_preflight)
+
+    # 8. The leader sends 21 after its bumped 20: the receiver (at 8) names the skip.
+    def gap_receiver() -> dict[str, Any]:
+        if is_leader:
+            env = envelope.send(make_call(21), channel)
+            return {"call_id": env.call_id}
+        try:
+            envelope.receive(channel)
+        except HardeningError:
+            results["gap_receiver_trailer"] = drain(XC, channel)
+            raise
+        return {}
+
+    scenario("gap_receiver", gap_receiver)
+    channel.last_call_id = 21
+
+    # 9. Tensors in another order than the contract (same names, shapes, dtypes).
+    def order() -> dict[str, Any]:
+        if is_leader:
+            t = make_tensors(22)
+            env = envelope.send(make_call(22, tensors={"c": t["c"], "x": t["x"]}), channel)
+            return {"committed": True, "names": list(env.tensors)}
+        try:
+            envelope.receive(channel)
+        except HardeningError as exc:
+            if type(exc).__name__ == "ContractError":  # refused after the leader committed
+                results["order_trailer"] = drain([XC[1], XC[0]], channel)
+            raise
+        return {}
+
+    scenario("order", order)
+    channel.last_call_id = 22
+
+    # 10. SHUTDOWN on channels without a contract.
+    def shutdown() -> dict[str, Any]:
+        bare = Channel(
+            control_group=side.group, data_group=dist.group.WORLD, device=torch.device("cpu"), leader=LEADER, rank=RANK
+        )
+        bare.last_call_id = 22
+        if is_leader:
+            env = envelope.send(Envelope(kind=Kind.SHUTDOWN, call_id=23, meta={"reason": "done"}), bare)
+        else:
+            env = envelope.receive(bare)
+        return {**describe(env), "bare_last_call_id": bare.last_call_id}
+
+    scenario("shutdown", shutdown)
+
+    # Both ranks still talk: a final all-reduce proves nobody is stuck mid-frame.
+    t = torch.tensor([RANK + 1])
+    dist.all_reduce(t, group=dist.group.WORLD)
+    results["final_allreduce"] = int(t)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    code = 0
+    try:
+        main()
+    except BaseException:  # noqa: BLE001 - the test reads it
+        results["fatal"] = traceback.format_exc()
+        code = 3
+    finally:
+        with open(RESULT + ".tmp", "w") as f:
+            json.dump(results, f, indent=1, default=str)
+        os.replace(RESULT + ".tmp", RESULT)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)

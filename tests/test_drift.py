@@ -1,0 +1,286 @@
+"""Drift tripwires: bit checksums, input digests, weight fingerprints of the reference
+region, weight checks over a real TCPStore side channel (2 rank threads), and the input
+digest on a real 2-rank gloo pair (shared with test_envelope.py)."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+import threading
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from hardening.drift import check_weights, checksum, fingerprint, input_digest
+from hardening.errors import DriftError
+from hardening.reference import TPDiTBlock
+from hardening.region import RegionContext
+from hardening.sidechannel import SideChannel
+
+PROCS = Path(__file__).resolve().parent / "procs"
+DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.int64, torch.bool]
+
+
+def _sample(dtype: torch.dtype) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(7)
+    if dtype == torch.bool:
+        return torch.rand(5, 7, generator=gen) > 0.5
+    if dtype == torch.int64:
+        return torch.randint(-1000, 1000, (5, 7), generator=gen)
+    return torch.randn(5, 7, generator=gen).to(dtype)
+
+
+# -- checksum -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_checksum_equal_for_bit_equal_tensors(dtype: torch.dtype) -> None:
+    t = _sample(dtype)
+    same = t.clone()
+    out = checksum(t)
+    assert out.dtype == torch.int64 and out.shape == (2,)
+    assert torch.equal(out, checksum(same))
+    # A non-contiguous view of the same values checksums like its contiguous copy.
+    assert torch.equal(checksum(t.t().contiguous().t()), out)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("where", [(0, 0), (2, 3), (4, 6)])
+def test_checksum_changes_when_one_element_changes(dtype: torch.dtype, where: tuple[int, int]) -> None:
+    t = _sample(dtype)
+    u = t.clone()
+    if dtype == torch.bool:
+        u[where] = ~u[where]
+    elif dtype == torch.int64:
+        u[where] += 1
+    else:
+        u[where] = torch.nextafter(u[where].float(), torch.tensor(float("inf"))).to(dtype)
+        if torch.equal(u, t):  # nextafter in float32 may round back in a narrow dtype
+            u[where] = (u[where].float() * 2 + 1).to(dtype)
+    assert not torch.equal(u, t)
+    assert not torch.equal(checksum(u), checksum(t))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_checksum_changes_when_two_elements_swap(dtype: torch.dtype) -> None:
+    t = _sample(dtype).reshape(-1)
+    i = 3
+    j = next(k for k in range(t.numel()) if not torch.equal(t[k], t[i]))
+    u = t.clone()
+    u[i], u[j] = t[j].clone(), t[i].clone()
+    assert torch.equal(u.sort().values, t.sort().values)  # same multiset of values
+    a, b = checksum(t), checksum(u)
+    assert a[0] == b[0]  # the plain bit sum cannot see a swap ...
+    assert a[1] != b[1]  # ... the position-weighted one does
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_checksum_tells_zero_from_negative_zero(dtype: torch.dtype) -> None:
+    pos = torch.zeros(4, dtype=dtype)
+    neg = pos.clone()
+    neg[2] = -0.0
+    assert torch.equal(pos, neg)  # equal as values ...
+    assert not torch.equal(checksum(pos), checksum(neg))  # ... different as bits
+
+
+def test_checksum_counts_nan_bits_not_values() -> None:
+    t = torch.tensor([1.0, float("nan"), 3.0])
+    assert not torch.equal(t, t.clone())  # NaN != NaN as values
+    assert torch.equal(checksum(t), checksum(t.clone()))  # but the bits are the same
+    other_nan = t.clone()
+    other_nan.view(torch.int32)[1] += 1  # another NaN payload
+    assert torch.isnan(other_nan[1])
+    assert not torch.equal(checksum(t), checksum(other_nan))
+
+
+# -- input digest -------------------------------------------------------------------------
+
+
+def test_input_digest_covers_blob_and_every_tensor() -> None:
+    blob = b'{"call_id":3}{"phase":"steady"}'
+    tensors = {"x": torch.arange(6, dtype=torch.float32).reshape(2, 3), "c": torch.ones(4, dtype=torch.bfloat16)}
+    cpu = torch.device("cpu")
+    d = input_digest(blob, tensors, cpu)
+    assert d.dtype == torch.int64 and d.shape == (1 + 2 * 2,)
+    assert torch.equal(d, input_digest(bytes(blob), {k: v.clone() for k, v in tensors.items()}, cpu))
+    # One byte of the blob.
+    flipped = blob[:5] + bytes([blob[5] ^ 1]) + blob[6:]
+    e = input_digest(flipped, tensors, cpu)
+    assert e[0] != d[0] and torch.equal(e[1:], d[1:])
+    # Same bytes, one shorter: the CRC still differs.
+    assert input_digest(blob[:-1], tensors, cpu)[0] != d[0]
+    # One element of one tensor: only that tensor's slot changes.
+    changed = {k: v.clone() for k, v in tensors.items()}
+    changed["c"][1] = 2.0
+    f = input_digest(blob, changed, cpu)
+    assert torch.equal(f[:3], d[:3]) and not torch.equal(f[3:], d[3:])
+    # Order of the tensors matters (it is the manifest order).
+    g = input_digest(blob, {"c": tensors["c"], "x": tensors["x"]}, cpu)
+    assert not torch.equal(g, d)
+
+
+# -- weight fingerprints of the reference region ------------------------------------------
+
+DIMS = {"hidden": 8, "heads": 2, "tokens": 2, "cache": 4, "mlp": 16, "batch": 1}
+
+
+def _block(rank: int, *, seed: int = 3, world: int = 2) -> TPDiTBlock:
+    ctx = RegionContext(
+        rank=rank, world_size=world, device=torch.device("cpu"), dtype=torch.float32, group=None, dims=DIMS, seed=seed, profile=None
+    )
+    return TPDiTBlock(ctx)
+
+
+@pytest.fixture(scope="module")
+def blocks() -> list[TPDiTBlock]:
+    return [_block(0), _block(1)]
+
+
+def test_fingerprint_matches_own_manifest_on_both_ranks(blocks: list[TPDiTBlock]) -> None:
+    names = {"ada", "qkv", "out", "fc1", "fc2"}
+    for r, block in enumerate(blocks):
+        fp = fingerprint(block)
+        assert set(fp) == names
+        assert set(block.weight_manifest) == names
+        for name in names:
+            assert fp[name] == block.weight_manifest[name][r], (r, name)
+    # Both ranks state the same manifest for all ranks; shards differ, 'ada' is replicated.
+    assert blocks[0].weight_manifest == blocks[1].weight_manifest
+    fp0, fp1 = fingerprint(blocks[0]), fingerprint(blocks[1])
+    assert fp0["ada"] == fp1["ada"]
+    assert all(fp0[n] != fp1[n] for n in names - {"ada"})
+    # Another seed, other weights.
+    assert fingerprint(_block(0, seed=4))["qkv"] != fp0["qkv"]
+
+
+@pytest.mark.parametrize("name", ["ada", "qkv", "out", "fc1", "fc2"])
+def test_one_perturbed_element_breaks_exactly_that_parameter(name: str) -> None:
+    block = _block(1)
+    with torch.no_grad():
+        p = getattr(block, name)
+        flat = p.view(-1)
+        flat[flat.numel() // 2] = torch.nextafter(flat[flat.numel() // 2], torch.tensor(float("inf")))
+    fp = fingerprint(block)
+    broken = {n for n, v in fp.items() if v != block.weight_manifest[n][1]}
+    assert broken == {name}
+
+
+# -- check_weights over a real store, two rank threads ------------------------------------
+
+
+@pytest.fixture
+def store_port() -> Iterator[int]:
+    master = dist.TCPStore("127.0.0.1", 0, None, True, timeout=timedelta(seconds=10), wait_for_workers=False)
+    try:
+        yield master.port
+    finally:
+        del master
+
+
+def _run_two(port: int, body: Callable[[SideChannel], Any]) -> dict[int, Any]:
+    out: dict[int, Any] = {}
+    sides = [
+        SideChannel(dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timedelta(seconds=10)), rank=r, world_size=2, timeout_s=5)
+        for r in range(2)
+    ]
+
+    def target(side: SideChannel) -> None:
+        try:
+            out[side.rank] = body(side)
+        except BaseException as exc:  # noqa: BLE001 - reported to the test
+            out[side.rank] = exc
+
+    threads = [threading.Thread(target=target, args=(s,), daemon=True) for s in sides]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=20)
+    assert not any(t.is_alive() for t in threads), "a rank thread is stuck"
+    return out
+
+
+def _perturb(block: TPDiTBlock, name: str) -> None:
+    with torch.no_grad():
+        getattr(block, name).view(-1)[5] += 0.25
+
+
+@pytest.mark.timeout(60)
+def test_check_weights_clean_passes(store_port: int) -> None:
+    blocks = [_block(0), _block(1)]
+    out = _run_two(
+        store_port,
+        lambda s: check_weights(s, blocks[s.rank], manifest=blocks[s.rank].weight_manifest, replicated=("ada",), tag="clean"),
+    )
+    assert out == {0: None, 1: None}
+
+
+@pytest.mark.timeout(60)
+def test_check_weights_names_perturbed_shard_on_every_rank(store_port: int) -> None:
+    blocks = [_block(0), _block(1)]
+    _perturb(blocks[1], "qkv")
+    out = _run_two(
+        store_port,
+        lambda s: check_weights(s, blocks[s.rank], manifest=blocks[s.rank].weight_manifest, replicated=("ada",), tag="qkv"),
+    )
+    for r in (0, 1):
+        assert isinstance(out[r], DriftError), out[r]
+        msg = str(out[r])
+        assert "parameter 'qkv' on rank 1" in msg
+        assert "rank 0" not in msg  # rank 0's shard is fine
+        assert "'fc1'" not in msg and "'ada'" not in msg
+    assert str(out[0]) == str(out[1])
+
+
+@pytest.mark.timeout(60)
+def test_check_weights_names_a_differing_replicated_parameter(store_port: int) -> None:
+    blocks = [_block(0), _block(1)]
+    _perturb(blocks[1], "ada")
+    # Without a manifest only the replication check can see it.
+    out = _run_two(store_port, lambda s: check_weights(s, blocks[s.rank], manifest=None, replicated=("ada",), tag="ada"))
+    for r in (0, 1):
+        assert isinstance(out[r], DriftError), out[r]
+        assert "replicated parameter 'ada' differs on rank(s) [1]" in str(out[r])
+    # With the manifest as well, both findings are named.
+    out = _run_two(
+        store_port,
+        lambda s: check_weights(s, blocks[s.rank], manifest=blocks[s.rank].weight_manifest, replicated=("ada",), tag="ada2"),
+    )
+    for r in (0, 1):
+        msg = str(out[r])
+        assert isinstance(out[r], DriftError)
+        assert "parameter 'ada' on rank 1" in msg and "replicated parameter 'ada'" in msg and "(+1 more)" in msg
+
+
+# -- the input digest on a real gloo side group (2 processes) -----------------------------
+
+
+def _pairlib() -> Any:
+    name = "hardening_tests_pairlib"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, PROCS / "pairlib.py")
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+@pytest.mark.timeout(120)
+def test_check_input_digest_on_two_ranks() -> None:
+    pair = _pairlib().run_pair()
+    for r in (0, 1):
+        clean = pair[r]["digest_clean"]
+        assert clean["ok"] and clean["call_id"] == 4, clean
+        tensor = pair[r]["digest_tensor"]
+        assert tensor["error_class"] == "DriftError", tensor
+        assert "at call 5" in tensor["message"] and "rank 1 (c)" in tensor["message"]
+        assert "rank 0 (" not in tensor["message"]
+        blob = pair[r]["digest_blob"]
+        assert blob["error_class"] == "DriftError", blob
+        assert "at call 6" in blob["message"] and "rank 1 (header+meta)" in blob["message"]
+        assert ", x" not in blob["message"] and ", c" not in blob["message"]
+    assert pair[0]["digest_tensor"]["message"] == pair[1]["digest_tensor"]["message"]
