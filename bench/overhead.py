@@ -22,18 +22,28 @@ B  hardened, what ``worker.step`` does in steady state: the recompile guard ente
    region. A ``Watchdog`` thread runs in the rank for the whole block (heartbeat
    ``--heartbeat`` s into the store, abort poll, peer liveness, call deadline).
 C  as B with ``digest_every=0``: what the digest costs.
+D  (attribution, no region) only the collectives B issues beyond A's, bare: prefix, blob
+   and trailer broadcasts of the envelope and the digest all-gather, on the side group.
+   Per call A issues 2 broadcasts + the region's 2 all-reduces; B issues 5 broadcasts,
+   1 all-gather + the same 2 all-reduces.
 
 Per-call wall time is measured on every rank (the ranks run in lockstep, so the slowest
 piece of either rank shows on both). The main table gives the median and the mean
 per call of each loop on each rank and the ratios B/A and C/A; the second table splits
 each loop into its pieces (in a lockstep loop, waiting for the peer lands in whichever
 piece holds the next collective: a follower's ``receive`` includes the leader making
-the inputs, a ``region call`` includes the slower rank's share of the all-reduces).
+the inputs, a ``region call`` includes the slower rank's share of the all-reduces). A
+last table times the local pieces alone, without any collective (preflight, digest
+computation, guard enter/exit, lifecycle), so that collective latency and Python cost
+can be told apart.
 
 Not included (paid once per run, not per call): process launch and the fork server,
 init and env parity, region parity keys, the weight fingerprints, warmup lockstep
 tickets, the compile gates, the SHUTDOWN envelope, fault-injection install. The watchdog
-is stopped during the A blocks so that A carries none of the runtime. Each rank uses
+is stopped during the A and D blocks so that A carries none of the runtime; its cost in
+B and C is indirect (a thread doing ~8 store round trips per heartbeat, taking the GIL)
+and shows only in the totals. The numbers are wall times on a shared machine: anything
+else running on its cores inflates every collective's latency, which B has more of. Each rank uses
 ``--threads`` intra-op threads (default 1: two ranks on a 2-core box).
 
     python bench/overhead.py [--calls 100] [--repeats 15] [--hidden 256 ...]
@@ -366,7 +376,7 @@ def _us(seconds: float) -> str:
     return f"{seconds * 1e6:.0f}"
 
 
-def summarize(reports: list[dict[str, Any]], args: argparse.Namespace, elapsed: float) -> str:
+def summarize(reports: list[dict[str, Any]], args: argparse.Namespace, elapsed: float, load: tuple[float, float]) -> str:
     import torch
     from tabulate import tabulate
 
@@ -388,11 +398,12 @@ def summarize(reports: list[dict[str, Any]], args: argparse.Namespace, elapsed: 
     head = [
         f"ranks {args.ranks} (gloo, 127.0.0.1), reference region dims {json.dumps(dims)}, float32, "
         f"torch.compile backend {args.backend!r}",
-        f"{args.repeats} repeats x {args.calls} calls per loop, interleaved A/B/C blocks (order rotated per repeat), "
+        f"{args.repeats} repeats x {args.calls} calls per loop, interleaved A/B/C/D blocks (order rotated per repeat), "
         f"{args.warmup} warmup calls per loop",
         f"torch {torch.__version__}, python {sys.version.split()[0]}, {cores} cores, "
         f"{reports[0]['threads']} intra-op thread(s) per rank, reset_every {args.reset_every}, "
-        f"watchdog heartbeat {args.heartbeat} s, recompile guard: {reports[0]['guard']}; total run {elapsed:.0f} s",
+        f"watchdog heartbeat {args.heartbeat} s, recompile guard: {reports[0]['guard']}; total run {elapsed:.0f} s, "
+        f"1-min load average {load[0]:.2f} before / {load[1]:.2f} after (others' load inflates every collective)",
     ]
     cols = ["loop"]
     for r in ranks:
@@ -497,6 +508,7 @@ def main() -> None:
 
     import torch.distributed as dist
 
+    load_before = os.getloadavg()[0]
     started = time.perf_counter()
     master = dist.TCPStore(
         "127.0.0.1", 0, None, True, timeout=timedelta(seconds=args.pg_timeout), wait_for_workers=False
@@ -534,7 +546,7 @@ def main() -> None:
                     p.wait(timeout=10)
                 except subprocess.TimeoutExpired:
                     pass
-    print(summarize(reports, args, time.perf_counter() - started))
+    print(summarize(reports, args, time.perf_counter() - started, (load_before, os.getloadavg()[0])))
 
 
 if __name__ == "__main__":

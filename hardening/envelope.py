@@ -167,6 +167,8 @@ def preflight(env: Envelope, channel: Channel) -> tuple[bytes, bytes, list[Tenso
     missing = [n for n in expected if n not in env.tensors]
     if missing:
         raise PreflightError(f"tensor(s) {missing} required by the call contract are missing")
+    if [s.name for s in specs] != list(expected):
+        raise PreflightError(f"tensors in order {[s.name for s in specs]}, the call contract sends {list(expected)}")
     calls = env.plan.get("expected_generator_calls")
     if calls != contract.expected_generator_calls:
         raise PreflightError(

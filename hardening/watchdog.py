@@ -137,7 +137,9 @@ class Terminator:
             print(f"[hardening] rank {s.rank} ends: {type(exc).__name__}: {exc}", file=sys.stderr)
             if publish_abort and self.runtime and self.store is not None:
                 self._publish_abort(exc)
-        elif self.store is not None:
+        elif code == EXIT_OK and self.store is not None:
+            # Only a clean end tells peers to stop watching this rank; any other exit
+            # (a vanished launcher) must still look like a death to them.
             try:
                 self.store.set(f"done/{s.rank}", "1")
             except Exception:

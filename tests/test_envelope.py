@@ -164,12 +164,6 @@ def test_preflight_shutdown_needs_no_contract() -> None:
         preflight(Envelope(kind=Kind.SHUTDOWN, call_id=9, meta={"reason": {1, 2}}), _channel(contract=None))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG hardening/envelope.py preflight(): tensor ORDER is not checked against the contract, but "
-    "receive()/_validate_call() refuses a manifest in another order with ContractError after the leader "
-    "committed (see test_order_mismatch_is_refused_before_commit)",
-)
 def test_preflight_refuses_tensors_in_another_order_than_the_contract() -> None:
     env = _call(tensors={"c": torch.ones(4, dtype=torch.bfloat16), "x": torch.ones(2, 3)})
     with pytest.raises((PreflightError, ContractError)):
@@ -295,12 +289,6 @@ def test_receiver_refuses_a_manifest_in_another_order(pair: dict[int, dict[str, 
     assert "'c', 'x'" in follower["message"] or "PeerError" == follower["error_class"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG hardening/envelope.py preflight() does not check tensor order: the leader commits a call "
-    "with tensors {c, x} under contract (x, c); the follower, with the identical contract, then raises "
-    "ContractError 'manifest ['c', 'x'] does not match the contract' mid-frame, stranding the leader's broadcasts",
-)
 @pair_test
 def test_order_mismatch_is_refused_before_commit(pair: dict[int, dict[str, Any]]) -> None:
     leader, follower = pair[0]["order"], pair[1]["order"]

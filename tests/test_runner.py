@@ -26,9 +26,13 @@ pytestmark = [pytest.mark.multiproc]
 
 
 def hardening(*args: str, cwd: Path, timeout: float = 240) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
+    out = subprocess.run(
         [sys.executable, "-m", "hardening", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout
     )
+    # Shown by pytest when the test fails: the table and the progress lines say which case and why.
+    print(out.stdout)
+    print(out.stderr, file=sys.stderr)
+    return out
 
 
 def alive(pid: int) -> bool:
@@ -148,13 +152,15 @@ def test_hung_rank_is_reported_hung_with_stacks_of_every_rank(tmp_path: Path) ->
     report = json.loads((tmp_path / "r.json").read_text())
     case = report["cases"][0]
     assert (case["outcome"], case["verdict"]) == ("hung", "fail")
+    stacks = {}
     for rank in case["ranks"]:
         assert rank["exit_code"] is None  # alive at the deadline
-        stacks = Path(rank["stacks_path"]).read_text()
-        assert "Thread" in stacks and "hang_region.py" in stacks
+        stacks[rank["rank"]] = Path(rank["stacks_path"]).read_text()
+        assert "Thread" in stacks[rank["rank"]]
+    assert "hang_region.py" in stacks[0] and "envelope.py" in stacks[1]
     where = {r["rank"]: r["where"] for r in case["ranks"]}
-    assert "wait_for_a_message_that_never_comes" in where[1]
-    assert "forward" in where[0]  # rank 0 waits inside the region's all-reduce
+    assert "wait_for_a_message_that_never_comes" in where[0]  # the leader, making inputs
+    assert "receive" in where[1]  # the follower, waiting for the envelope
     assert (tmp_path / "run" / "control" / "stacks_summary.txt").is_file()
     assert not wait_gone(rank_pids(report), 5), "a rank outlived the run"
 
@@ -210,3 +216,81 @@ def test_killed_runner_leaves_no_process_behind(tmp_path: Path) -> None:
     finally:
         proc.kill()
     assert not wait_gone(tree, 15), "ranks or the fork server outlived a SIGKILLed runner"
+
+
+@pytest.mark.timeout(300)
+def test_operator_suite_end_to_end(tmp_path: Path) -> None:
+    out = hardening("suite", "operator", "--ranks", "2", "--json", "r.json", "--artifacts", "run", cwd=tmp_path)
+    assert out.returncode == 0, out.stdout + out.stderr
+    report = json.loads((tmp_path / "r.json").read_text())
+    cases = {c["id"]: c for c in report["cases"]}
+    assert cases["control"]["outcome"] == "completed"
+    expected = {
+        "OM-01": ["PreflightError", "PeerError"],
+        "OM-02": ["PreflightError", "PeerError"],
+        "OM-03": ["PreflightError", "PeerError"],
+        "OM-04": ["ParityError", "ParityError"],
+        "OM-05": ["ParityError", "ParityError"],
+        "OM-06": ["ContractError", "PeerError"],
+        "OM-10": ["PreflightError", "PeerError"],
+        "OM-11": ["DriftError", "DriftError"],
+        "OM-12": ["DriftError", "DriftError"],
+        "OM-13": ["SIGKILL", "PeerLost"],
+        "K-01": ["PeerError", "LifecycleError"],
+    }
+    for case_id, errors in expected.items():
+        case = cases[case_id]
+        assert (case["outcome"], case["verdict"]) == ("crashed", "pass"), case
+        assert [r["error_class"] for r in case["ranks"]] == errors, case_id
+    # Preflight, parity and drift: well under a second.
+    for case_id in ("OM-01", "OM-02", "OM-03", "OM-04", "OM-05", "OM-06", "OM-10", "OM-11", "OM-12", "K-01"):
+        assert cases[case_id]["t_detect"] < 1.0, (case_id, cases[case_id]["t_detect"])
+    stall = cases["H-01"]
+    assert (stall["outcome"], stall["verdict"]) == ("hung", "pass")
+    frozen = stall["ranks"][1]
+    assert frozen["exit_code"] is None and "StallRank" in Path(frozen["stacks_path"]).read_text()
+    assert stall["ranks"][0]["error_class"] == "PeerLost"
+    assert stall["t_detect"] <= stall["budget_s"]
+    assert not wait_gone(rank_pids(report), 5)
+
+
+def _leader_pid(proc: subprocess.Popen[str], timeout: float = 60) -> tuple[int, int]:
+    """Pids of rank 0 and rank 1 once both run (children of the fork server, in rank order)."""
+    end = time.time() + timeout
+    while time.time() < end:
+        servers = [p for p in descendants(proc.pid) if "forkserver" in Path(f"/proc/{p}/cmdline").read_text(errors="replace")]
+        ranks = sorted(p for p in servers if Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[1] != str(proc.pid))
+        if len(ranks) == 2:
+            return ranks[0], ranks[1]
+        time.sleep(0.1)
+    raise AssertionError("ranks did not start")
+
+
+@pytest.mark.timeout(180)
+def test_kill_minus_9_of_rank_0_by_hand_makes_workers_exit_peer_lost(tmp_path: Path) -> None:
+    """The OM-13 promise without the fault: an operator's kill -9 of the leader mid-run."""
+    profile = tmp_path / "long.yaml"
+    profile.write_text("steps: 100000\ntimeouts: {case: 120}\n")  # runs until someone kills it
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "hardening", "suite", "operator", "--only", "control", "--profile", str(profile),
+         "--json", "r.json", "--artifacts", "run"],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        leader, worker = _leader_pid(proc)
+        deadline = time.time() + 60
+        while time.time() < deadline and not (tmp_path / "run" / "control" / "rank1" / "stdout.log").exists():
+            time.sleep(0.1)
+        time.sleep(3)  # well into the steady-state loop
+        killed_at = time.time()
+        os.kill(leader, signal.SIGKILL)
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    report = json.loads((tmp_path / "r.json").read_text())
+    ranks = report["cases"][0]["ranks"]
+    assert ranks[0]["signal"] == "SIGKILL"
+    assert ranks[1]["error_class"] == "PeerLost", ranks[1]
+    assert "rank 0" in ranks[1]["message"]
+    assert ranks[1]["exited_at"] - killed_at < 3.0 + 1.0  # within the watchdog window (peer_lost 3 s)
+    assert not wait_gone({leader, worker}, 5)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -79,6 +80,7 @@ def run_pair(timeout_s: float = 75.0) -> dict[int, dict[str, Any]]:
             _cache["failure"] = text
             raise AssertionError(text)
         _cache["results"] = results
+        shutil.rmtree(tmp, ignore_errors=True)  # kept only when it failed
         return results
     finally:
         for proc in procs:
@@ -91,8 +93,3 @@ def run_pair(timeout_s: float = 75.0) -> dict[int, dict[str, Any]]:
         for log in logs:
             log.close()
         del master
-
-
-def load() -> Any:
-    """This module, loaded once per interpreter under a fixed name."""
-    return sys.modules[__name__]
