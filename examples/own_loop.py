@@ -87,7 +87,9 @@ def main() -> None:
             else:
                 env = envelope.receive(channel)
             lifecycle.apply_transition(cache, op=env.plan["cache_op"], epoch=env.cache_epoch, tokens=TOKENS, call_id=call_id)
-            drift.check_input_digest(side, call_id=call_id, blob=env.blob, tensors=env.tensors, device=torch.device("cpu"), leader=0)
+            digest = drift.input_digest(env.blob, env.tensors, torch.device("cpu"))
+            table = envelope.confirm(env, channel, digest=digest)  # closes the frame, gathers digests
+            drift.compare_digests(table[:, 1:], call_id=call_id, names=list(env.tensors), leader=0)
             out = layer(env.tensors["x"])
             state.end_call()
         if rank == 0:

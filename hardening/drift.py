@@ -6,9 +6,10 @@ A single changed element changes the plain sum unless the change is exactly zero
 bits; a swap of two elements changes the weighted one. Both are computed where the
 tensor lives (on GPU, on the device); only two int64 per tensor leave it.
 
-- Input digest: after receiving an envelope each rank digests blob and tensors, the
-  digests are gathered on the gloo side group and compared with the leader's (the
-  source of truth): a mismatch is a :class:`DriftError` naming the call and the ranks.
+- Input digest: after receiving an envelope each rank digests blob and tensors; the
+  digests travel in the envelope's confirmation all-gather and are compared with the
+  leader's (the source of truth): a mismatch is a :class:`DriftError` naming the call,
+  the ranks and the tensors.
 - Weight fingerprint: per parameter; checked against the region's manifest of expected
   shard fingerprints (derived from the seed or the checkpoint), and replicated
   parameters across ranks, so one changed element in one rank's shard is named.
@@ -20,7 +21,6 @@ import zlib
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from hardening.errors import DriftError
 from hardening.sidechannel import SideChannel
@@ -50,24 +50,18 @@ def input_digest(blob: bytes, tensors: dict[str, torch.Tensor], device: torch.de
     return torch.cat(parts)
 
 
-def check_input_digest(
-    side: SideChannel, *, call_id: int, blob: bytes, tensors: dict[str, torch.Tensor], device: torch.device, leader: int
-) -> None:
-    """Gather every rank's digest on the side group; DriftError on every rank if any differs."""
-    assert side.group is not None, "the side group is created at init"
-    mine = input_digest(blob, tensors, device).cpu()  # a few int64, not the tensors
-    gathered = [torch.empty_like(mine) for _ in range(side.world_size)]
-    dist.all_gather(gathered, mine, group=side.group)
-    reference = gathered[leader]
-    odd = [r for r, d in enumerate(gathered) if not torch.equal(d, reference)]
+def compare_digests(table: torch.Tensor, *, call_id: int, names: list[str], leader: int) -> None:
+    """``table[r]`` is rank r's input digest; DriftError on every rank if any differs from the leader's."""
+    reference = table[leader]
+    odd = [r for r in range(table.shape[0]) if not torch.equal(table[r], reference)]
     if not odd:
         return
-    names = ["header+meta", *tensors.keys()]
+    labels = ["header+meta", *names]
     details = []
     for r in odd:
-        d = gathered[r]
-        which = [names[0]] if d[0] != reference[0] else []
-        which += [names[1 + i] for i in range(len(tensors)) if not torch.equal(d[1 + 2 * i : 3 + 2 * i], reference[1 + 2 * i : 3 + 2 * i])]
+        d = table[r]
+        which = [labels[0]] if d[0] != reference[0] else []
+        which += [labels[1 + i] for i in range(len(names)) if not torch.equal(d[1 + 2 * i : 3 + 2 * i], reference[1 + 2 * i : 3 + 2 * i])]
         details.append(f"rank {r} ({', '.join(which)})")
     raise DriftError(
         f"input digest mismatch at call {call_id}: {'; '.join(details)} differ from the leader (rank {leader}): "

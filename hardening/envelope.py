@@ -1,23 +1,27 @@
 """The control-plane envelope: one framed, validated message per call, leader to all ranks.
 
-Frame, in this order, every rank calling the same broadcasts:
+Frame, in this order, every rank calling the same collectives:
 
-1. prefix ``int64[6]`` on the control group: magic, protocol version, kind, header
-   length, meta length, tensor count. Fixed size, so it can never mismatch.
-2. blob ``uint8[header+meta]`` on the control group: the header (canonical JSON:
-   call_id, cache_epoch, plan, tensor_specs manifest) followed by the meta (canonical
-   JSON: sorted keys, no NaN, no pickle).
-3. the tensors of the manifest, in order, on the data group (where they live).
-4. trailer ``int64[2]`` on the control group: status and reason length (+ reason bytes
-   when the leader failed after committing).
+1. control frame ``uint8[1024]`` broadcast on the control group: prefix (magic, protocol
+   version, kind, header length, meta length, tensor count) then the header (canonical
+   JSON: call_id, cache_epoch, plan, tensor_specs manifest) and the meta (canonical JSON:
+   sorted keys, no NaN, no pickle). Fixed size, so it can never mismatch; a longer
+   header+meta continues in one more broadcast whose length the prefix announces.
+2. the tensors of the manifest, in order, on the data group (where they live).
+3. confirmation: an all-gather on the control group of ``[status, digest...]`` from every
+   rank. The leader's status says whether it failed after committing; the digest words
+   carry the input digest when the drift check is due (zeros otherwise). Trailer and
+   digest share one collective, so a hardened call costs the same two control
+   collectives as a stock ``broadcast_object_list`` loop.
 
 **Preflight before commit**: the leader serializes meta, checks every dtype, shape and
-the plan before broadcasting the prefix (the commitment point). A refused call sends an
-``ERROR`` frame instead, so peers end with a named error instead of waiting. Receivers
-check version, kind, call_id monotonicity and the manifest against the call contract.
+the plan before broadcasting the control frame (the commitment point). A refused call
+sends an ``ERROR`` frame instead, so peers end with a named error instead of waiting.
+Receivers check version, kind, call_id monotonicity and the manifest against the call
+contract.
 
-``send`` and ``receive`` are runtime functions faults patch by name: call them through
-this module.
+``send``, ``receive`` and ``confirm`` are runtime functions faults patch by name: call
+them through this module.
 """
 
 from __future__ import annotations
@@ -96,7 +100,7 @@ class Channel:
     """Where envelopes travel and who sends them."""
 
     control_group: Any
-    """Gloo group for prefix, blob and trailer (host bytes, never device copies)."""
+    """Gloo group for the control frame and the confirmation (host bytes, never device copies)."""
     data_group: Any
     """Group the tensors travel on (the data plane)."""
     device: torch.device
@@ -192,23 +196,35 @@ def preflight(env: Envelope, channel: Channel) -> tuple[bytes, bytes, list[Tenso
     return header, meta, specs
 
 
-def _bcast_bytes(data: bytes | None, length: int, channel: Channel) -> bytes:
-    buf = torch.empty(length, dtype=torch.uint8)
-    if data is not None:
-        buf.copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
-    if length:
-        dist.broadcast(buf, src=channel.leader, group=channel.control_group)
-    return bytes(buf.numpy().tobytes())
+CONTROL_FRAME = 1024
+_PREFIX_BYTES = PREFIX_LEN * 8
 
 
-def _bcast_prefix(values: list[int] | None, channel: Channel) -> list[int]:
-    t = torch.tensor(values if values is not None else [0] * PREFIX_LEN, dtype=torch.int64)
-    dist.broadcast(t, src=channel.leader, group=channel.control_group)
-    return t.tolist()
+def _bcast_control(prefix: list[int] | None, blob: bytes, channel: Channel) -> tuple[list[int], bytes]:
+    """One fixed-size broadcast carries prefix and blob; a longer blob needs one more."""
+    frame = torch.zeros(CONTROL_FRAME, dtype=torch.uint8)
+    if prefix is not None:
+        head = torch.tensor(prefix, dtype=torch.int64).view(torch.uint8)
+        frame[:_PREFIX_BYTES] = head
+        first = blob[: CONTROL_FRAME - _PREFIX_BYTES]
+        if first:
+            frame[_PREFIX_BYTES : _PREFIX_BYTES + len(first)] = torch.frombuffer(bytearray(first), dtype=torch.uint8)
+    dist.broadcast(frame, src=channel.leader, group=channel.control_group)
+    values = frame[:_PREFIX_BYTES].view(torch.int64).tolist()
+    length = values[3] + values[4] if values[0] == MAGIC else 0
+    received = bytes(frame[_PREFIX_BYTES : _PREFIX_BYTES + min(length, CONTROL_FRAME - _PREFIX_BYTES)].numpy().tobytes())
+    rest = length - len(received)
+    if rest > 0:
+        more = torch.empty(rest, dtype=torch.uint8)
+        if prefix is not None:
+            more.copy_(torch.frombuffer(bytearray(blob[len(received) :]), dtype=torch.uint8))
+        dist.broadcast(more, src=channel.leader, group=channel.control_group)
+        received += bytes(more.numpy().tobytes())
+    return values, received
 
 
 def send(env: Envelope, channel: Channel) -> Envelope:
-    """Leader side. Preflight, commit, tensors, trailer. Returns the envelope as sent."""
+    """Leader side: preflight, commit, tensors. The caller then runs ``confirm``."""
     if channel.stock:
         return _send_stock(env, channel)
     try:
@@ -217,8 +233,8 @@ def send(env: Envelope, channel: Channel) -> Envelope:
         send_error(f"{type(exc).__name__}: {exc}", channel, call_id=env.call_id)
         raise
     # Commitment point: from here every peer expects the whole frame.
-    _bcast_prefix([MAGIC, PROTOCOL_VERSION, int(env.kind), len(header), len(meta), len(specs)], channel)
-    env.blob = _bcast_bytes(header + meta, len(header) + len(meta), channel)
+    prefix = [MAGIC, PROTOCOL_VERSION, int(env.kind), len(header), len(meta), len(specs)]
+    _, env.blob = _bcast_control(prefix, header + meta, channel)
     sent = 0
     try:
         for spec in specs:
@@ -226,16 +242,14 @@ def send(env: Envelope, channel: Channel) -> Envelope:
             dist.broadcast(tensor, src=channel.leader, group=channel.data_group)
             env.tensors[spec.name] = tensor
             sent += 1
-    except Exception as exc:
-        # Failed after commit: fill the broadcasts peers wait for, then say why in the trailer.
+    except Exception:
+        # Failed after commit: fill the broadcasts peers wait for, then tell them in the
+        # confirmation, before any of them reaches the data plane.
         for spec in specs[sent:]:
             filler = torch.zeros(spec.shape, dtype=ALLOWED_DTYPES[spec.dtype], device=channel.device)
             dist.broadcast(filler, src=channel.leader, group=channel.data_group)
-        reason = f"{type(exc).__name__}: {exc}".encode()[:4096]
-        _bcast_prefix([1, len(reason), 0, 0, 0, 0], channel)
-        _bcast_bytes(reason, len(reason), channel)
+        confirm(env, channel, status=STATUS_FAILED_AFTER_COMMIT)
         raise
-    _bcast_prefix([0, 0, 0, 0, 0, 0], channel)
     if env.kind is Kind.CALL:
         channel.last_call_id = env.call_id
     return env
@@ -244,15 +258,14 @@ def send(env: Envelope, channel: Channel) -> Envelope:
 def send_error(reason: str, channel: Channel, *, call_id: int) -> None:
     """Terminal action: tell every peer why the leader stops (they raise PeerError)."""
     blob = canonical_json({"call_id": call_id, "reason": reason[:4096]}, what="error")
-    _bcast_prefix([MAGIC, PROTOCOL_VERSION, int(Kind.ERROR), len(blob), 0, 0], channel)
-    _bcast_bytes(blob, len(blob), channel)
+    _bcast_control([MAGIC, PROTOCOL_VERSION, int(Kind.ERROR), len(blob), 0, 0], blob, channel)
 
 
 def receive(channel: Channel) -> Envelope:
-    """Follower side: the next envelope, validated; raises a named error otherwise."""
+    """Follower side: the next envelope, validated; the caller then runs ``confirm``."""
     if channel.stock:
         return _receive_stock(channel)
-    magic, version, kind, header_len, meta_len, count = _bcast_prefix(None, channel)
+    (magic, version, kind, header_len, meta_len, count), blob = _bcast_control(None, b"", channel)
     if magic != MAGIC:
         raise ContractError(f"control-plane frame without the envelope magic (got {magic:#x}): an ad-hoc broadcast?")
     if version != PROTOCOL_VERSION:
@@ -261,7 +274,6 @@ def receive(channel: Channel) -> Envelope:
         kind_ = Kind(kind)
     except ValueError:
         raise ContractError(f"unknown envelope kind {kind}") from None
-    blob = _bcast_bytes(None, header_len + meta_len, channel)
     try:
         header = json.loads(blob[:header_len]) if header_len else {}
         meta = json.loads(blob[header_len:]) if meta_len else {}
@@ -287,16 +299,42 @@ def receive(channel: Channel) -> Envelope:
         tensor = torch.empty(spec.shape, dtype=ALLOWED_DTYPES[spec.dtype], device=channel.device)
         dist.broadcast(tensor, src=channel.leader, group=channel.data_group)
         env.tensors[spec.name] = tensor
-    status, reason_len, *_ = _bcast_prefix(None, channel)
-    if status != 0:
-        reason = _bcast_bytes(None, reason_len, channel).decode(errors="replace")
-        raise PeerError(
-            f"rank {channel.leader} (leader) failed after committing call {env.call_id}: {reason}",
-            root_cause_rank=channel.leader,
-        )
     if kind_ is Kind.CALL:
         channel.last_call_id = env.call_id
     return env
+
+
+STATUS_OK = 0
+STATUS_FAILED_AFTER_COMMIT = 1
+
+
+def digest_words(env: Envelope) -> int:
+    """Length of the digest part of the confirmation: CRC of the blob + 2 per tensor."""
+    return 1 + 2 * len(env.tensors)
+
+
+def confirm(env: Envelope, channel: Channel, *, digest: torch.Tensor | None = None, status: int = STATUS_OK) -> torch.Tensor:
+    """Close a CALL on every rank: gather ``[status, digest...]``; returns ``int64[world, 1+D]``.
+
+    Raises PeerError on the followers when the leader failed after committing: they learn
+    it here, before their data plane, instead of in a collective the leader never joins.
+    """
+    words = torch.zeros(1 + digest_words(env), dtype=torch.int64)
+    words[0] = status
+    if digest is not None:
+        words[1:] = digest.to("cpu")
+    if channel.stock:
+        return words.unsqueeze(0)
+    world = dist.get_world_size(channel.control_group)
+    gathered = [torch.empty_like(words) for _ in range(world)]
+    dist.all_gather(gathered, words, group=channel.control_group)
+    table = torch.stack(gathered)
+    if channel.rank != channel.leader and int(table[channel.leader, 0]) != STATUS_OK:
+        raise PeerError(
+            f"rank {channel.leader} (leader) failed after committing call {env.call_id} (see its record)",
+            root_cause_rank=channel.leader,
+        )
+    return table
 
 
 def _validate_call(env: Envelope, specs: list[TensorSpec], count: int, channel: Channel) -> None:

@@ -214,10 +214,11 @@ def _recipe(spec: RankSpec, profile: Profile, state: RankState, store: dist.Stor
                 lifecycle, op=env.plan["cache_op"], epoch=env.cache_epoch, tokens=tokens, call_id=call_id, validate=hardened
             )
             every = profile.drift.digest_every
-            if hardened and phase == "steady" and every and call_id % every == 0:
-                drift.check_input_digest(
-                    side, call_id=call_id, blob=env.blob, tensors=env.tensors, device=device, leader=LEADER
-                )
+            due = hardened and phase == "steady" and every > 0 and call_id % every == 0
+            digest = drift.input_digest(env.blob, env.tensors, device) if due else None
+            table = envelope.confirm(env, channel, digest=digest)
+            if due:
+                drift.compare_digests(table[:, 1:], call_id=call_id, names=list(env.tensors), leader=LEADER)
             inputs = region.inputs_of(reg, env.tensors, call_id)
             compiled(*inputs)
             if device.type == "cuda":
