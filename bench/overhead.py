@@ -4,47 +4,65 @@ Starts the ranks once (real processes, gloo on 127.0.0.1, the c10d store hosted 
 process as the runner hosts it), builds the reference region (``hardening.reference``,
 tensor-parallel over the ranks) and compiles it through ``compile_health.compile_region``
 with a ``CompileProbe``, as the worker does. Then every rank times interleaved blocks of
-``--calls`` calls of three loops, ``--repeats`` times (the order of the three is rotated
-from one repeat to the next, so drift and position effects fall on all of them alike):
+``--calls`` calls of the loops below, ``--repeats`` times (their order is rotated from one
+repeat to the next, so drift and position effects fall on all of them alike):
 
-A  unhardened: the leader makes the inputs of the call (``region.make_inputs``) and ships
-   each tensor with ``dist.broadcast`` on the data group (a plain TP serving loop must
-   ship its inputs somehow); the KV cache is reset at the same calls as in B (a serving
-   loop resets its cache too); every rank runs the compiled region.
+A  lower bound, no control plane at all: the leader makes the inputs of the call
+   (``region.make_inputs``) and ships each tensor with ``dist.broadcast`` on the data
+   group; the KV cache is reset at the same calls as in B; every rank runs the compiled
+   region. No call id, no plan, no meta travel: real serving code cannot be this bare.
+S  stock, the loop the worker itself runs with ``hardened: false`` (``worker.step`` on a
+   channel with ``stock=True``, control group = the data group as in ``_recipe``):
+   ``RankState.begin_call``/``end_call``, the leader's ``worker.make_envelope``,
+   ``envelope.send``/``receive`` in their stock form (the header -- kind, call_id, epoch,
+   plan, meta, tensor specs -- pickled by ``broadcast_object_list``, i.e. two broadcasts,
+   then the tensors; nothing checked), ``lifecycle.apply_transition(validate=False)``,
+   ``envelope.confirm`` (on a stock channel: local, no collective), the compiled region.
+   No watchdog, no recompile guard. This is the realistic unhardened baseline: it ships
+   its meta too.
 B  hardened, what ``worker.step`` does in steady state: the recompile guard entered around
    each call (as the worker's steady loop does), ``RankState.begin_call``/``end_call``,
-   the leader's ``worker.make_envelope`` (``CacheSchedule`` plan + the same inputs) and
-   ``envelope.send`` (preflight, canonical JSON, prefix + blob + trailer on the gloo side
-   group, the tensors on the data group), the followers' ``envelope.receive``
-   (validation against the call contract), ``lifecycle.apply_transition``, the input
-   digest (``drift.check_input_digest``: CRC of header+meta, a checksum per tensor and an
-   all-gather on the gloo side group) on every call (``digest_every=1``), the compiled
-   region. A ``Watchdog`` thread runs in the rank for the whole block (heartbeat
-   ``--heartbeat`` s into the store, abort poll, peer liveness, call deadline).
-C  as B with ``digest_every=0``: what the digest costs.
-D  (attribution, no region) only the collectives B issues beyond A's, bare: prefix, blob
-   and trailer broadcasts of the envelope and the digest all-gather, on the side group.
-   Per call A issues 2 broadcasts + the region's 2 all-reduces; B issues 5 broadcasts,
-   1 all-gather + the same 2 all-reduces.
+   the leader's ``worker.make_envelope`` and ``envelope.send`` (preflight, canonical JSON,
+   the ``uint8[1024]`` control frame -- prefix + header + meta -- broadcast on the gloo
+   side group, plus one more broadcast only when header+meta exceed the frame; the
+   tensors on the data group), the followers' ``envelope.receive`` (validation against
+   the call contract), ``lifecycle.apply_transition``, the input digest computed on every
+   call (``digest_every=1``: ``drift.input_digest``, CRC of header+meta and a checksum per
+   tensor), ``envelope.confirm`` (the all-gather of ``[status, digest...]`` on the side
+   group that closes every CALL), ``drift.compare_digests``, the compiled region. A
+   ``Watchdog`` thread runs in the rank for the whole block (heartbeat ``--heartbeat`` s
+   into the store, abort poll, peer liveness, call deadline).
+C  as B with ``digest_every=0``: no digest computed or compared, but ``confirm`` still
+   runs (it closes the frame: the leader's failed-after-commit status travels in it), so
+   C - B is the digest's local compute only, not a collective.
+D  (attribution, no region, no Python around them) the control-plane collectives alone:
+   B's control frame broadcast (+ its continuation when the blob is longer than the
+   frame) and confirm all-gather on the side group, and S's ``broadcast_object_list`` of
+   the pickled header on the data group. Per call A issues 2 tensor broadcasts + the
+   region's 2 all-reduces; S issues 2 + 2 more broadcasts (object list) + the same
+   all-reduces; B and C issue 2 + 1 broadcast (control frame) + 1 all-gather (confirm) +
+   the same all-reduces.
 
 Per-call wall time is measured on every rank (the ranks run in lockstep, so the slowest
 piece of either rank shows on both). The main table gives the median and the mean
-per call of each loop on each rank and the ratios B/A and C/A; the second table splits
-each loop into its pieces (in a lockstep loop, waiting for the peer lands in whichever
-piece holds the next collective: a follower's ``receive`` includes the leader making
-the inputs, a ``region call`` includes the slower rank's share of the all-reduces). A
-last table times the local pieces alone, without any collective (preflight, digest
-computation, guard enter/exit, lifecycle), so that collective latency and Python cost
-can be told apart.
+per call of each loop on each rank and the ratios to S (the stock loop) and to A (the
+bare lower bound); the second table splits each loop into its pieces (in a lockstep
+loop, waiting for the peer lands in whichever piece holds the next collective: a
+follower's ``receive`` includes the leader making the inputs, a ``region call`` includes
+the slower rank's share of the all-reduces, B's ``confirm`` includes a follower's
+validation or a slower peer's digest). A last table times the local pieces alone,
+without any collective (preflight, digest computation, guard enter/exit, lifecycle), so
+that collective latency and Python cost can be told apart.
 
 Not included (paid once per run, not per call): process launch and the fork server,
 init and env parity, region parity keys, the weight fingerprints, warmup lockstep
 tickets, the compile gates, the SHUTDOWN envelope, fault-injection install. The watchdog
-is stopped during the A and D blocks so that A carries none of the runtime; its cost in
-B and C is indirect (a thread doing ~8 store round trips per heartbeat, taking the GIL)
-and shows only in the totals. The numbers are wall times on a shared machine: anything
-else running on its cores inflates every collective's latency, which B has more of. Each rank uses
-``--threads`` intra-op threads (default 1: two ranks on a 2-core box).
+is stopped during the A, S and D blocks so that they carry none of the runtime; its cost
+in B and C is indirect (a thread doing ~8 store round trips per heartbeat, taking the
+GIL) and shows only in the totals. Each rank uses ``--threads`` intra-op threads
+(default 1: two ranks on a 2-core box). The numbers are wall times: anything else
+running on the machine's cores inflates every collective's latency (the header prints
+the load average before and after the run).
 
     python bench/overhead.py [--calls 100] [--repeats 15] [--hidden 256 ...]
 """
@@ -64,37 +82,44 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-VARIANTS = ("A", "B", "C", "D")
-RATIO_VARIANTS = ("A", "B", "C")
+VARIANTS = ("A", "S", "B", "C", "D")
+RATIO_VARIANTS = ("A", "S", "B", "C")
+BASELINES = ("S", "A")
 TITLES = {
-    "A": "A unhardened (make inputs, broadcast, region)",
-    "B": "B hardened (envelope, lifecycle, digest every call, watchdog, guard)",
-    "C": "C hardened, digest off (digest_every=0)",
-    "D": "D the side-group collectives B adds, alone (no region, no Python around them)",
+    "A": "A bare lower bound (make inputs, broadcast tensors, region)",
+    "S": "S stock worker loop, hardened: false (pickled header, tensors, region)",
+    "B": "B hardened (envelope, lifecycle, digest every call, confirm, watchdog, guard)",
+    "C": "C hardened, digest off (digest_every=0; confirm still closes every call)",
+    "D": "D control-plane collectives alone (no region, no Python around them)",
 }
 PIECES = {
     "A": ("inputs", "broadcast", "region"),
-    "B": ("bookkeeping", "make_envelope", "envelope", "lifecycle", "digest", "region"),
-    "D": ("prefix", "blob", "trailer", "allgather"),
+    "S": ("bookkeeping", "make_envelope", "stock_envelope", "lifecycle", "stock_confirm", "region"),
+    "B": ("bookkeeping", "make_envelope", "envelope", "lifecycle", "digest", "confirm", "compare", "region"),
+    "D": ("control", "allgather", "object_list"),
 }
 PIECES["C"] = PIECES["B"]
 PIECE_TITLES = {
     "inputs": "leader makes the inputs (+ cache reset at the same calls as B)",
     "broadcast": "dist.broadcast of each input tensor",
     "region": "compiled region call",
-    "bookkeeping": "recompile guard enter/exit, begin_call/end_call",
+    "bookkeeping": "recompile guard enter/exit (B, C only), begin_call/end_call",
     "make_envelope": "worker.make_envelope (leader: schedule plan + inputs)",
-    "envelope": "envelope.send (leader) / envelope.receive (followers)",
+    "envelope": "envelope.send (leader) / envelope.receive (followers): control frame + tensors",
+    "stock_envelope": "stock envelope.send / receive: broadcast_object_list header + tensors",
     "lifecycle": "lifecycle.apply_transition",
-    "digest": "drift.check_input_digest",
-    "prefix": "broadcast int64[6] (envelope prefix)",
-    "blob": "broadcast uint8[header+meta] (envelope blob)",
-    "trailer": "broadcast int64[6] (envelope trailer)",
-    "allgather": "all_gather int64[1+2n] (input digest)",
+    "stock_confirm": "envelope.confirm on a stock channel (local, no collective)",
+    "digest": "drift.input_digest (C: skipped)",
+    "confirm": "envelope.confirm: all-gather int64[1+1+2n] on the side group",
+    "compare": "drift.compare_digests (C: skipped)",
+    "control": "broadcast uint8[1024] control frame (+ continuation if longer), side group",
+    "allgather": "all_gather int64[1+1+2n] (confirm), side group",
+    "object_list": "broadcast_object_list of S's pickled header, data group",
 }
 LOCAL_TITLES = {
     "preflight": "envelope.preflight + canonical JSON (leader, no collective)",
     "input_digest": "drift.input_digest: CRC + checksum per tensor (no collective)",
+    "compare": "drift.compare_digests on an equal 2-row table (no collective)",
     "guard": "RecompileGuard enter + exit (once per call in the worker's steady loop)",
     "lifecycle": "lifecycle.apply_transition (advance, no reset)",
 }
@@ -173,8 +198,15 @@ def rank_main(spec: dict[str, Any]) -> None:
         control_group=side.group, data_group=dist.group.WORLD, device=device, leader=worker.LEADER, rank=rank,
         contract=contract,
     )
+    # The stock loop's channel, as _recipe builds it with hardened: false.
+    stock_channel = Channel(
+        control_group=dist.group.WORLD, data_group=dist.group.WORLD, device=device, leader=worker.LEADER, rank=rank,
+        contract=contract, stock=True,
+    )
     lc = KVCacheLifecycle(reset_fn=reg.reset_cache)
     schedule = CacheSchedule(reset_every=profile.drift.reset_every)
+    stock_lc = KVCacheLifecycle(reset_fn=reg.reset_cache)
+    stock_schedule = CacheSchedule(reset_every=profile.drift.reset_every)
     reset_every = profile.drift.reset_every
     probe = compile_health.CompileProbe()
     probe.install()
@@ -187,8 +219,9 @@ def rank_main(spec: dict[str, Any]) -> None:
     guard = compile_health.RecompileGuard() if profile.compile.enabled and profile.gates.max_recompiles == 0 else None
     pc = time.perf_counter
 
-    # -- the three loops; each returns its pieces' seconds -------------------------------
+    # -- the loops; each returns its pieces' seconds ---------------------------------------
     plain_id = 0
+    stock_id = 0
     hard_id = 0
 
     def plain_call() -> list[float]:
@@ -208,6 +241,38 @@ def rank_main(spec: dict[str, Any]) -> None:
         compiled(*tensors)
         t3 = pc()
         return [t1 - t0, t2 - t1, t3 - t2]
+
+    def stock_call() -> list[float]:
+        """worker.step(phase="steady") with hardened: false (what _stock_steady runs), in pieces."""
+        nonlocal stock_id
+        call_id, stock_id = stock_id, stock_id + 1
+        t0 = pc()
+        state.begin_call(call_id, deadline_bound=True)
+        try:
+            t1 = pc()
+            if leader:
+                env = worker.make_envelope(reg, call_id, stock_schedule, phase="steady")
+                t2 = pc()
+                env = envelope.send(env, stock_channel)
+            else:
+                t2 = pc()
+                env = envelope.receive(stock_channel)
+            t3 = pc()
+            first = next(iter(env.tensors.values()), None)
+            tokens = int(first.shape[-2]) if first is not None and first.dim() >= 2 else 1
+            worker.lifecycle_apply(
+                stock_lc, op=env.plan["cache_op"], epoch=env.cache_epoch, tokens=tokens, call_id=call_id, validate=False
+            )
+            t4 = pc()
+            envelope.confirm(env, stock_channel, digest=None)
+            t5 = pc()
+            inputs = region.inputs_of(reg, env.tensors, call_id)
+            compiled(*inputs)
+            t6 = pc()
+        finally:
+            state.end_call()
+        t7 = pc()
+        return [(t1 - t0) + (t7 - t6), t2 - t1, t3 - t2, t4 - t3, t5 - t4, t6 - t5]
 
     def hardened_call(digest_every: int) -> list[float]:
         """worker.step(phase="steady") inside the steady loop's ``with guard:``, timed in pieces."""
@@ -232,43 +297,53 @@ def rank_main(spec: dict[str, Any]) -> None:
                 tokens = int(first.shape[-2]) if first is not None and first.dim() >= 2 else 1
                 worker.lifecycle_apply(lc, op=env.plan["cache_op"], epoch=env.cache_epoch, tokens=tokens, call_id=call_id)
                 t4 = pc()
-                if digest_every and call_id % digest_every == 0:
-                    drift.check_input_digest(
-                        side, call_id=call_id, blob=env.blob, tensors=env.tensors, device=device, leader=worker.LEADER
-                    )
+                due = digest_every > 0 and call_id % digest_every == 0
+                digest = drift.input_digest(env.blob, env.tensors, device) if due else None
                 t5 = pc()
+                table = envelope.confirm(env, channel, digest=digest)
+                t6 = pc()
+                if due:
+                    drift.compare_digests(table[:, 1:], call_id=call_id, names=list(env.tensors), leader=worker.LEADER)
+                t7 = pc()
                 inputs = region.inputs_of(reg, env.tensors, call_id)
                 compiled(*inputs)
-                t6 = pc()
+                t8 = pc()
             finally:
                 state.end_call()
         finally:
             if guard is not None:
                 guard.__exit__(None, None, None)
-        t7 = pc()
-        return [(t1 - t0) + (t7 - t6), t2 - t1, t3 - t2, t4 - t3, t5 - t4, t6 - t5]
+        t9 = pc()
+        return [(t1 - t0) + (t9 - t8), t2 - t1, t3 - t2, t4 - t3, t5 - t4, t6 - t5, t7 - t6, t8 - t7]
 
     probe_env = worker.make_envelope(reg, 1, CacheSchedule(reset_every=reset_every), phase="steady")
     header, meta, _ = envelope.preflight(probe_env, Channel(
         control_group=None, data_group=None, device=device, leader=0, rank=rank, contract=contract, last_call_id=0))
     blob_len = len(header) + len(meta)
-    digest_len = 1 + 2 * len(contract.tensors)
+    frame_room = envelope.CONTROL_FRAME - 8 * envelope.PREFIX_LEN
+    confirm_len = 1 + envelope.digest_words(probe_env)
+    specs = [(n, tuple(x.shape), str(x.dtype).removeprefix("torch.")) for n, x in probe_env.tensors.items()]
+    stock_header = {"kind": int(probe_env.kind), "call_id": 1, "cache_epoch": probe_env.cache_epoch,
+                    "plan": probe_env.plan, "meta": probe_env.meta, "specs": specs}  # fmt: skip
 
     def collectives_call() -> list[float]:
-        """The collectives B issues on the side group beyond A's (prefix, blob, trailer, digest)."""
+        """The control-plane collectives alone: B's control frame and confirm, S's object list."""
         t0 = pc()
-        dist.broadcast(torch.zeros(6, dtype=torch.int64), src=worker.LEADER, group=side.group)
+        dist.broadcast(torch.zeros(envelope.CONTROL_FRAME, dtype=torch.uint8), src=worker.LEADER, group=side.group)
+        if blob_len > frame_room:
+            dist.broadcast(torch.zeros(blob_len - frame_room, dtype=torch.uint8), src=worker.LEADER, group=side.group)
         t1 = pc()
-        dist.broadcast(torch.zeros(blob_len, dtype=torch.uint8), src=worker.LEADER, group=side.group)
+        out = [torch.empty(confirm_len, dtype=torch.int64) for _ in range(world)]
+        dist.all_gather(out, torch.zeros(confirm_len, dtype=torch.int64), group=side.group)
         t2 = pc()
-        dist.broadcast(torch.zeros(6, dtype=torch.int64), src=worker.LEADER, group=side.group)
+        box = [stock_header if leader else None]
+        dist.broadcast_object_list(box, src=worker.LEADER, group=dist.group.WORLD)
         t3 = pc()
-        out = [torch.empty(digest_len, dtype=torch.int64) for _ in range(world)]
-        dist.all_gather(out, torch.zeros(digest_len, dtype=torch.int64), group=side.group)
-        t4 = pc()
-        return [t1 - t0, t2 - t1, t3 - t2, t4 - t3]
+        return [t1 - t0, t2 - t1, t3 - t2]
 
-    run_call = {"A": plain_call, "B": lambda: hardened_call(1), "C": lambda: hardened_call(0), "D": collectives_call}
+    run_call = {
+        "A": plain_call, "S": stock_call, "B": lambda: hardened_call(1), "C": lambda: hardened_call(0), "D": collectives_call,
+    }
 
     class _BlockTerminator(Terminator):
         """The runtime's Terminator (record, abort, exit code on a real end), plus a stop
@@ -344,6 +419,9 @@ def rank_main(spec: dict[str, Any]) -> None:
     local_time("preflight", lambda: envelope.preflight(probe_env, scratch))
     blob = header + meta
     local_time("input_digest", lambda: drift.input_digest(blob, probe_env.tensors, device))
+    row = drift.input_digest(blob, probe_env.tensors, device)
+    table = torch.stack([row, row])
+    local_time("compare", lambda: drift.compare_digests(table, call_id=1, names=list(probe_env.tensors), leader=0))
     if guard is not None:
         local_time("guard", lambda: (guard.__enter__(), guard.__exit__(None, None, None)))
     scratch_lc = KVCacheLifecycle()
@@ -358,6 +436,8 @@ def rank_main(spec: dict[str, Any]) -> None:
         "guard": guard.mechanism if guard is not None else "off",
         "local": local,
         "threads": torch.get_num_threads(),
+        "blob_len": blob_len,
+        "frame_room": frame_room,
     }
     (out_dir / f"rank{rank}.json").write_text(json.dumps(report))
     dist.barrier(group=side.group)  # nobody leaves while a peer still needs the groups
@@ -387,47 +467,53 @@ def summarize(reports: list[dict[str, Any]], args: argparse.Namespace, elapsed: 
         for v in VARIANTS
         for r in ranks
     }
-    # Spread of the per-block ratio (each B block against the A block of the same repeat).
-    def block_ratios(v: str, r: int) -> list[float]:
-        a = [b["wall"] for b in reports[r]["results"]["A"]]
+    # Spread of the per-block ratio (each block against the baseline's block of the same repeat).
+    def block_ratios(v: str, base: str, r: int) -> list[float]:
+        a = [b["wall"] for b in reports[r]["results"][base]]
         x = [b["wall"] for b in reports[r]["results"][v]]
         return sorted(xi / ai for xi, ai in zip(x, a))
 
     dims = {k: getattr(args, k) for k in ("hidden", "heads", "tokens", "cache", "mlp", "batch")}
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    blob_len, room = reports[0]["blob_len"], reports[0]["frame_room"]
     head = [
         f"ranks {args.ranks} (gloo, 127.0.0.1), reference region dims {json.dumps(dims)}, float32, "
         f"torch.compile backend {args.backend!r}",
-        f"{args.repeats} repeats x {args.calls} calls per loop, interleaved A/B/C/D blocks (order rotated per repeat), "
-        f"{args.warmup} warmup calls per loop",
+        f"{args.repeats} repeats x {args.calls} calls per loop, interleaved {'/'.join(VARIANTS)} blocks "
+        f"(order rotated per repeat), {args.warmup} warmup calls per loop",
         f"torch {torch.__version__}, python {sys.version.split()[0]}, {cores} cores, "
         f"{reports[0]['threads']} intra-op thread(s) per rank, reset_every {args.reset_every}, "
         f"watchdog heartbeat {args.heartbeat} s, recompile guard: {reports[0]['guard']}; total run {elapsed:.0f} s, "
         f"1-min load average {load[0]:.2f} before / {load[1]:.2f} after (others' load inflates every collective)",
+        f"envelope header+meta {blob_len} bytes: "
+        + (f"fits the control frame ({room} bytes after the prefix), 1 control broadcast per call"
+           if blob_len <= room else f"longer than the control frame ({room} bytes after the prefix), 2 control broadcasts per call"),
     ]
     cols = ["loop"]
     for r in ranks:
         cols += [f"rank {r} median ms/call", f"rank {r} mean ms/call"]
-    cols += ["ratio to A (rank 0 median)", "ratio to A (rank 0 mean)", "per-block ratio rank 0 (min..max)"]
+    for base in BASELINES:
+        cols += [f"/{base} (r0 median)", f"/{base} (r0 mean)", f"/{base} per block r0 (min..max)"]
     rows = []
     for v in RATIO_VARIANTS:
         row = [TITLES[v]]
         for r in ranks:
             row += [_ms(med[v, r]), _ms(mean[v, r])]
-        if v == "A":
-            row += ["1.00", "1.00", ""]
-        else:
-            br = block_ratios(v, 0)
-            row += [f"{med[v, 0] / med['A', 0]:.3f}", f"{mean[v, 0] / mean['A', 0]:.3f}", f"{br[0]:.2f}..{br[-1]:.2f}"]
+        for base in BASELINES:
+            if v == base:
+                row += ["1.00", "1.00", ""]
+            else:
+                br = block_ratios(v, base, 0)
+                row += [f"{med[v, 0] / med[base, 0]:.3f}", f"{mean[v, 0] / mean[base, 0]:.3f}", f"{br[0]:.2f}..{br[-1]:.2f}"]
         rows.append(row)
     lines = head + ["", tabulate(rows, headers=cols, tablefmt="github", disable_numparse=True)]
     lines.append("")
-    for v in ("B", "C"):
+    for v, base in (("B", "S"), ("B", "A"), ("C", "S"), ("C", "A"), ("S", "A")):
         lines.append(
-            f"{v}/A: median {med[v, 0] / med['A', 0]:.3f} (rank 0), "
-            + ", ".join(f"{med[v, r] / med['A', r]:.3f} (rank {r})" for r in ranks if r)
-            + f"; absolute overhead {1e3 * (med[v, 0] - med['A', 0]):+.3f} ms/call (rank 0 median), "
-            f"{1e3 * (mean[v, 0] - mean['A', 0]):+.3f} ms/call (rank 0 mean)"
+            f"{v}/{base}: median {med[v, 0] / med[base, 0]:.3f} (rank 0), "
+            + ", ".join(f"{med[v, r] / med[base, r]:.3f} (rank {r})" for r in ranks if r)
+            + f"; mean {mean[v, 0] / mean[base, 0]:.3f} (rank 0); absolute {1e3 * (med[v, 0] - med[base, 0]):+.3f} ms/call "
+            f"(rank 0 median), {1e3 * (mean[v, 0] - mean[base, 0]):+.3f} ms/call (rank 0 mean)"
         )
 
     # Breakdown: per-piece mean and median, microseconds; means add up to the mean per call.
@@ -490,7 +576,7 @@ def main() -> None:
     parser.add_argument("--reset-every", type=int, default=4, help="KV-cache reset period (profile drift.reset_every)")
     parser.add_argument("--heartbeat", type=float, default=0.2, help="watchdog heartbeat seconds")
     parser.add_argument("--pg-timeout", type=float, default=30.0, help="process-group and store timeout seconds")
-    parser.add_argument("--timeout", type=float, default=170.0, help="hard cap on the whole run, seconds")
+    parser.add_argument("--timeout", type=float, default=400.0, help="hard cap on the whole run, seconds")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
 

@@ -11,8 +11,9 @@ Frame, in this order, every rank calling the same collectives:
 3. confirmation: an all-gather on the control group of ``[status, digest...]`` from every
    rank. The leader's status says whether it failed after committing; the digest words
    carry the input digest when the drift check is due (zeros otherwise). Trailer and
-   digest share one collective, so a hardened call costs the same two control
-   collectives as a stock ``broadcast_object_list`` loop.
+   digest share one collective: two control collectives per call, as many as a stock
+   ``broadcast_object_list`` loop (the confirmation is also a point where the ranks
+   wait for each other, which is most of the runtime's measured cost).
 
 **Preflight before commit**: the leader serializes meta, checks every dtype, shape and
 the plan before broadcasting the control frame (the commitment point). A refused call
@@ -242,16 +243,18 @@ def send(env: Envelope, channel: Channel) -> Envelope:
             dist.broadcast(tensor, src=channel.leader, group=channel.data_group)
             env.tensors[spec.name] = tensor
             sent += 1
-    except Exception:
+    except Exception as exc:
         # Failed after commit: fill the broadcasts peers wait for, then tell them in the
-        # confirmation, before any of them reaches the data plane.
-        for spec in specs[sent:]:
-            filler = torch.zeros(spec.shape, dtype=ALLOWED_DTYPES[spec.dtype], device=channel.device)
-            dist.broadcast(filler, src=channel.leader, group=channel.data_group)
-        confirm(env, channel, status=STATUS_FAILED_AFTER_COMMIT)
-        raise
-    if env.kind is Kind.CALL:
-        channel.last_call_id = env.call_id
+        # confirmation, before any of them reaches the data plane. If that fails too (the
+        # peers are gone), the original error is still the one reported.
+        try:
+            for spec in specs[sent:]:
+                filler = torch.zeros(spec.shape, dtype=ALLOWED_DTYPES[spec.dtype], device=channel.device)
+                dist.broadcast(filler, src=channel.leader, group=channel.data_group)
+            confirm(env, channel, status=STATUS_FAILED_AFTER_COMMIT)
+        except Exception:
+            pass
+        raise exc
     return env
 
 
@@ -299,8 +302,6 @@ def receive(channel: Channel) -> Envelope:
         tensor = torch.empty(spec.shape, dtype=ALLOWED_DTYPES[spec.dtype], device=channel.device)
         dist.broadcast(tensor, src=channel.leader, group=channel.data_group)
         env.tensors[spec.name] = tensor
-    if kind_ is Kind.CALL:
-        channel.last_call_id = env.call_id
     return env
 
 
@@ -329,11 +330,15 @@ def confirm(env: Envelope, channel: Channel, *, digest: torch.Tensor | None = No
     gathered = [torch.empty_like(words) for _ in range(world)]
     dist.all_gather(gathered, words, group=channel.control_group)
     table = torch.stack(gathered)
-    if channel.rank != channel.leader and int(table[channel.leader, 0]) != STATUS_OK:
+    if int(table[channel.leader, 0]) != STATUS_OK:
+        if channel.rank == channel.leader:
+            return table  # the leader raises its own error after this
         raise PeerError(
-            f"rank {channel.leader} (leader) failed after committing call {env.call_id} (see its record)",
+            f"rank {channel.leader} (leader) failed after committing call {env.call_id} (its record names the error)",
             root_cause_rank=channel.leader,
         )
+    if env.kind is Kind.CALL:
+        channel.last_call_id = env.call_id  # only a confirmed call counts, on every rank
     return table
 
 

@@ -270,7 +270,8 @@ def dump_stack(
         # Full filenames let summarize_frames tell torch and the stdlib from user code by
         # path; it shortens them again for display.
         cmd = [py_spy, "dump", "--pid", str(target), "--full-filenames"] + (["--native"] if native else [])
-        if _proc_state(target) == "T" and not native:
+        stopped = _proc_state(target) == "T"
+        if stopped and not native:
             # A stopped process is already still: read it without ptrace-suspending it,
             # which fails on a job-control stop ("unexpected waitpid result").
             cmd.append("--nonblocking")
@@ -285,6 +286,8 @@ def dump_stack(
             text = f"py-spy timed out after {timeout:g}s"
         elif rc == 0:
             ok, text = True, out
+            if stopped:
+                text = f"process {target} is stopped (SIGSTOP/SIGTSTP): frozen, not blocked\n" + text
         else:
             # The reason first; py-spy's partial stdout (the process header) after it.
             text = _not_running(target) or _clean_error(err or out, target)

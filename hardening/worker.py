@@ -208,17 +208,19 @@ def _recipe(spec: RankSpec, profile: Profile, state: RankState, store: dist.Stor
                 env = envelope.send(make_envelope(reg, call_id, schedule, phase=phase), channel)
             else:
                 env = envelope.receive(channel)
+            every = profile.drift.digest_every
+            due = hardened and phase == "steady" and every > 0 and call_id % every == 0
+            digest = drift.input_digest(env.blob, env.tensors, device) if due else None
+            # The confirmation closes the frame first: no cache transition for a call the
+            # leader abandoned after commit.
+            table = envelope.confirm(env, channel, digest=digest)
+            if due:
+                drift.compare_digests(table[:, 1:], call_id=call_id, names=list(env.tensors), leader=LEADER)
             first = next(iter(env.tensors.values()), None)
             tokens = int(first.shape[-2]) if first is not None and first.dim() >= 2 else 1
             lifecycle_apply(
                 lifecycle, op=env.plan["cache_op"], epoch=env.cache_epoch, tokens=tokens, call_id=call_id, validate=hardened
             )
-            every = profile.drift.digest_every
-            due = hardened and phase == "steady" and every > 0 and call_id % every == 0
-            digest = drift.input_digest(env.blob, env.tensors, device) if due else None
-            table = envelope.confirm(env, channel, digest=digest)
-            if due:
-                drift.compare_digests(table[:, 1:], call_id=call_id, names=list(env.tensors), leader=LEADER)
             inputs = region.inputs_of(reg, env.tensors, call_id)
             compiled(*inputs)
             if device.type == "cuda":

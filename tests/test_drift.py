@@ -1,6 +1,7 @@
-"""Drift tripwires: bit checksums, input digests, weight fingerprints of the reference
-region, weight checks over a real TCPStore side channel (2 rank threads), and the input
-digest on a real 2-rank gloo pair (shared with test_envelope.py)."""
+"""Drift tripwires: bit checksums, input digests and their comparison, weight
+fingerprints of the reference region, weight checks over a real TCPStore side channel
+(2 rank threads), and the input digest on a real 2-rank gloo pair, carried by the
+envelope's confirm all-gather (shared with test_envelope.py)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from hardening.drift import check_weights, checksum, fingerprint, input_digest
+from hardening.drift import check_weights, checksum, compare_digests, fingerprint, input_digest
 from hardening.errors import DriftError
 from hardening.reference import TPDiTBlock
 from hardening.region import RegionContext
@@ -121,6 +122,70 @@ def test_input_digest_covers_blob_and_every_tensor() -> None:
     # Order of the tensors matters (it is the manifest order).
     g = input_digest(blob, {"c": tensors["c"], "x": tensors["x"]}, cpu)
     assert not torch.equal(g, d)
+
+
+# -- compare_digests (pure: the table the confirm all-gather returns, less the status) ------
+
+NAMES = ["x", "c"]
+
+
+def _table(world: int = 3) -> torch.Tensor:
+    blob = b'{"call_id":3}{"phase":"steady"}'
+    tensors = {"x": torch.arange(6, dtype=torch.float32).reshape(2, 3), "c": torch.ones(4, dtype=torch.bfloat16)}
+    row = input_digest(blob, tensors, torch.device("cpu"))
+    return row.unsqueeze(0).repeat(world, 1)
+
+
+def test_compare_digests_equal_rows_pass() -> None:
+    table = _table()
+    assert compare_digests(table, call_id=3, names=NAMES, leader=0) is None
+    assert compare_digests(table[:1], call_id=3, names=NAMES, leader=0) is None  # one rank
+    # Rows of zeros (confirm without a digest) are equal too.
+    assert compare_digests(torch.zeros(2, 5, dtype=torch.int64), call_id=3, names=NAMES, leader=0) is None
+
+
+@pytest.mark.parametrize("word", [0, 1], ids=["bit-sum", "weighted-sum"])
+def test_compare_digests_names_call_rank_and_tensor(word: int) -> None:
+    table = _table()
+    table[2, 3 + word] += 1  # rank 2, tensor 'c' (words 3 and 4)
+    with pytest.raises(DriftError) as info:
+        compare_digests(table, call_id=41, names=NAMES, leader=0)
+    msg = str(info.value)
+    assert "at call 41" in msg and "rank 2 (c)" in msg
+    assert "rank 1 (" not in msg and "rank 0 (" not in msg and "header+meta" not in msg and "(x" not in msg
+    assert "leader (rank 0)" in msg
+
+
+def test_compare_digests_names_header_meta() -> None:
+    table = _table(2)
+    table[1, 0] ^= 1  # the CRC of header+meta
+    with pytest.raises(DriftError) as info:
+        compare_digests(table, call_id=6, names=NAMES, leader=0)
+    msg = str(info.value)
+    assert "at call 6" in msg and "rank 1 (header+meta)" in msg
+    assert ", x" not in msg and ", c" not in msg and "(x" not in msg and "(c" not in msg
+
+
+def test_compare_digests_names_every_odd_rank_and_tensor() -> None:
+    table = _table(4)
+    table[1, 1] += 1  # rank 1: x
+    table[3, 0] += 1  # rank 3: header+meta, x and c
+    table[3, 2] += 1
+    table[3, 4] += 1
+    with pytest.raises(DriftError) as info:
+        compare_digests(table, call_id=9, names=NAMES, leader=0)
+    msg = str(info.value)
+    assert "rank 1 (x); rank 3 (header+meta, x, c)" in msg
+    assert "rank 2" not in msg
+
+
+def test_compare_digests_judges_against_the_leader_row() -> None:
+    table = _table()
+    table[2, 1] += 1  # the leader (rank 2) is the odd one: both others are named
+    with pytest.raises(DriftError) as info:
+        compare_digests(table, call_id=1, names=NAMES, leader=2)
+    msg = str(info.value)
+    assert "rank 0 (x); rank 1 (x)" in msg and "leader (rank 2)" in msg
 
 
 # -- weight fingerprints of the reference region ------------------------------------------
@@ -255,7 +320,7 @@ def test_check_weights_names_a_differing_replicated_parameter(store_port: int) -
         assert "parameter 'ada' on rank 1" in msg and "replicated parameter 'ada'" in msg and "(+1 more)" in msg
 
 
-# -- the input digest on a real gloo side group (2 processes) -----------------------------
+# -- the input digest on a real gloo pair (2 processes), via the confirm all-gather ----------
 
 
 def _pairlib() -> Any:
@@ -270,11 +335,15 @@ def _pairlib() -> Any:
 
 
 @pytest.mark.timeout(120)
-def test_check_input_digest_on_two_ranks() -> None:
+def test_input_digest_through_confirm_on_two_ranks() -> None:
+    # Each rank: input_digest -> envelope.confirm(digest=...) -> compare_digests(table[:, 1:]).
     pair = _pairlib().run_pair()
     for r in (0, 1):
         clean = pair[r]["digest_clean"]
         assert clean["ok"] and clean["call_id"] == 4, clean
+        table = pair[r]["digest_clean_confirm"]
+        assert [row[0] for row in table] == [0, 0]  # confirm status column: the leader is OK
+        assert table[0][1:] == table[1][1:] == clean["digest"] != [0] * 5  # the digest travelled in it
         tensor = pair[r]["digest_tensor"]
         assert tensor["error_class"] == "DriftError", tensor
         assert "at call 5" in tensor["message"] and "rank 1 (c)" in tensor["message"]
@@ -283,4 +352,8 @@ def test_check_input_digest_on_two_ranks() -> None:
         assert blob["error_class"] == "DriftError", blob
         assert "at call 6" in blob["message"] and "rank 1 (header+meta)" in blob["message"]
         assert ", x" not in blob["message"] and ", c" not in blob["message"]
+    # Every rank holds the same table, so every rank raises the same error.
+    for name in ("digest_clean", "digest_tensor", "digest_blob"):
+        assert pair[0][f"{name}_confirm"] == pair[1][f"{name}_confirm"]
     assert pair[0]["digest_tensor"]["message"] == pair[1]["digest_tensor"]["message"]
+    assert pair[0]["digest_blob"]["message"] == pair[1]["digest_blob"]["message"]

@@ -236,12 +236,18 @@ def _tiny_region() -> Region:
     return Region(module=nn.Identity(), make_inputs=make_inputs)
 
 
+def _received(region, call_id: int):
+    """What every rank hands the region after an envelope arrived (the C-03 hook)."""
+    tensors = {"input0": region.make_inputs(call_id)[0]}
+    return hardening.region.inputs_of(region, tensors, call_id)
+
+
 def test_recompile_changes_strides_at_the_chosen_call_only(installed: list[Fault]) -> None:
     region = _tiny_region()
     fault, fired = _install(installed, "recompile:rank=1:call=3", rank=1, warmup_calls=2)
     for call_id in range(6):
         expected = region.make_inputs(call_id)[0]
-        (got,) = hardening.region.make_call_inputs(region, call_id)
+        (got,) = _received(region, call_id)
         assert got.shape == expected.shape
         assert torch.equal(got, expected)
         if call_id == 3:
@@ -256,7 +262,7 @@ def test_recompile_changes_strides_at_the_chosen_call_only(installed: list[Fault
 def test_recompile_defaults_to_the_first_steady_call(installed: list[Fault]) -> None:
     region = _tiny_region()
     fault, fired = _install(installed, "recompile:rank=1", rank=1, warmup_calls=3)
-    strides = [hardening.region.make_call_inputs(region, k)[0].stride() for k in range(5)]
+    strides = [_received(region, k)[0].stride() for k in range(5)]
     assert strides == [(4, 1), (4, 1), (4, 1), (1, 4), (4, 1)]
     assert len(fired.calls) == 1
 
@@ -265,7 +271,7 @@ def test_recompile_on_another_rank_never_fires(installed: list[Fault]) -> None:
     region = _tiny_region()
     fault, fired = _install(installed, "recompile:rank=1:call=3", rank=0)
     for call_id in range(6):
-        (got,) = hardening.region.make_call_inputs(region, call_id)
+        (got,) = _received(region, call_id)
         assert got.stride() == (4, 1)
     assert fired.calls == [] and fault.fired_at is None
 

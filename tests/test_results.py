@@ -180,9 +180,26 @@ def test_hung_fails_naming_the_alive_ranks() -> None:
     fired = T0 + 2.0
     ranks = [_hung(0), _crashed(1, "WarmupError", "plans 1", exited=fired + 0.1, fired=fired, code=26), _hung(2)]
     outcome, t_detect, verdict, reason = _run(CASES["W-01"], ranks)
-    assert outcome is Outcome.HUNG and t_detect is None
+    # Measured over the ranks that did end: a case may expect the others to stay frozen (H-01).
+    assert outcome is Outcome.HUNG and t_detect == pytest.approx(0.1, abs=1e-3)
     assert verdict is Verdict.FAIL
     assert reason == "rank(s) 0,2 still alive at the deadline"
+
+
+def test_expected_frozen_rank_passes_only_with_its_stacks() -> None:
+    from hardening.suites import get_suite
+
+    h01 = next(c for c in get_suite("operator") if c.id == "H-01")
+    fired = T0 + 2.0
+    peer = _crashed(0, "PeerLost", "rank 1 lost: no heartbeat for 3.1s", exited=fired + 3.1, fired=None, code=27)
+    frozen = _hung(1)
+    frozen.fired_at = fired
+    outcome, t_detect, verdict, reason = _run(h01, [peer, frozen])
+    assert outcome is Outcome.HUNG and t_detect == pytest.approx(3.1, abs=1e-3)
+    assert verdict is Verdict.FAIL and "no stacks" in reason
+    frozen.stacks_path = "/run/H-01/rank1.stacks.txt"
+    _, _, verdict, reason = _run(h01, [peer, frozen])
+    assert verdict is Verdict.PASS, reason
 
 
 def test_survived_fails() -> None:

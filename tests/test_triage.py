@@ -136,16 +136,21 @@ def test_native_dump_reaches_the_c_frame(tmp_path):
 
 
 @live
-def test_stopped_process_is_reported_as_stopped(tmp_path):
+def test_stopped_process_is_read_and_reported_as_stopped(tmp_path):
+    """H-01: a SIGSTOPped rank is read without ptrace-suspending it, and marked frozen."""
     with wedged_child(tmp_path, "stopped") as child:
         os.kill(child.pid, signal.SIGSTOP)
         try:
+            deadline = time.time() + 10
+            while _state(child.pid) != "T" and time.time() < deadline:  # the stop lands asynchronously
+                time.sleep(0.01)
             d = dump_stack(child.pid, label="rank 1", timeout=30)
+            assert _state(child.pid) == "T"  # still frozen: reading it did not resume it
         finally:
             os.kill(child.pid, signal.SIGCONT)
-        assert not d.ok
-        assert "stopped" in d.text
-        assert "stopped" in side_by_side({"rank 1": d})
+        assert d.ok, d.text
+        assert d.text.startswith(f"process {child.pid} is stopped")
+        assert d.where.startswith("wedged_in_here (")
 
 
 @live

@@ -1,12 +1,16 @@
 """One rank of a real 2-rank gloo pair that runs every envelope / input-digest scenario
 in sequence and writes what it saw as JSON (``argv: rank port result_path``).
 
-Both ranks run the same scenario list in lockstep. Every scenario records, per rank,
+Both ranks run the same scenario list in lockstep and speak the protocol as
+``worker.step`` does: every CALL is the control frame, its tensors, then
+``envelope.confirm`` on every rank (the all-gather of ``[status, digest...]`` that closes
+the frame); SHUTDOWN and ERROR frames have no confirm. Every scenario records, per rank,
 either ``{"ok": ..., ...}`` or the error it raised (class, message, root_cause_rank).
 Where a receiver refuses a frame after the leader committed it, the receiver drains the
-rest of that frame by hand (the test knows the manifest) so that later scenarios still
-run on an aligned channel. The process is bounded: gloo groups time out after 20 s and
-``faulthandler`` ends it after 50 s whatever happens.
+rest of that frame by hand (the test knows the manifest: its tensors, then the confirm
+all-gather) so that later scenarios still run on an aligned channel. The process is
+bounded: gloo groups time out after 20 s and ``faulthandler`` ends it after 50 s
+whatever happens.
 """
 
 from __future__ import annotations
@@ -33,13 +37,16 @@ RANK = int(sys.argv[1])
 PORT = int(sys.argv[2])
 RESULT = sys.argv[3]
 LEADER = 0
+CPU = torch.device("cpu")
 CONTRACT = CallContract(
     tensors=(
         TensorSpec(name="x", shape=(2, 3), dtype="float32"),
         TensorSpec(name="c", shape=(4,), dtype="bfloat16"),
     )
 )
-results: dict[str, Any] = {"rank": RANK, "pid": os.getpid()}
+# Header+meta bytes that fit in the fixed control frame after the prefix.
+FRAME_ROOM = envelope.CONTROL_FRAME - 8 * envelope.PREFIX_LEN
+results: dict[str, Any] = {"rank": RANK, "pid": os.getpid(), "frame_room": FRAME_ROOM}
 
 
 def make_tensors(k: int) -> dict[str, torch.Tensor]:
@@ -56,8 +63,10 @@ def make_meta(k: int) -> dict[str, Any]:
     return {"phase": "steady", "k": k, "nested": {"list": [1, 2.5, {"deep": None}], "text": "\u00fc\u2192\u2713", "flag": True}}
 
 
-def make_call(k: int, *, op: str = "advance", epoch: int = 1, tensors: dict[str, torch.Tensor] | None = None) -> Envelope:
-    meta = make_meta(k)
+def make_call(
+    k: int, *, op: str = "advance", epoch: int = 1, tensors: dict[str, Any] | None = None, meta: dict[str, Any] | None = None
+) -> Envelope:
+    meta = make_meta(k) if meta is None else meta
     if op == "recompute":
         meta["recompute_override"] = {"window": "full"}
     return Envelope(
@@ -68,6 +77,26 @@ def make_call(k: int, *, op: str = "advance", epoch: int = 1, tensors: dict[str,
         meta=meta,
         tensors=make_tensors(k) if tensors is None else tensors,
     )
+
+
+def blob_len(env: Envelope) -> int:
+    """Header+meta bytes ``env`` would send (preflight on a scratch channel, no collective)."""
+    scratch = Channel(
+        control_group=None, data_group=None, device=CPU, leader=LEADER, rank=RANK, contract=CONTRACT,
+        last_call_id=env.call_id - 1,
+    )
+    header, meta, _ = envelope.preflight(env, scratch)
+    return len(header) + len(meta)
+
+
+def padded_call(k: int, total: int) -> Envelope:
+    """Call ``k`` whose header+meta is exactly ``total`` bytes (ASCII padding in the meta)."""
+    meta = {**make_meta(k), "pad": ""}
+    base = blob_len(make_call(k, meta=dict(meta)))
+    meta["pad"] = "p" * (total - base)
+    env = make_call(k, meta=meta)
+    assert blob_len(env) == total, (blob_len(env), total)
+    return env
 
 
 def bits(t: torch.Tensor) -> list[int]:
@@ -83,6 +112,7 @@ def describe(env: Envelope) -> dict[str, Any]:
         "plan": env.plan,
         "meta": env.meta,
         "blob_hex": env.blob.hex(),
+        "blob_len": len(env.blob),
         "names": list(env.tensors),
         "dtypes": {n: str(t.dtype) for n, t in env.tensors.items()},
         "shapes": {n: list(t.shape) for n, t in env.tensors.items()},
@@ -101,13 +131,28 @@ def error_of(exc: BaseException) -> dict[str, Any]:
     }
 
 
-def drain(specs: list[tuple[tuple[int, ...], torch.dtype]], channel: Channel) -> int:
-    """Consume the rest of a committed frame the receiver refused: tensors, trailer."""
+def drain(specs: list[tuple[tuple[int, ...], torch.dtype]], channel: Channel) -> list[list[int]]:
+    """Consume the rest of a committed frame the receiver refused: its tensors, then the
+    confirm all-gather (this rank's row all zeros). Returns the gathered table."""
     for shape, dtype in specs:
         dist.broadcast(torch.empty(shape, dtype=dtype), src=LEADER, group=channel.data_group)
-    trailer = torch.zeros(6, dtype=torch.int64)
-    dist.broadcast(trailer, src=LEADER, group=channel.control_group)
-    return int(trailer[0])
+    stub = Envelope(kind=Kind.CALL, call_id=-1, tensors={str(i): torch.empty(0) for i in range(len(specs))})
+    words = torch.zeros(1 + envelope.digest_words(stub), dtype=torch.int64)
+    gathered = [torch.empty_like(words) for _ in range(dist.get_world_size(channel.control_group))]
+    dist.all_gather(gathered, words, group=channel.control_group)
+    return torch.stack(gathered).tolist()
+
+
+class Unmovable:
+    """Passes preflight like a bfloat16 tensor of the contract, fails on its way to the
+    device: the leader's send fails after the commitment point."""
+
+    def __init__(self, like: torch.Tensor) -> None:
+        self.dtype = like.dtype
+        self.shape = like.shape
+
+    def to(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        raise RuntimeError("injected: tensor cannot reach the device")
 
 
 def scenario(name: str, body: Callable[[], Any]) -> None:
@@ -130,7 +175,7 @@ def main() -> None:
     channel = Channel(
         control_group=side.group,
         data_group=dist.group.WORLD,
-        device=torch.device("cpu"),
+        device=CPU,
         leader=LEADER,
         rank=RANK,
         contract=CONTRACT,
@@ -138,24 +183,29 @@ def main() -> None:
     is_leader = RANK == LEADER
     XC = [((2, 3), torch.float32), ((4,), torch.bfloat16)]
 
+    def call(make: Callable[[], Envelope]) -> tuple[Envelope, torch.Tensor]:
+        """One CALL as worker.step runs it without a digest: send/receive, then confirm."""
+        env = envelope.send(make(), channel) if is_leader else envelope.receive(channel)
+        table = envelope.confirm(env, channel)
+        return env, table
+
     # 1. Round trip of several CALLs: calls 0..3, the last one a recompute.
     def roundtrip() -> dict[str, Any]:
         seen = []
         for k in range(4):
             op = "recompute" if k == 3 else "advance"
-            if is_leader:
-                env = envelope.send(make_call(k, op=op), channel)
-            else:
-                env = envelope.receive(channel)
+            env, table = call(lambda: make_call(k, op=op))
             info = describe(env)
             expected = make_tensors(k)
             info["bits_equal_to_source"] = all(bits(env.tensors[n]) == bits(t) for n, t in expected.items())
+            info["confirm"] = table.tolist()
             seen.append(info)
         return {"calls": seen}
 
     scenario("roundtrip", roundtrip)
 
-    # 2. Input digest: clean, one element of c changed on rank 1, one blob byte on rank 1.
+    # 2. Input digest as worker.step runs it (input_digest, confirm, compare_digests):
+    #    clean, one element of c changed on rank 1, one blob byte changed on rank 1.
     def digest(k: int, mutate: str | None) -> Callable[[], dict[str, Any]]:
         def body() -> dict[str, Any]:
             env = envelope.send(make_call(k), channel) if is_leader else envelope.receive(channel)
@@ -164,18 +214,20 @@ def main() -> None:
                 env.tensors["c"][2] += 1
             if RANK == 1 and mutate == "blob":
                 blob = blob[:-2] + bytes([blob[-2] ^ 1]) + blob[-1:]
-            drift.check_input_digest(
-                side, call_id=env.call_id, blob=blob, tensors=env.tensors, device=torch.device("cpu"), leader=LEADER
-            )
-            return {"call_id": env.call_id}
+            mine = drift.input_digest(blob, env.tensors, CPU)
+            table = envelope.confirm(env, channel, digest=mine)
+            results[f"{name_of[k]}_confirm"] = table.tolist()
+            drift.compare_digests(table[:, 1:], call_id=env.call_id, names=list(env.tensors), leader=LEADER)
+            return {"call_id": env.call_id, "digest": mine.tolist()}
 
         return body
 
+    name_of = {4: "digest_clean", 5: "digest_tensor", 6: "digest_blob"}
     scenario("digest_clean", digest(4, None))
     scenario("digest_tensor", digest(5, "tensor"))
     scenario("digest_blob", digest(6, "blob"))
 
-    # 3. Preflight failure on the leader (float64): ERROR frame, PeerError on rank 1.
+    # 3. Preflight failure on the leader (float64): ERROR frame (no confirm), PeerError on rank 1.
     def preflight_error() -> None:
         if is_leader:
             tensors = make_tensors(7)
@@ -188,9 +240,10 @@ def main() -> None:
 
     # 4. The next valid call after the ERROR frame: the frames stayed aligned.
     def after_error() -> dict[str, Any]:
-        env = envelope.send(make_call(7), channel) if is_leader else envelope.receive(channel)
+        env, table = call(lambda: make_call(7))
         info = describe(env)
         info["bits_equal_to_source"] = all(bits(env.tensors[n]) == bits(t) for n, t in make_tensors(7).items())
+        info["confirm"] = table.tolist()
         return info
 
     scenario("after_error", after_error)
@@ -206,16 +259,17 @@ def main() -> None:
 
     scenario("leader_contract_error", leader_contract_error)
 
-    # 6. The receiver's contract lacks 'c' (the leader's has it): ContractError on rank 1.
+    # 6. The receiver's contract lacks 'c' (the leader's has it): ContractError on rank 1,
+    #    which then drains the committed frame (tensors + confirm) by hand.
     def receiver_contract() -> dict[str, Any]:
         if is_leader:
-            envelope.send(make_call(8), channel)
-            return {}
+            _, table = call(lambda: make_call(8))
+            return {"confirm": table.tolist()}
         channel.contract = CallContract(tensors=(CONTRACT.tensors[0],))
         try:
             envelope.receive(channel)
         except HardeningError as exc:
-            results["receiver_contract_trailer"] = drain(XC, channel)
+            results["receiver_contract_confirm"] = drain(XC, channel)
             raise exc
         finally:
             channel.contract = CONTRACT
@@ -237,12 +291,12 @@ def main() -> None:
     # 8. The leader sends 21 after its bumped 20: the receiver (at 8) names the skip.
     def gap_receiver() -> dict[str, Any]:
         if is_leader:
-            env = envelope.send(make_call(21), channel)
-            return {"call_id": env.call_id}
+            env, table = call(lambda: make_call(21))
+            return {"call_id": env.call_id, "confirm": table.tolist()}
         try:
             envelope.receive(channel)
         except HardeningError:
-            results["gap_receiver_trailer"] = drain(XC, channel)
+            results["gap_receiver_confirm"] = drain(XC, channel)
             raise
         return {}
 
@@ -253,37 +307,106 @@ def main() -> None:
     def order() -> dict[str, Any]:
         if is_leader:
             t = make_tensors(22)
-            env = envelope.send(make_call(22, tensors={"c": t["c"], "x": t["x"]}), channel)
-            return {"committed": True, "names": list(env.tensors)}
+            env, table = call(lambda: make_call(22, tensors={"c": t["c"], "x": t["x"]}))
+            return {"committed": True, "names": list(env.tensors), "confirm": table.tolist()}
         try:
             envelope.receive(channel)
         except HardeningError as exc:
             if type(exc).__name__ == "ContractError":  # refused after the leader committed
-                results["order_trailer"] = drain([XC[1], XC[0]], channel)
+                results["order_confirm"] = drain([XC[1], XC[0]], channel)
             raise
         return {}
 
     scenario("order", order)
     channel.last_call_id = 22
 
-    # 10. SHUTDOWN on channels without a contract.
-    def shutdown() -> dict[str, Any]:
-        bare = Channel(
-            control_group=side.group, data_group=dist.group.WORLD, device=torch.device("cpu"), leader=LEADER, rank=RANK
-        )
-        bare.last_call_id = 22
+    # 10. Header+meta longer than the control frame: 5000-char string in the meta (the
+    #     frame continues in one more broadcast), then the exact boundary (the blob fills
+    #     the frame to the byte) and one byte past it.
+    def large_meta() -> dict[str, Any]:
+        long_text = ("\u00fc\u2192\u2713-" * 1250)[:5000]
+        env, table = call(lambda: make_call(23, meta={**make_meta(23), "long": long_text, "tail": "end"}))
+        info = describe(env)
+        info["long_intact"] = env.meta.get("long") == long_text
+        info["confirm"] = table.tolist()
+        return info
+
+    scenario("large_meta", large_meta)
+
+    def frame_boundary() -> dict[str, Any]:
+        seen = []
+        for k, total in ((24, FRAME_ROOM), (25, FRAME_ROOM + 1), (26, FRAME_ROOM - 1)):
+            env, table = call(lambda: padded_call(k, total))
+            info = describe(env)
+            info["bits_equal_to_source"] = all(bits(env.tensors[n]) == bits(t) for n, t in make_tensors(k).items())
+            info["confirm"] = table.tolist()
+            seen.append(info)
+        return {"calls": seen}
+
+    scenario("frame_boundary", frame_boundary)
+
+    # 11. An ERROR frame longer than the control frame: a 1500-char meta key with a NaN
+    #     value; the reason naming it continues past the first frame.
+    def long_error() -> None:
         if is_leader:
-            env = envelope.send(Envelope(kind=Kind.SHUTDOWN, call_id=23, meta={"reason": "done"}), bare)
+            envelope.send(make_call(27, meta={"k" * 1500: float("nan")}), channel)
+        else:
+            envelope.receive(channel)
+
+    scenario("long_error", long_error)
+
+    # 12. The leader fails AFTER committing (its 2nd, then its 1st tensor cannot reach the
+    #     device): send() fills the remaining broadcasts and reports status
+    #     STATUS_FAILED_AFTER_COMMIT in the confirm all-gather; the follower raises there.
+    def failed_after_commit(k: int, poisoned: str) -> Callable[[], dict[str, Any]]:
+        def body() -> dict[str, Any]:
+            if is_leader:
+                tensors: dict[str, Any] = make_tensors(k)
+                tensors[poisoned] = Unmovable(tensors[poisoned])
+                envelope.send(make_call(k, tensors=tensors), channel)
+                return {}
+            env = envelope.receive(channel)
+            results[f"failed_after_commit_{poisoned}_received"] = describe(env)
+            envelope.confirm(env, channel)  # raises PeerError: the leader's status is not OK
+            return {}
+
+        return body
+
+    scenario("failed_after_commit_c", failed_after_commit(27, "c"))
+    results["failed_after_commit_c"]["last_call_id_after"] = channel.last_call_id
+    channel.last_call_id = 27  # committed ids are spent on both ranks (see the test)
+    scenario("failed_after_commit_x", failed_after_commit(28, "x"))
+    channel.last_call_id = 28
+
+    # 13. A valid call after the failures: the frames stayed aligned.
+    def after_commit_failure() -> dict[str, Any]:
+        env, table = call(lambda: make_call(29))
+        info = describe(env)
+        info["bits_equal_to_source"] = all(bits(env.tensors[n]) == bits(t) for n, t in make_tensors(29).items())
+        info["confirm"] = table.tolist()
+        return info
+
+    scenario("after_commit_failure", after_commit_failure)
+
+    # 14. SHUTDOWN on channels without a contract (no confirm).
+    def shutdown() -> dict[str, Any]:
+        bare = Channel(control_group=side.group, data_group=dist.group.WORLD, device=CPU, leader=LEADER, rank=RANK)
+        bare.last_call_id = 29
+        if is_leader:
+            env = envelope.send(Envelope(kind=Kind.SHUTDOWN, call_id=30, meta={"reason": "done"}), bare)
         else:
             env = envelope.receive(bare)
         return {**describe(env), "bare_last_call_id": bare.last_call_id}
 
     scenario("shutdown", shutdown)
 
-    # Both ranks still talk: a final all-reduce proves nobody is stuck mid-frame.
+    # Both ranks still talk: a final all-reduce on each group proves nobody is stuck mid-frame.
     t = torch.tensor([RANK + 1])
     dist.all_reduce(t, group=dist.group.WORLD)
     results["final_allreduce"] = int(t)
+    t = torch.tensor([RANK + 1])
+    dist.all_reduce(t, group=side.group)
+    results["final_allreduce_control"] = int(t)
     dist.destroy_process_group()
 
 
