@@ -7,20 +7,18 @@ from __future__ import annotations
 
 import importlib.util
 import sys
-import threading
-from datetime import timedelta
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from hardening.drift import check_weights, checksum, compare_digests, fingerprint, input_digest
 from hardening.errors import DriftError
 from hardening.reference import TPDiTBlock
 from hardening.region import RegionContext
-from hardening.sidechannel import SideChannel
+
+from store_harness import run_ranks, side_channels
 
 PROCS = Path(__file__).resolve().parent / "procs"
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.int64, torch.bool]
@@ -237,37 +235,6 @@ def test_one_perturbed_element_breaks_exactly_that_parameter(name: str) -> None:
 # -- check_weights over a real store, two rank threads ------------------------------------
 
 
-@pytest.fixture
-def store_port() -> Iterator[int]:
-    master = dist.TCPStore("127.0.0.1", 0, None, True, timeout=timedelta(seconds=10), wait_for_workers=False)
-    try:
-        yield master.port
-    finally:
-        del master
-
-
-def _run_two(port: int, body: Callable[[SideChannel], Any]) -> dict[int, Any]:
-    out: dict[int, Any] = {}
-    sides = [
-        SideChannel(dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timedelta(seconds=10)), rank=r, world_size=2, timeout_s=5)
-        for r in range(2)
-    ]
-
-    def target(side: SideChannel) -> None:
-        try:
-            out[side.rank] = body(side)
-        except BaseException as exc:  # noqa: BLE001 - reported to the test
-            out[side.rank] = exc
-
-    threads = [threading.Thread(target=target, args=(s,), daemon=True) for s in sides]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=20)
-    assert not any(t.is_alive() for t in threads), "a rank thread is stuck"
-    return out
-
-
 def _perturb(block: TPDiTBlock, name: str) -> None:
     with torch.no_grad():
         getattr(block, name).view(-1)[5] += 0.25
@@ -276,8 +243,8 @@ def _perturb(block: TPDiTBlock, name: str) -> None:
 @pytest.mark.timeout(60)
 def test_check_weights_clean_passes(store_port: int) -> None:
     blocks = [_block(0), _block(1)]
-    out = _run_two(
-        store_port,
+    out = run_ranks(
+        side_channels(store_port, 2),
         lambda s: check_weights(s, blocks[s.rank], manifest=blocks[s.rank].weight_manifest, replicated=("ada",), tag="clean"),
     )
     assert out == {0: None, 1: None}
@@ -287,8 +254,8 @@ def test_check_weights_clean_passes(store_port: int) -> None:
 def test_check_weights_names_perturbed_shard_on_every_rank(store_port: int) -> None:
     blocks = [_block(0), _block(1)]
     _perturb(blocks[1], "qkv")
-    out = _run_two(
-        store_port,
+    out = run_ranks(
+        side_channels(store_port, 2),
         lambda s: check_weights(s, blocks[s.rank], manifest=blocks[s.rank].weight_manifest, replicated=("ada",), tag="qkv"),
     )
     for r in (0, 1):
@@ -305,13 +272,13 @@ def test_check_weights_names_a_differing_replicated_parameter(store_port: int) -
     blocks = [_block(0), _block(1)]
     _perturb(blocks[1], "ada")
     # Without a manifest only the replication check can see it.
-    out = _run_two(store_port, lambda s: check_weights(s, blocks[s.rank], manifest=None, replicated=("ada",), tag="ada"))
+    out = run_ranks(side_channels(store_port, 2), lambda s: check_weights(s, blocks[s.rank], manifest=None, replicated=("ada",), tag="ada"))
     for r in (0, 1):
         assert isinstance(out[r], DriftError), out[r]
         assert "replicated parameter 'ada' differs on rank(s) [1]" in str(out[r])
     # With the manifest as well, both findings are named.
-    out = _run_two(
-        store_port,
+    out = run_ranks(
+        side_channels(store_port, 2),
         lambda s: check_weights(s, blocks[s.rank], manifest=blocks[s.rank].weight_manifest, replicated=("ada",), tag="ada2"),
     )
     for r in (0, 1):

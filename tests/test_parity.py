@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 import json
-import threading
-from datetime import timedelta
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from hardening.errors import ParityError
 from hardening.parity import build_fingerprint, check_parity, format_mismatch
 from hardening.profile import load_profile
-from hardening.sidechannel import SideChannel
+
+from store_harness import run_ranks, side_channels
 
 CPU = torch.device("cpu")
 
@@ -135,44 +133,10 @@ def test_format_mismatch_keeps_numeric_looking_values_verbatim() -> None:
 # -- check_parity on two ranks (threads, real TCPStore) ---------------------------------------
 
 
-@pytest.fixture
-def store_port() -> Iterator[int]:
-    master = dist.TCPStore("127.0.0.1", 0, None, True, timeout=timedelta(seconds=10), wait_for_workers=False)
-    try:
-        yield master.port
-    finally:
-        del master
-
-
-def _side(port: int, rank: int) -> SideChannel:
-    client = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timedelta(seconds=10))
-    return SideChannel(client, rank=rank, world_size=2, timeout_s=5)
-
-
-def _on_two_ranks(port: int, body: Callable[[SideChannel], Any]) -> dict[int, Any]:
-    """Run ``body`` on ranks 0 and 1 (one thread and one store client each); result or exception per rank."""
-    sides = {r: _side(port, r) for r in range(2)}
-    out: dict[int, Any] = {}
-
-    def target(rank: int) -> None:
-        try:
-            out[rank] = body(sides[rank])
-        except BaseException as exc:  # noqa: BLE001 - reported to the test
-            out[rank] = exc
-
-    threads = [threading.Thread(target=target, args=(r,), daemon=True) for r in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=20)
-    assert not any(t.is_alive() for t in threads), "a rank thread is stuck"
-    return out
-
-
 @pytest.mark.timeout(60)
 def test_equal_fingerprints_pass_on_both_ranks(store_port: int) -> None:
     fp = _fingerprint()
-    out = _on_two_ranks(store_port, lambda side: check_parity(side, dict(fp)))
+    out = run_ranks(side_channels(store_port, 2), lambda side: check_parity(side, dict(fp)))
     assert out == {0: None, 1: None}
 
 
@@ -181,7 +145,7 @@ def test_one_differing_key_raises_parity_error_on_both_ranks(store_port: int) ->
     fp = _fingerprint()
     eager = load_profile("cpu", {"compile.enabled": False}).compile
     fps = {0: fp, 1: _fingerprint(compile_cfg=eager)}
-    out = _on_two_ranks(store_port, lambda side: check_parity(side, fps[side.rank]))
+    out = run_ranks(side_channels(store_port, 2), lambda side: check_parity(side, fps[side.rank]))
     for rank in (0, 1):
         exc = out[rank]
         assert isinstance(exc, ParityError), f"rank {rank}: {exc!r}"

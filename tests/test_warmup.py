@@ -2,27 +2,17 @@
 
 from __future__ import annotations
 
-import threading
-from datetime import timedelta
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from hardening.errors import WarmupError
 from hardening.profile import load_profile
 from hardening.sidechannel import SideChannel
 from hardening.warmup import planned_warmup_calls, run_lockstep, shape_signature
 
-
-@pytest.fixture
-def store_port() -> Iterator[int]:
-    master = dist.TCPStore("127.0.0.1", 0, None, True, timeout=timedelta(seconds=10), wait_for_workers=False)
-    try:
-        yield master.port
-    finally:
-        del master
+from store_harness import run_ranks, side_channels
 
 
 def _lockstep_on_two_ranks(
@@ -33,37 +23,25 @@ def _lockstep_on_two_ranks(
     make_inputs: Callable[[int, int], Sequence[Any]],
 ) -> tuple[dict[int, Any], dict[int, list[int]], dict[int, list[int]]]:
     """Run run_lockstep on ranks 0 and 1; returns (result or exception, calls run, inputs made) per rank."""
-    out: dict[int, Any] = {}
     ran: dict[int, list[int]] = {0: [], 1: []}
     made: dict[int, list[int]] = {0: [], 1: []}
-    sides = {
-        r: SideChannel(dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timedelta(seconds=10)),
-                       rank=r, world_size=2, timeout_s=5)
-        for r in range(2)
-    }
 
-    def target(rank: int) -> None:
+    def body(side: SideChannel) -> Any:
+        rank = side.rank
+
         def inputs(call_id: int) -> Sequence[Any]:
             made[rank].append(call_id)
             return make_inputs(rank, call_id)
 
-        try:
-            out[rank] = run_lockstep(
-                sides[rank],
-                num_calls=num_calls[rank],
-                first_call_id=first_call_id,
-                make_inputs=inputs,
-                run_call=lambda call_id: ran[rank].append(call_id),
-            )
-        except BaseException as exc:  # noqa: BLE001 - reported to the test
-            out[rank] = exc
+        return run_lockstep(
+            side,
+            num_calls=num_calls[rank],
+            first_call_id=first_call_id,
+            make_inputs=inputs,
+            run_call=lambda call_id: ran[rank].append(call_id),
+        )
 
-    threads = [threading.Thread(target=target, args=(r,), daemon=True) for r in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=20)
-    assert not any(t.is_alive() for t in threads), "a rank thread is stuck"
+    out = run_ranks(side_channels(port, 2), body)
     return out, ran, made
 
 

@@ -1,0 +1,23 @@
+"""Shared fixtures for the tests: a real ``torch.distributed.TCPStore`` master for side-channel tests.
+
+The plain helpers that go with it (a side channel per rank, running one body per rank in threads)
+live in ``tests/store_harness.py``, imported by the test modules that need them.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Iterator
+
+import pytest
+import torch.distributed as dist
+
+
+@pytest.fixture
+def store_port() -> Iterator[int]:
+    """Port of a fresh TCPStore master on 127.0.0.1 (port 0: the OS picks one); closed after the test."""
+    master = dist.TCPStore("127.0.0.1", 0, None, True, timeout=timedelta(seconds=10), wait_for_workers=False)
+    try:
+        yield master.port
+    finally:
+        del master
