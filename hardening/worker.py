@@ -3,13 +3,14 @@
 ``run_rank`` is entered in a fresh process per rank (forked from the fork server) and
 never returns: every path ends in :meth:`Terminator.end` with a final record and the
 cause's exit code. The hook functions here (``apply_backend_settings``,
-``resolve_compile_config``) are runtime functions that faults patch by name.
+``resolve_compile_config``, ``make_envelope``) are runtime functions that faults patch
+by name. With ``hardened: false`` the same loop runs with the runtime switched off: the
+stock baseline of the detection benchmark.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -351,13 +352,3 @@ def _device(profile: Profile, rank: int) -> torch.device:
         torch.cuda.set_device(index)
         return torch.device("cuda", index)
     return torch.device("cpu")
-
-
-def main_from_env() -> NoReturn:
-    """Entry for a rank started without the fork server (``python -m hardening.worker``)."""
-    spec = RankSpec.from_json(json.loads(os.environ["HARDENING_RANK_SPEC"]))
-    run_rank(spec)
-
-
-if __name__ == "__main__":
-    main_from_env()
