@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import argparse
 import enum
-import os
 import signal
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tabulate import tabulate
+
+if TYPE_CHECKING:
+    from hardening.results import SuiteResult
 
 
 class ExitCode(enum.IntEnum):
@@ -23,7 +26,7 @@ class ExitCode(enum.IntEnum):
     INDETERMINATE = 6  # only unknown verdicts besides passes
 
 
-def exit_code_for(result: "SuiteResult") -> ExitCode:  # noqa: F821
+def exit_code_for(result: "SuiteResult") -> ExitCode:
     from hardening.results import Outcome, Verdict
 
     if result.interrupted:

@@ -1,4 +1,5 @@
-"""Side-channel test harness: store clients per rank, and one body per rank run in threads.
+"""Test harness: store clients per rank, one body per rank run in threads, and the
+loader of the 2-process gloo pair (tests/procs/pairlib.py).
 
 Used with the ``store_port`` fixture from ``tests/conftest.py``. A plain module rather than conftest
 helpers, since pytest does not mean conftest.py to be imported by tests.
@@ -6,8 +7,11 @@ helpers, since pytest does not mean conftest.py to be imported by tests.
 
 from __future__ import annotations
 
+import importlib.util
+import sys
 import threading
 from datetime import timedelta
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch.distributed as dist
@@ -51,3 +55,19 @@ def run_ranks(
         t.join(timeout=join_timeout_s)
     assert not any(t.is_alive() for t in threads), "a rank thread is stuck"
     return out
+
+
+PROCS = Path(__file__).resolve().parent / "procs"
+
+
+def pairlib() -> Any:
+    """tests/procs/pairlib.py (the 2-process gloo pair shared by the envelope and drift
+    tests), loaded by path once per session."""
+    name = "hardening_tests_pairlib"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, PROCS / "pairlib.py")
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]

@@ -5,10 +5,6 @@ envelope's confirm all-gather (shared with test_envelope.py)."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
@@ -18,9 +14,8 @@ from hardening.errors import DriftError
 from hardening.reference import TPDiTBlock
 from hardening.region import RegionContext
 
-from store_harness import run_ranks, side_channels
+from store_harness import pairlib, run_ranks, side_channels
 
-PROCS = Path(__file__).resolve().parent / "procs"
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.int64, torch.bool]
 
 
@@ -290,21 +285,12 @@ def test_check_weights_names_a_differing_replicated_parameter(store_port: int) -
 # -- the input digest on a real gloo pair (2 processes), via the confirm all-gather ----------
 
 
-def _pairlib() -> Any:
-    name = "hardening_tests_pairlib"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, PROCS / "pairlib.py")
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
 
 
 @pytest.mark.timeout(120)
 def test_input_digest_through_confirm_on_two_ranks() -> None:
     # Each rank: input_digest -> envelope.confirm(digest=...) -> compare_digests(table[:, 1:]).
-    pair = _pairlib().run_pair()
+    pair = pairlib().run_pair()
     for r in (0, 1):
         clean = pair[r]["digest_clean"]
         assert clean["ok"] and clean["call_id"] == 4, clean

@@ -5,11 +5,8 @@ is the control frame, its tensors and the ``confirm`` all-gather on both ranks."
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import struct
-import sys
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -25,20 +22,12 @@ from hardening.envelope import (
     canonical_json,
     preflight,
 )
+from store_harness import pairlib
+
 from hardening.errors import ContractError, PreflightError
 
-PROCS = Path(__file__).resolve().parent / "procs"
 
 
-def _pairlib() -> Any:
-    name = "hardening_tests_pairlib"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, PROCS / "pairlib.py")
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
 
 
 # -- canonical JSON ---------------------------------------------------------------------
@@ -197,7 +186,7 @@ pair_test = pytest.mark.timeout(120)
 
 @pytest.fixture(scope="module")
 def pair() -> dict[int, dict[str, Any]]:
-    return _pairlib().run_pair()
+    return pairlib().run_pair()
 
 
 NEG_ZERO_F32 = struct.unpack("<i", struct.pack("<f", -0.0))[0]
