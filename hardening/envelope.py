@@ -212,15 +212,16 @@ def _bcast_control(prefix: list[int] | None, blob: bytes, channel: Channel) -> t
             frame[_PREFIX_BYTES : _PREFIX_BYTES + len(first)] = torch.frombuffer(bytearray(first), dtype=torch.uint8)
     dist.broadcast(frame, src=channel.leader, group=channel.control_group)
     values = frame[:_PREFIX_BYTES].view(torch.int64).tolist()
+    # bytes via tolist(), not .numpy(): torch does not depend on numpy (a fresh venv has none)
     length = values[3] + values[4] if values[0] == MAGIC else 0
-    received = bytes(frame[_PREFIX_BYTES : _PREFIX_BYTES + min(length, CONTROL_FRAME - _PREFIX_BYTES)].numpy().tobytes())
+    received = bytes(frame[_PREFIX_BYTES : _PREFIX_BYTES + min(length, CONTROL_FRAME - _PREFIX_BYTES)].tolist())
     rest = length - len(received)
     if rest > 0:
         more = torch.empty(rest, dtype=torch.uint8)
         if prefix is not None:
             more.copy_(torch.frombuffer(bytearray(blob[len(received) :]), dtype=torch.uint8))
         dist.broadcast(more, src=channel.leader, group=channel.control_group)
-        received += bytes(more.numpy().tobytes())
+        received += bytes(more.tolist())
     return values, received
 
 
