@@ -251,9 +251,13 @@ def _first_failure(ranks: list[RankResult]) -> str:
     return f"rank {first.rank}: {what}" + (f": {msg}" if msg else "")
 
 
+TORN_DOWN = "torn_down"
+"""RankResult.error_class of a rank the runner ended itself (interrupt, harness error)."""
+
+
 def root_cause_rank(ranks: list[RankResult]) -> int | None:
     """The first rank to fail that was not merely following a peer (torch elastic's rule)."""
-    own = [r for r in ranks if r.exit_code not in (0, None) and r.error_class != "PeerError"]
+    own = [r for r in ranks if r.exit_code not in (0, None) and r.error_class not in ("PeerError", TORN_DOWN)]
     if own:
         return min(own, key=lambda r: r.exited_at or float("inf")).rank
     followers = [r.root_cause_rank for r in ranks if r.root_cause_rank is not None]

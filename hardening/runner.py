@@ -32,7 +32,7 @@ from hardening import results, triage
 from hardening.cases import Case
 from hardening.errors import CAUSE_BY_EXIT_CODE
 from hardening.profile import Profile, profile_to_dict
-from hardening.results import CaseResult, Outcome, RankResult, SuiteResult
+from hardening.results import TORN_DOWN, CaseResult, Outcome, RankResult, SuiteResult
 
 
 class HarnessError(RuntimeError):
@@ -50,6 +50,8 @@ class _Live:
     pids: dict[int, int] = dataclasses.field(default_factory=dict)
     exits: dict[int, tuple[int, float]] = dataclasses.field(default_factory=dict)
     hung: set[int] = dataclasses.field(default_factory=set)
+    torn_down: dict[int, str] = dataclasses.field(default_factory=dict)
+    """Ranks the runner itself ended, and why (their signal is ours, not a finding)."""
     deadline_reason: str = ""
     dumps: dict[int, triage.StackDump] = dataclasses.field(default_factory=dict)
 
@@ -335,6 +337,9 @@ class Runner:
         """SIGTERM -> grace -> SIGKILL of every live rank's session; bounded, never raises."""
         previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut this short
         try:
+            for r in live.pids:
+                if r not in live.exits:
+                    live.torn_down.setdefault(r, reason)
             for sig, wait_s in ((signal.SIGTERM, self.profile.timeouts.grace), (signal.SIGKILL, 10.0)):
                 alive = [pid for r, pid in live.pids.items() if r not in live.exits]
                 if not alive:
@@ -375,6 +380,11 @@ class Runner:
                 rr.counters = record.get("counters") or {}
                 rr.started_at = record.get("started_at")
                 rr.fired_at = record.get("fired_at")
+            elif rank in live.torn_down and rank not in live.hung:
+                rr.signal = None  # the runner's own signal says nothing about the rank
+                rr.error_class = TORN_DOWN
+                rr.message = f"ended by the runner: {live.torn_down[rank]}"
+                rr.phase = _last_phase(self._store, live.prefix, rank)
             elif rr.exit_code not in (None, 0):
                 rr.error_class = CAUSE_BY_EXIT_CODE.get(rr.exit_code) if rr.exit_code > 0 else rr.signal
                 rr.message = _tail(rank_dir / "stderr.log")
