@@ -315,7 +315,7 @@ class Runner:
         remaining = [r for r in live.pids if r not in live.exits]
         if not remaining or len(live.pids) < self.world_size:
             return []
-        return remaining if all(_proc_state(live.pids[r]) == "T" for r in remaining) else []
+        return remaining if all(triage.proc_state(live.pids[r]) == "T" for r in remaining) else []
 
     def _dump_stacks(self, live: _Live) -> None:
         if not self.profile.triage.py_spy:
@@ -325,7 +325,7 @@ class Runner:
         if problem:
             self.progress(f"    no stacks: {problem}")
             return
-        self.progress(f"    {live.case.id}: {why_short(live)}; dumping {len(targets)} live rank(s) with py-spy")
+        self.progress(f"    {live.case.id}: {live.deadline_reason or 'deadline'}; dumping {len(targets)} live rank(s) with py-spy")
         dumps = triage.dump_all(
             targets, out_dir=str(live.case_dir), native=self.profile.triage.native, timeout=self.profile.triage.timeout
         )
@@ -397,22 +397,10 @@ class Runner:
                 rr.where = f"no stacks: {dump.text.splitlines()[0] if dump.text else 'py-spy failed'}"
             if rank in live.hung:
                 rr.phase = rr.phase or _last_phase(self._store, live.prefix, rank)
-                if _proc_state(live.pids.get(rank, -1)) == "T" or "stopped" in rr.where:
+                if triage.proc_state(live.pids.get(rank, -1)) == "T" or "stopped" in rr.where:
                     rr.where = f"[stopped] {rr.where}"
             ranks.append(rr)
         return ranks
-
-
-def why_short(live: _Live) -> str:
-    return live.deadline_reason or "deadline"
-
-
-def _proc_state(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return ""
 
 
 def _read_record(path: Path) -> dict[str, Any] | None:

@@ -178,7 +178,7 @@ def _python_behind(pid: int) -> int:
     return pid
 
 
-def _proc_state(pid: int) -> str | None:
+def proc_state(pid: int) -> str | None:
     """The one-letter state from /proc/<pid>/status (R, S, D, T, t, Z, ...), or None if gone."""
     try:
         status = Path(f"/proc/{pid}/status").read_text()
@@ -192,7 +192,7 @@ def _not_running(pid: int) -> str | None:
     """Why ``pid`` cannot be dumped before py-spy is even tried, or None."""
     if not sys.platform.startswith("linux"):
         return None
-    state = _proc_state(pid)
+    state = proc_state(pid)
     if state is None:
         return f"process {pid} is not running"
     if state in ("Z", "X"):
@@ -213,7 +213,7 @@ def _clean_error(output: str, pid: int) -> str:
     text = output.split("\nStack backtrace:")[0].strip() or "py-spy failed without output"
     low = text.lower()
     tracer = _tracer_of(pid)
-    if _proc_state(pid) == "T":
+    if proc_state(pid) == "T":
         # py-spy cannot read a job-control-stopped process at all ("Failed to find python
         # version"). That is itself the diagnosis: the rank is frozen, not blocked.
         text = f"process {pid} is stopped (SIGSTOP/SIGTSTP): py-spy cannot read a stopped process\n" + text
@@ -270,7 +270,7 @@ def dump_stack(
         # Full filenames let summarize_frames tell torch and the stdlib from user code by
         # path; it shortens them again for display.
         cmd = [py_spy, "dump", "--pid", str(target), "--full-filenames"] + (["--native"] if native else [])
-        stopped = _proc_state(target) == "T"
+        stopped = proc_state(target) == "T"
         if stopped and not native:
             # A stopped process is already still: read it without ptrace-suspending it,
             # which fails on a job-control stop ("unexpected waitpid result").
