@@ -83,13 +83,12 @@ def main() -> None:
                     Envelope(kind=Kind.CALL, call_id=call_id, cache_epoch=epoch, tensors={"x": x},
                              plan={"expected_generator_calls": 1, "cache_op": op}, meta={"prompt": "a cat", **extra}),
                     channel,
+                    digest=True,  # the leader's input digest rides in the frame
                 )  # fmt: skip
             else:
                 env = envelope.receive(channel)
+                drift.check_input(env, rank=rank, leader=0)  # what arrived is what the leader sent
             lifecycle.apply_transition(cache, op=env.plan["cache_op"], epoch=env.cache_epoch, tokens=TOKENS, call_id=call_id)
-            digest = drift.input_digest(env.blob, env.tensors, torch.device("cpu"))
-            table = envelope.confirm(env, channel, digest=digest)  # closes the frame, gathers digests
-            drift.compare_digests(table[:, 1:], call_id=call_id, names=list(env.tensors), leader=0)
             out = layer(env.tensors["x"])
             state.end_call()
         if rank == 0:

@@ -6,10 +6,14 @@ A single changed element changes the plain sum unless the change is exactly zero
 bits; a swap of two elements changes the weighted one. Both are computed where the
 tensor lives (on GPU, on the device); only two int64 per tensor leave it.
 
-- Input digest: after receiving an envelope each rank digests blob and tensors; the
-  digests travel in the envelope's confirmation all-gather and are compared with the
-  leader's (the source of truth): a mismatch is a :class:`DriftError` naming the call,
-  the ranks and the tensors.
+- Input digest: the leader digests header+meta and every tensor before it commits a
+  checked call, and the digest travels in the envelope's control frame; each follower
+  digests what it received and compares (the leader is the source of truth). A mismatch
+  is a :class:`DriftError` on the odd rank naming the call, the rank and the tensors;
+  the job-wide abort carries it to every other rank. Host tensors are digested with
+  CRC-32 over their bytes (about twice as fast here as the two sums, and it catches any
+  change of one element of up to 4 bytes); device tensors with :func:`checksum`, on the
+  device, so that only two int64 per tensor leave it.
 - Weight fingerprint: per parameter; checked against the region's manifest of expected
   shard fingerprints (derived from the seed or the checkpoint), and replicated
   parameters across ranks, so one changed element in one rank's shard is named.
@@ -17,13 +21,17 @@ tensor lives (on GPU, on the device); only two int64 per tensor leave it.
 
 from __future__ import annotations
 
+import ctypes
 import zlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from hardening.errors import DriftError
 from hardening.sidechannel import SideChannel
+
+if TYPE_CHECKING:
+    from hardening.envelope import Envelope
 
 _INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 _positions: dict[tuple[int, str], torch.Tensor] = {}
@@ -43,29 +51,45 @@ def checksum(tensor: torch.Tensor) -> torch.Tensor:
     return torch.stack([bits.sum(), (bits * pos).sum()])
 
 
-def input_digest(blob: bytes, tensors: dict[str, torch.Tensor], device: torch.device) -> torch.Tensor:
-    """``int64[1 + 2n]``: CRC of header+meta bytes, then a checksum per tensor (in order)."""
-    parts = [torch.tensor([zlib.crc32(blob)], dtype=torch.int64, device=device)]
-    parts += [checksum(t).to(device) for t in tensors.values()]
-    return torch.cat(parts)
+def digest_len(num_tensors: int) -> int:
+    """Words of an input digest: CRC of header+meta, then two per tensor."""
+    return 1 + 2 * num_tensors
 
 
-def compare_digests(table: torch.Tensor, *, call_id: int, names: list[str], leader: int) -> None:
-    """``table[r]`` is rank r's input digest; DriftError on every rank if any differs from the leader's."""
-    reference = table[leader]
-    odd = [r for r in range(table.shape[0]) if not torch.equal(table[r], reference)]
-    if not odd:
+def _tensor_words(tensor: torch.Tensor) -> torch.Tensor:
+    if tensor.device.type != "cpu":
+        return checksum(tensor).cpu()
+    flat = tensor.detach().contiguous()
+    size = flat.numel() * flat.element_size()
+    # Zero-copy view of the tensor's bytes (tensor.numpy() would need numpy, which torch
+    # does not depend on).
+    crc = zlib.crc32((ctypes.c_char * size).from_address(flat.data_ptr())) if size else 0
+    return torch.tensor([crc, size], dtype=torch.int64)
+
+
+def input_digest(blob: bytes, tensors: dict[str, torch.Tensor]) -> list[int]:
+    """``1 + 2n`` ints: CRC of header+meta bytes, then two words per tensor (in order)."""
+    parts = [torch.tensor([zlib.crc32(blob)], dtype=torch.int64)]
+    parts += [_tensor_words(t) for t in tensors.values()]
+    return torch.cat(parts).tolist()
+
+
+def check_input(env: "Envelope", *, rank: int, leader: int) -> None:
+    """Follower side: DriftError if what this rank received is not what the leader digested.
+
+    Does nothing when the frame carries no digest (the leader decides which calls are
+    checked: ``digest_every``, never warmup)."""
+    if env.digest is None:
         return
-    labels = ["header+meta", *names]
-    details = []
-    for r in odd:
-        d = table[r]
-        which = [labels[0]] if d[0] != reference[0] else []
-        which += [labels[1 + i] for i in range(len(names)) if not torch.equal(d[1 + 2 * i : 3 + 2 * i], reference[1 + 2 * i : 3 + 2 * i])]
-        details.append(f"rank {r} ({', '.join(which)})")
+    mine = input_digest(env.blob, env.tensors)
+    if mine == env.digest:
+        return
+    names = list(env.tensors)
+    which = ["header+meta"] if mine[0] != env.digest[0] else []
+    which += [n for i, n in enumerate(names) if mine[1 + 2 * i : 3 + 2 * i] != env.digest[1 + 2 * i : 3 + 2 * i]]
     raise DriftError(
-        f"input digest mismatch at call {call_id}: {'; '.join(details)} differ from the leader (rank {leader}): "
-        "the ranks would compute on different inputs"
+        f"input digest mismatch at call {env.call_id}: rank {rank} ({', '.join(which)}) differs from the leader "
+        f"(rank {leader}): this rank would compute on different inputs"
     )
 
 

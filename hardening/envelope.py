@@ -3,44 +3,50 @@
 Frame, in this order, every rank calling the same collectives:
 
 1. control frame ``uint8[1024]`` broadcast on the control group: prefix (magic, protocol
-   version, kind, header length, meta length, tensor count) then the header (canonical
-   JSON: call_id, cache_epoch, plan, tensor_specs manifest) and the meta (canonical JSON:
-   sorted keys, no NaN, no pickle). Fixed size, so it can never mismatch; a longer
-   header+meta continues in one more broadcast whose length the prefix announces.
+   version, kind, header length, meta length, tensor count, digest length) then the
+   leader's input digest when this call is checked, the header (canonical JSON: call_id,
+   cache_epoch, plan, tensor_specs manifest) and the meta (canonical JSON: sorted keys,
+   no NaN, no pickle). Fixed size, so it can never mismatch; a longer payload continues
+   in one more broadcast whose length the prefix announces.
 2. the tensors of the manifest, in order, on the data group (where they live).
-3. confirmation: an all-gather on the control group of ``[status, digest...]`` from every
-   rank. The leader's status says whether it failed after committing; the digest words
-   carry the input digest when the drift check is due (zeros otherwise). Trailer and
-   digest share one collective: two control collectives per call, as many as a stock
-   ``broadcast_object_list`` loop (the confirmation is also a point where the ranks
-   wait for each other, which is most of the runtime's measured cost).
 
-**Preflight before commit**: the leader serializes meta, checks every dtype, shape and
-the plan before broadcasting the control frame (the commitment point). A refused call
-sends an ``ERROR`` frame instead, so peers end with a named error instead of waiting.
-Receivers check version, kind, call_id monotonicity and the manifest against the call
-contract.
+That is one control collective per call, against two for a stock
+``broadcast_object_list`` loop, and no point where the ranks wait for each other outside
+the data plane: the runtime's per-call cost is the frame and the digest, nothing more.
 
-``send``, ``receive`` and ``confirm`` are runtime functions faults patch by name: call
-them through this module.
+**Commit last**: the leader serializes meta, checks every dtype, shape and the plan,
+stages every tensor on the device and computes its digest *before* broadcasting the
+control frame (the commitment point). Anything that fails there sends an ``ERROR`` frame
+instead, so peers end with a named error instead of waiting. After the commit only the
+data-plane broadcasts run; if one of them fails the data plane itself is broken, and the
+job-wide abort key (see :mod:`hardening.watchdog`) carries the cause to every peer.
+Receivers check version, kind, call_id monotonicity, the manifest against the call
+contract and the digest's length; :func:`hardening.drift.check_input` then compares what
+arrived with the leader's digest.
+
+``send`` and ``receive`` are runtime functions faults patch by name: call them through
+this module.
 """
 
 from __future__ import annotations
 
+import ctypes
 import enum
 import json
 import math
+import pickle
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from hardening import drift
 from hardening.errors import ContractError, PeerError, PreflightError
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 MAGIC = 0x48415244  # "HARD"
-PREFIX_LEN = 6
+PREFIX_LEN = 7
 
 ALLOWED_DTYPES = {
     "float32": torch.float32,
@@ -94,6 +100,8 @@ class Envelope:
     """In manifest order."""
     blob: bytes = b""
     """Header and meta bytes as sent (filled by send/receive; digested by drift checks)."""
+    digest: list[int] | None = None
+    """The leader's input digest of this call, when the call is checked (filled by send/receive)."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -101,7 +109,7 @@ class Channel:
     """Where envelopes travel and who sends them."""
 
     control_group: Any
-    """Gloo group for the control frame and the confirmation (host bytes, never device copies)."""
+    """Gloo group for the control frame (host bytes, never device copies)."""
     data_group: Any
     """Group the tensors travel on (the data plane)."""
     device: torch.device
@@ -201,75 +209,71 @@ CONTROL_FRAME = 1024
 _PREFIX_BYTES = PREFIX_LEN * 8
 
 
-def _bcast_control(prefix: list[int] | None, blob: bytes, channel: Channel) -> tuple[list[int], bytes]:
-    """One fixed-size broadcast carries prefix and blob; a longer blob needs one more."""
+def _bcast_control(prefix: list[int] | None, payload: bytes, channel: Channel) -> tuple[list[int], bytes]:
+    """One fixed-size broadcast carries prefix and payload; a longer payload needs one more."""
     frame = torch.zeros(CONTROL_FRAME, dtype=torch.uint8)
     if prefix is not None:
         head = torch.tensor(prefix, dtype=torch.int64).view(torch.uint8)
         frame[:_PREFIX_BYTES] = head
-        first = blob[: CONTROL_FRAME - _PREFIX_BYTES]
+        first = payload[: CONTROL_FRAME - _PREFIX_BYTES]
         if first:
             frame[_PREFIX_BYTES : _PREFIX_BYTES + len(first)] = torch.frombuffer(bytearray(first), dtype=torch.uint8)
     dist.broadcast(frame, src=channel.leader, group=channel.control_group)
     values = frame[:_PREFIX_BYTES].view(torch.int64).tolist()
     # bytes via tolist(), not .numpy(): torch does not depend on numpy (a fresh venv has none)
-    length = values[3] + values[4] if values[0] == MAGIC else 0
+    length = 8 * values[6] + values[3] + values[4] if values[0] == MAGIC else 0
     received = bytes(frame[_PREFIX_BYTES : _PREFIX_BYTES + min(length, CONTROL_FRAME - _PREFIX_BYTES)].tolist())
     rest = length - len(received)
     if rest > 0:
         more = torch.empty(rest, dtype=torch.uint8)
         if prefix is not None:
-            more.copy_(torch.frombuffer(bytearray(blob[len(received) :]), dtype=torch.uint8))
+            more.copy_(torch.frombuffer(bytearray(payload[len(received) :]), dtype=torch.uint8))
         dist.broadcast(more, src=channel.leader, group=channel.control_group)
         received += bytes(more.tolist())
     return values, received
 
 
-def send(env: Envelope, channel: Channel) -> Envelope:
-    """Leader side: preflight, commit, tensors. The caller then runs ``confirm``."""
+def send(env: Envelope, channel: Channel, *, digest: bool = False) -> Envelope:
+    """Leader side: preflight, staging and digest, then commit and the tensors.
+
+    ``digest=True`` puts the leader's input digest into the frame, so that every follower
+    checks what it received against it (:func:`hardening.drift.check_input`).
+    """
     if channel.stock:
         return _send_stock(env, channel)
     try:
         header, meta, specs = preflight(env, channel)
-    except (PreflightError, ContractError) as exc:
+        # Staged before the commit: a tensor that cannot reach the device fails here,
+        # where the peers can still be told with an ERROR frame.
+        for spec in specs:
+            env.tensors[spec.name] = env.tensors[spec.name].to(channel.device).contiguous()
+        env.blob = header + meta
+        env.digest = drift.input_digest(env.blob, env.tensors) if digest and env.kind is Kind.CALL else None
+    except Exception as exc:
         send_error(f"{type(exc).__name__}: {exc}", channel, call_id=env.call_id)
         raise
     # Commitment point: from here every peer expects the whole frame.
-    prefix = [MAGIC, PROTOCOL_VERSION, int(env.kind), len(header), len(meta), len(specs)]
-    _, env.blob = _bcast_control(prefix, header + meta, channel)
-    sent = 0
-    try:
-        for spec in specs:
-            tensor = env.tensors[spec.name].to(channel.device).contiguous()
-            dist.broadcast(tensor, src=channel.leader, group=channel.data_group)
-            env.tensors[spec.name] = tensor
-            sent += 1
-    except Exception as exc:
-        # Failed after commit: fill the broadcasts peers wait for, then tell them in the
-        # confirmation, before any of them reaches the data plane. If that fails too (the
-        # peers are gone), the original error is still the one reported.
-        try:
-            for spec in specs[sent:]:
-                filler = torch.zeros(spec.shape, dtype=ALLOWED_DTYPES[spec.dtype], device=channel.device)
-                dist.broadcast(filler, src=channel.leader, group=channel.data_group)
-            confirm(env, channel, status=STATUS_FAILED_AFTER_COMMIT)
-        except Exception:
-            pass
-        raise exc
+    words = env.digest or []
+    prefix = [MAGIC, PROTOCOL_VERSION, int(env.kind), len(header), len(meta), len(specs), len(words)]
+    _bcast_control(prefix, _words_bytes(words) + env.blob, channel)
+    if env.kind is Kind.CALL:
+        channel.last_call_id = env.call_id
+    for spec in specs:
+        dist.broadcast(env.tensors[spec.name], src=channel.leader, group=channel.data_group)
     return env
 
 
 def send_error(reason: str, channel: Channel, *, call_id: int) -> None:
     """Terminal action: tell every peer why the leader stops (they raise PeerError)."""
     blob = canonical_json({"call_id": call_id, "reason": reason[:4096]}, what="error")
-    _bcast_control([MAGIC, PROTOCOL_VERSION, int(Kind.ERROR), len(blob), 0, 0], blob, channel)
+    _bcast_control([MAGIC, PROTOCOL_VERSION, int(Kind.ERROR), len(blob), 0, 0, 0], blob, channel)
 
 
 def receive(channel: Channel) -> Envelope:
-    """Follower side: the next envelope, validated; the caller then runs ``confirm``."""
+    """Follower side: the next envelope, validated (then run ``drift.check_input`` on it)."""
     if channel.stock:
         return _receive_stock(channel)
-    (magic, version, kind, header_len, meta_len, count), blob = _bcast_control(None, b"", channel)
+    (magic, version, kind, header_len, meta_len, count, digest_len), payload = _bcast_control(None, b"", channel)
     if magic != MAGIC:
         raise ContractError(f"control-plane frame without the envelope magic (got {magic:#x}): an ad-hoc broadcast?")
     if version != PROTOCOL_VERSION:
@@ -278,6 +282,7 @@ def receive(channel: Channel) -> Envelope:
         kind_ = Kind(kind)
     except ValueError:
         raise ContractError(f"unknown envelope kind {kind}") from None
+    blob = payload[8 * digest_len :]
     try:
         header = json.loads(blob[:header_len]) if header_len else {}
         meta = json.loads(blob[header_len:]) if meta_len else {}
@@ -295,52 +300,24 @@ def receive(channel: Channel) -> Envelope:
         plan=header.get("plan", {}),
         meta=meta,
         blob=blob,
+        digest=torch.frombuffer(bytearray(payload[: 8 * digest_len]), dtype=torch.int64).tolist() if digest_len else None,
     )
     specs = [TensorSpec(name=n, shape=tuple(s), dtype=d) for n, s, d in header.get("tensor_specs", [])]
     if kind_ is Kind.CALL:
         _validate_call(env, specs, count, channel)
+    if digest_len not in (0, drift.digest_len(count)):
+        raise ContractError(f"the frame carries a {digest_len}-word input digest, {count} tensor(s) need {drift.digest_len(count)}")
     for spec in specs:
         tensor = torch.empty(spec.shape, dtype=ALLOWED_DTYPES[spec.dtype], device=channel.device)
         dist.broadcast(tensor, src=channel.leader, group=channel.data_group)
         env.tensors[spec.name] = tensor
+    if kind_ is Kind.CALL:
+        channel.last_call_id = env.call_id
     return env
 
 
-STATUS_OK = 0
-STATUS_FAILED_AFTER_COMMIT = 1
-
-
-def digest_words(env: Envelope) -> int:
-    """Length of the digest part of the confirmation: CRC of the blob + 2 per tensor."""
-    return 1 + 2 * len(env.tensors)
-
-
-def confirm(env: Envelope, channel: Channel, *, digest: torch.Tensor | None = None, status: int = STATUS_OK) -> torch.Tensor:
-    """Close a CALL on every rank: gather ``[status, digest...]``; returns ``int64[world, 1+D]``.
-
-    Raises PeerError on the followers when the leader failed after committing: they learn
-    it here, before their data plane, instead of in a collective the leader never joins.
-    """
-    words = torch.zeros(1 + digest_words(env), dtype=torch.int64)
-    words[0] = status
-    if digest is not None:
-        words[1:] = digest.to("cpu")
-    if channel.stock:
-        return words.unsqueeze(0)
-    world = dist.get_world_size(channel.control_group)
-    gathered = [torch.empty_like(words) for _ in range(world)]
-    dist.all_gather(gathered, words, group=channel.control_group)
-    table = torch.stack(gathered)
-    if int(table[channel.leader, 0]) != STATUS_OK:
-        if channel.rank == channel.leader:
-            return table  # the leader raises its own error after this
-        raise PeerError(
-            f"rank {channel.leader} (leader) failed after committing call {env.call_id} (its record names the error)",
-            root_cause_rank=channel.leader,
-        )
-    if env.kind is Kind.CALL:
-        channel.last_call_id = env.call_id  # only a confirmed call counts, on every rank
-    return table
+def _words_bytes(words: list[int]) -> bytes:
+    return bytes(torch.tensor(words, dtype=torch.int64).view(torch.uint8).tolist()) if words else b""
 
 
 def _validate_call(env: Envelope, specs: list[TensorSpec], count: int, channel: Channel) -> None:
@@ -370,12 +347,25 @@ def _validate_call(env: Envelope, specs: list[TensorSpec], count: int, channel: 
         )
 
 
+def broadcast_pickled(obj: Any, channel: Channel) -> Any:
+    """What ``dist.broadcast_object_list`` does for one object: pickle, broadcast the
+    size, broadcast the bytes (two collectives). Written out because torch's unpickling
+    side calls ``tensor.numpy()``, and torch does not depend on numpy."""
+    is_leader = channel.rank == channel.leader
+    data = pickle.dumps(obj) if is_leader else b""
+    size = torch.tensor([len(data)], dtype=torch.int64)
+    dist.broadcast(size, src=channel.leader, group=channel.control_group)
+    payload = torch.frombuffer(bytearray(data), dtype=torch.uint8) if is_leader else torch.empty(int(size), dtype=torch.uint8)
+    dist.broadcast(payload, src=channel.leader, group=channel.control_group)
+    return obj if is_leader else pickle.loads(ctypes.string_at(payload.data_ptr(), payload.numel()))
+
+
 def _send_stock(env: Envelope, channel: Channel) -> Envelope:
     """The unhardened baseline: pickle the header, broadcast the tensors, check nothing."""
     specs = [(n, tuple(t.shape), str(t.dtype).removeprefix("torch.")) for n, t in env.tensors.items()]
     header = {"kind": int(env.kind), "call_id": env.call_id, "cache_epoch": env.cache_epoch, "plan": env.plan,
               "meta": env.meta, "specs": specs}  # fmt: skip
-    dist.broadcast_object_list([header], src=channel.leader, group=channel.control_group)
+    broadcast_pickled(header, channel)
     for name in env.tensors:
         env.tensors[name] = env.tensors[name].to(channel.device).contiguous()
         dist.broadcast(env.tensors[name], src=channel.leader, group=channel.data_group)
@@ -383,9 +373,7 @@ def _send_stock(env: Envelope, channel: Channel) -> Envelope:
 
 
 def _receive_stock(channel: Channel) -> Envelope:
-    box: list[Any] = [None]
-    dist.broadcast_object_list(box, src=channel.leader, group=channel.control_group)
-    h = box[0]
+    h = broadcast_pickled(None, channel)
     env = Envelope(kind=Kind(h["kind"]), call_id=h["call_id"], cache_epoch=h["cache_epoch"], plan=h["plan"], meta=h["meta"])
     for name, shape, dtype in h["specs"]:
         tensor = torch.empty(shape, dtype=getattr(torch, dtype), device=channel.device)

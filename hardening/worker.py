@@ -10,6 +10,7 @@ stock baseline of the detection benchmark.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass
 from datetime import timedelta
@@ -206,17 +207,12 @@ def _recipe(spec: RankSpec, profile: Profile, state: RankState, store: dist.Stor
         state.begin_call(call_id, deadline_bound=phase == "steady")
         try:
             if is_leader:
-                env = envelope.send(make_envelope(reg, call_id, schedule, phase=phase), channel)
+                every = profile.drift.digest_every
+                due = hardened and phase == "steady" and every > 0 and call_id % every == 0
+                env = envelope.send(make_envelope(reg, call_id, schedule, phase=phase), channel, digest=due)
             else:
                 env = envelope.receive(channel)
-            every = profile.drift.digest_every
-            due = hardened and phase == "steady" and every > 0 and call_id % every == 0
-            digest = drift.input_digest(env.blob, env.tensors, device) if due else None
-            # The confirmation closes the frame first: no cache transition for a call the
-            # leader abandoned after commit.
-            table = envelope.confirm(env, channel, digest=digest)
-            if due:
-                drift.compare_digests(table[:, 1:], call_id=call_id, names=list(env.tensors), leader=LEADER)
+                drift.check_input(env, rank=spec.rank, leader=LEADER)
             first = next(iter(env.tensors.values()), None)
             tokens = int(first.shape[-2]) if first is not None and first.dim() >= 2 else 1
             lifecycle_apply(
@@ -267,23 +263,21 @@ def _recipe(spec: RankSpec, profile: Profile, state: RankState, store: dist.Stor
         raise CompileGateError(_gate_message("after warmup", problems))
 
     # 7. Steady state under the recompile guard: a recompile on any rank raises at once
-    #    with its guard-failure text (entered on this thread: dynamo config is per thread).
+    #    with its guard-failure text. Entered once for the loop (not per call: it patches
+    #    dynamo's config), on this thread: dynamo config is per thread.
     state.enter("steady")
     guard = compile_health.RecompileGuard() if (compile_cfg.enabled and profile.gates.max_recompiles == 0) else None
-    for call_id in range(next_call, next_call + profile.steps):
-        try:
-            if guard is not None:
-                with guard:
-                    step(call_id, phase="steady")
-            else:
+    with guard if guard is not None else contextlib.nullcontext():
+        for call_id in range(next_call, next_call + profile.steps):
+            try:
                 step(call_id, phase="steady")
-        except HardeningError:
-            raise
-        except Exception as exc:
-            reason = compile_health.RecompileGuard.reason(exc)
-            if reason is None:
+            except HardeningError:
                 raise
-            raise CompileGateError(f"rank {spec.rank} recompiled at call {call_id}, after warmup: {reason}") from exc
+            except Exception as exc:
+                reason = compile_health.RecompileGuard.reason(exc)
+                if reason is None:
+                    raise
+                raise CompileGateError(f"rank {spec.rank} recompiled at call {call_id}, after warmup: {reason}") from exc
     if is_leader:
         envelope.send(Envelope(kind=Kind.SHUTDOWN, call_id=next_call + profile.steps), channel)
     else:

@@ -63,7 +63,13 @@ def build_cases() -> list[Case]:
             suite=SUITE,
             title="input mutated on a receiver after receive",
             fault="input_mutation:rank=1",
-            expect=crashes("DriftError", match=r"call \d+: rank 1 \(x\)", within_s=1),
+            expect=crashes(
+                "PeerError",
+                match=r"rank 1 failed first: DriftError",
+                on={1: RankExpect(error="DriftError", match=r"call \d+: rank 1 \(x\) differs from the leader")},
+                within_s=1,
+            ),
+            description="The receiver checks what arrived against the leader's digest in the frame, before its data plane.",
         ),
         Case(
             id="OM-12",

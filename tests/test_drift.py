@@ -1,7 +1,7 @@
 """Drift tripwires: bit checksums, input digests and their comparison, weight
 fingerprints of the reference region, weight checks over a real TCPStore side channel
 (2 rank threads), and the input digest on a real 2-rank gloo pair, carried by the
-envelope's confirm all-gather (shared with test_envelope.py)."""
+envelope's control frame (shared with test_envelope.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hardening.drift import check_weights, checksum, compare_digests, fingerprint, input_digest
+from hardening.drift import check_input, check_weights, checksum, digest_len, fingerprint, input_digest
+from hardening.envelope import Envelope, Kind
 from hardening.errors import DriftError
 from hardening.reference import TPDiTBlock
 from hardening.region import RegionContext
@@ -94,91 +95,105 @@ def test_checksum_counts_nan_bits_not_values() -> None:
 # -- input digest -------------------------------------------------------------------------
 
 
+BLOB = b'{"call_id":3}{"phase":"steady"}'
+
+
+def _tensors() -> dict[str, torch.Tensor]:
+    return {"x": torch.arange(6, dtype=torch.float32).reshape(2, 3), "c": torch.ones(4, dtype=torch.bfloat16)}
+
+
 def test_input_digest_covers_blob_and_every_tensor() -> None:
-    blob = b'{"call_id":3}{"phase":"steady"}'
-    tensors = {"x": torch.arange(6, dtype=torch.float32).reshape(2, 3), "c": torch.ones(4, dtype=torch.bfloat16)}
-    cpu = torch.device("cpu")
-    d = input_digest(blob, tensors, cpu)
-    assert d.dtype == torch.int64 and d.shape == (1 + 2 * 2,)
-    assert torch.equal(d, input_digest(bytes(blob), {k: v.clone() for k, v in tensors.items()}, cpu))
+    tensors = _tensors()
+    d = input_digest(BLOB, tensors)
+    assert isinstance(d, list) and len(d) == digest_len(2) == 1 + 2 * 2
+    assert d == input_digest(bytes(BLOB), {k: v.clone() for k, v in tensors.items()})
     # One byte of the blob.
-    flipped = blob[:5] + bytes([blob[5] ^ 1]) + blob[6:]
-    e = input_digest(flipped, tensors, cpu)
-    assert e[0] != d[0] and torch.equal(e[1:], d[1:])
+    flipped = BLOB[:5] + bytes([BLOB[5] ^ 1]) + BLOB[6:]
+    e = input_digest(flipped, tensors)
+    assert e[0] != d[0] and e[1:] == d[1:]
     # Same bytes, one shorter: the CRC still differs.
-    assert input_digest(blob[:-1], tensors, cpu)[0] != d[0]
+    assert input_digest(BLOB[:-1], tensors)[0] != d[0]
     # One element of one tensor: only that tensor's slot changes.
     changed = {k: v.clone() for k, v in tensors.items()}
     changed["c"][1] = 2.0
-    f = input_digest(blob, changed, cpu)
-    assert torch.equal(f[:3], d[:3]) and not torch.equal(f[3:], d[3:])
+    f = input_digest(BLOB, changed)
+    assert f[:3] == d[:3] and f[3:] != d[3:]
     # Order of the tensors matters (it is the manifest order).
-    g = input_digest(blob, {"c": tensors["c"], "x": tensors["x"]}, cpu)
-    assert not torch.equal(g, d)
+    assert input_digest(BLOB, {"c": tensors["c"], "x": tensors["x"]}) != d
 
 
-# -- compare_digests (pure: the table the confirm all-gather returns, less the status) ------
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_input_digest_catches_one_element_and_a_swap_in_host_tensors(dtype: torch.dtype) -> None:
+    # Host tensors are digested with CRC-32 over their bytes: every single-element change
+    # of every element, and a swap of two different elements, changes the digest.
+    t = (torch.arange(40) % 7 + 1).to(dtype).reshape(5, 8) if dtype != torch.bool else torch.arange(40).reshape(5, 8) % 3 == 0
+    base = input_digest(BLOB, {"t": t})
+    for i in range(t.numel()):
+        u = t.clone()
+        flat = u.view(-1)
+        flat[i] = ~flat[i] if dtype == torch.bool else flat[i] + 1
+        assert input_digest(BLOB, {"t": u}) != base, i
+    u = t.clone().view(-1)
+    j = next(k for k in range(1, 40) if u[k] != u[0])
+    u[0], u[j] = t.view(-1)[j], t.view(-1)[0]
+    assert input_digest(BLOB, {"t": u.view(5, 8)}) != base
+    # -0.0 and 0.0 differ in bits, so they differ in the digest.
+    if dtype.is_floating_point:
+        z = torch.zeros(3, dtype=dtype)
+        assert input_digest(BLOB, {"t": z}) != input_digest(BLOB, {"t": -z})
 
-NAMES = ["x", "c"]
+
+def test_input_digest_of_non_contiguous_and_empty_tensors() -> None:
+    t = torch.arange(12, dtype=torch.float32).reshape(3, 4)
+    assert input_digest(BLOB, {"t": t.t()}) == input_digest(BLOB, {"t": t.t().contiguous()})
+    assert input_digest(BLOB, {"t": torch.empty(0, 4)}) == [input_digest(BLOB, {})[0], 0, 0]
 
 
-def _table(world: int = 3) -> torch.Tensor:
-    blob = b'{"call_id":3}{"phase":"steady"}'
-    tensors = {"x": torch.arange(6, dtype=torch.float32).reshape(2, 3), "c": torch.ones(4, dtype=torch.bfloat16)}
-    row = input_digest(blob, tensors, torch.device("cpu"))
-    return row.unsqueeze(0).repeat(world, 1)
+# -- check_input (follower side, pure: no collective) ----------------------------------------
 
 
-def test_compare_digests_equal_rows_pass() -> None:
-    table = _table()
-    assert compare_digests(table, call_id=3, names=NAMES, leader=0) is None
-    assert compare_digests(table[:1], call_id=3, names=NAMES, leader=0) is None  # one rank
-    # Rows of zeros (confirm without a digest) are equal too.
-    assert compare_digests(torch.zeros(2, 5, dtype=torch.int64), call_id=3, names=NAMES, leader=0) is None
+def _received(call_id: int = 3, *, leader_digest: list[int] | None = None) -> Envelope:
+    """What a follower holds after ``receive``: the leader's digest from the frame, and the
+    blob and tensors that arrived (equal to the leader's unless a test changes them)."""
+    tensors = _tensors()
+    return Envelope(
+        kind=Kind.CALL,
+        call_id=call_id,
+        blob=BLOB,
+        tensors=tensors,
+        digest=input_digest(BLOB, tensors) if leader_digest is None else leader_digest,
+    )
 
 
-@pytest.mark.parametrize("word", [0, 1], ids=["bit-sum", "weighted-sum"])
-def test_compare_digests_names_call_rank_and_tensor(word: int) -> None:
-    table = _table()
-    table[2, 3 + word] += 1  # rank 2, tensor 'c' (words 3 and 4)
+def test_check_input_passes_what_the_leader_digested() -> None:
+    assert check_input(_received(), rank=1, leader=0) is None
+    # No digest in the frame (an unchecked call): nothing to compare, even if it drifted.
+    env = _received()
+    env.digest = None
+    env.tensors["x"][0, 0] += 1
+    assert check_input(env, rank=1, leader=0) is None
+
+
+def test_check_input_names_call_rank_and_tensor() -> None:
+    env = _received(41)
+    env.tensors["c"][2] += 1
     with pytest.raises(DriftError) as info:
-        compare_digests(table, call_id=41, names=NAMES, leader=0)
+        check_input(env, rank=2, leader=0)
     msg = str(info.value)
-    assert "at call 41" in msg and "rank 2 (c)" in msg
-    assert "rank 1 (" not in msg and "rank 0 (" not in msg and "header+meta" not in msg and "(x" not in msg
-    assert "leader (rank 0)" in msg
+    assert "at call 41: rank 2 (c) differs from the leader (rank 0)" in msg
+    assert "header+meta" not in msg and "x" not in msg.split("differs")[0].split("(")[1]
 
 
-def test_compare_digests_names_header_meta() -> None:
-    table = _table(2)
-    table[1, 0] ^= 1  # the CRC of header+meta
-    with pytest.raises(DriftError) as info:
-        compare_digests(table, call_id=6, names=NAMES, leader=0)
-    msg = str(info.value)
-    assert "at call 6" in msg and "rank 1 (header+meta)" in msg
-    assert ", x" not in msg and ", c" not in msg and "(x" not in msg and "(c" not in msg
-
-
-def test_compare_digests_names_every_odd_rank_and_tensor() -> None:
-    table = _table(4)
-    table[1, 1] += 1  # rank 1: x
-    table[3, 0] += 1  # rank 3: header+meta, x and c
-    table[3, 2] += 1
-    table[3, 4] += 1
-    with pytest.raises(DriftError) as info:
-        compare_digests(table, call_id=9, names=NAMES, leader=0)
-    msg = str(info.value)
-    assert "rank 1 (x); rank 3 (header+meta, x, c)" in msg
-    assert "rank 2" not in msg
-
-
-def test_compare_digests_judges_against_the_leader_row() -> None:
-    table = _table()
-    table[2, 1] += 1  # the leader (rank 2) is the odd one: both others are named
-    with pytest.raises(DriftError) as info:
-        compare_digests(table, call_id=1, names=NAMES, leader=2)
-    msg = str(info.value)
-    assert "rank 0 (x); rank 1 (x)" in msg and "leader (rank 2)" in msg
+def test_check_input_names_header_meta_and_every_tensor() -> None:
+    env = _received(6)
+    env.blob = BLOB[:-1] + b"!"
+    assert check_input(_received(6), rank=1, leader=0) is None
+    with pytest.raises(DriftError, match=r"at call 6: rank 1 \(header\+meta\) differs"):
+        check_input(env, rank=1, leader=0)
+    env.tensors["x"][1, 1] += 1
+    env.tensors["c"][0] += 1
+    with pytest.raises(DriftError, match=r"rank 1 \(header\+meta, x, c\) differs from the leader \(rank 2\)"):
+        check_input(env, rank=1, leader=2)
 
 
 # -- weight fingerprints of the reference region ------------------------------------------
@@ -282,31 +297,25 @@ def test_check_weights_names_a_differing_replicated_parameter(store_port: int) -
         assert "parameter 'ada' on rank 1" in msg and "replicated parameter 'ada'" in msg and "(+1 more)" in msg
 
 
-# -- the input digest on a real gloo pair (2 processes), via the confirm all-gather ----------
-
-
+# -- the input digest on a real gloo pair (2 processes), carried by the control frame -------
 
 
 @pytest.mark.timeout(120)
-def test_input_digest_through_confirm_on_two_ranks() -> None:
-    # Each rank: input_digest -> envelope.confirm(digest=...) -> compare_digests(table[:, 1:]).
+def test_input_digest_in_the_frame_on_two_ranks() -> None:
+    # The leader: send(digest=True). The follower: receive, then check_input.
     pair = pairlib().run_pair()
-    for r in (0, 1):
-        clean = pair[r]["digest_clean"]
-        assert clean["ok"] and clean["call_id"] == 4, clean
-        table = pair[r]["digest_clean_confirm"]
-        assert [row[0] for row in table] == [0, 0]  # confirm status column: the leader is OK
-        assert table[0][1:] == table[1][1:] == clean["digest"] != [0] * 5  # the digest travelled in it
-        tensor = pair[r]["digest_tensor"]
-        assert tensor["error_class"] == "DriftError", tensor
-        assert "at call 5" in tensor["message"] and "rank 1 (c)" in tensor["message"]
-        assert "rank 0 (" not in tensor["message"]
-        blob = pair[r]["digest_blob"]
-        assert blob["error_class"] == "DriftError", blob
-        assert "at call 6" in blob["message"] and "rank 1 (header+meta)" in blob["message"]
-        assert ", x" not in blob["message"] and ", c" not in blob["message"]
-    # Every rank holds the same table, so every rank raises the same error.
-    for name in ("digest_clean", "digest_tensor", "digest_blob"):
-        assert pair[0][f"{name}_confirm"] == pair[1][f"{name}_confirm"]
-    assert pair[0]["digest_tensor"]["message"] == pair[1]["digest_tensor"]["message"]
-    assert pair[0]["digest_blob"]["message"] == pair[1]["digest_blob"]["message"]
+    leader, follower = pair[0], pair[1]
+    clean = follower["digest_clean"]
+    assert clean["ok"] and clean["call_id"] == 4, clean
+    # The digest the leader computed travelled in the frame and equals the follower's own.
+    assert clean["digest_in_frame"] == leader["digest_clean"]["digest_in_frame"] == clean["mine_before"]
+    assert len(clean["digest_in_frame"]) == digest_len(2)
+    for name in ("digest_tensor", "digest_blob", "digest_both"):
+        # The leader does not check; the follower's own digest matched until it changed
+        # its copy, and then it names itself, the call and what differs.
+        assert leader[name]["ok"], leader[name]
+        assert follower[f"{name}_seen"]["mine_before"] == follower[f"{name}_seen"]["digest_in_frame"]
+        assert follower[name]["error_class"] == "DriftError", follower[name]
+    assert "at call 5: rank 1 (c) differs from the leader (rank 0)" in follower["digest_tensor"]["message"]
+    assert "at call 6: rank 1 (header+meta) differs" in follower["digest_blob"]["message"]
+    assert "at call 28: rank 1 (header+meta, x) differs" in follower["digest_both"]["message"]

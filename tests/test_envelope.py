@@ -1,7 +1,7 @@
 """The control-plane envelope: canonical JSON, preflight before commit, and real round
 trips over a 2-rank gloo pair (``tests/procs/envelope_pair.py``, started once per session
 through ``tests/procs/pairlib.py`` and shared with test_drift.py). On the pair every CALL
-is the control frame, its tensors and the ``confirm`` all-gather on both ranks."""
+is the control frame, then its tensors."""
 
 from __future__ import annotations
 
@@ -161,22 +161,16 @@ def test_preflight_refuses_tensors_in_another_order_than_the_contract() -> None:
         preflight(env, _channel())
 
 
-# -- confirm without a collective --------------------------------------------------------
+# -- digest words in the frame ------------------------------------------------------------
 
 
-def test_digest_words_is_crc_plus_two_per_tensor() -> None:
-    assert envelope.digest_words(_call()) == 1 + 2 * 2
-    assert envelope.digest_words(Envelope(kind=Kind.SHUTDOWN, call_id=0)) == 1
-
-
-def test_confirm_on_a_stock_channel_is_local() -> None:
-    # The stock (unhardened) loop still calls confirm; it issues no collective there.
-    channel = Channel(control_group=None, data_group=None, device=torch.device("cpu"), stock=True)
-    table = envelope.confirm(_call(), channel)
-    assert table.dtype == torch.int64 and table.tolist() == [[0, 0, 0, 0, 0, 0]]
-    digest = torch.arange(1, 6, dtype=torch.int64)
-    table = envelope.confirm(_call(), channel, digest=digest, status=envelope.STATUS_FAILED_AFTER_COMMIT)
-    assert table.tolist() == [[envelope.STATUS_FAILED_AFTER_COMMIT, 1, 2, 3, 4, 5]]
+def test_digest_words_survive_the_frame_encoding() -> None:
+    # Checksum words are int64 and may be negative or use all 64 bits.
+    words = [0, -1, 2**63 - 1, -(2**63), 12345, -987654321]
+    raw = envelope._words_bytes(words)
+    assert len(raw) == 8 * len(words)
+    assert torch.frombuffer(bytearray(raw), dtype=torch.int64).tolist() == words
+    assert envelope._words_bytes([]) == b""
 
 
 # -- real round trips on 2 gloo ranks -----------------------------------------------------
@@ -190,7 +184,6 @@ def pair() -> dict[int, dict[str, Any]]:
 
 
 NEG_ZERO_F32 = struct.unpack("<i", struct.pack("<f", -0.0))[0]
-CONFIRM_CLEAN = [[0] * 6, [0] * 6]  # 2 ranks x [status, crc, 2 words per tensor], no digest
 
 
 def _same_call(s: dict[str, Any], g: dict[str, Any]) -> None:
@@ -203,8 +196,8 @@ def _same_call(s: dict[str, Any], g: dict[str, Any]) -> None:
     assert g["dtypes"] == {"x": "torch.float32", "c": "torch.bfloat16"}
     assert g["bits"] == s["bits"] and g["checksums"] == s["checksums"]
     assert g["bits_equal_to_source"] and s["bits_equal_to_source"]
-    # Both ranks closed the call with the same confirm table; the leader's status is OK.
-    assert g["confirm"] == s["confirm"] == CONFIRM_CLEAN
+    # An unchecked call carries no digest.
+    assert g["digest_in_frame"] is None and s["digest_in_frame"] is None
 
 
 @pair_test
@@ -226,8 +219,7 @@ def test_calls_round_trip_bit_identical(pair: dict[int, dict[str, Any]]) -> None
         assert g["meta"]["nested"]["text"] == "\u00fc\u2192\u2713"
         assert g["plan"] == s["plan"] and g["cache_epoch"] == s["cache_epoch"] == 1
         assert g["bits"]["x"][1] == NEG_ZERO_F32  # -0.0 survives as -0.0, not 0.0
-        # confirm closed every call on both ranks: leader status 0, no digest words.
-        assert g["confirm"] == s["confirm"] == CONFIRM_CLEAN
+        assert g["digest_in_frame"] is None  # not a checked call
     # Call 1 carries a NaN: its payload arrives bit for bit too.
     nan_bits = got["calls"][1]["bits"]["x"][4]
     assert math.isnan(struct.unpack("<f", struct.pack("<i", nan_bits))[0])
@@ -240,11 +232,13 @@ def test_calls_round_trip_bit_identical(pair: dict[int, dict[str, Any]]) -> None
 def test_shutdown_arrives_as_shutdown(pair: dict[int, dict[str, Any]]) -> None:
     s, g = pair[0]["shutdown"], pair[1]["shutdown"]
     assert s["ok"] and g["ok"], (s, g)
-    assert g["kind"] == "SHUTDOWN" and g["call_id"] == 30
+    assert g["kind"] == "SHUTDOWN" and g["call_id"] == 29
     assert g["meta"] == {"reason": "done"} and g["names"] == []
     assert g["blob_hex"] == s["blob_hex"]
-    # A SHUTDOWN is not a CALL: it does not move the call counter (and has no confirm).
-    assert s["bare_last_call_id"] == g["bare_last_call_id"] == 29
+    # A SHUTDOWN is not a CALL: it does not move the call counter, and the digest its
+    # sender asked for is not sent.
+    assert s["bare_last_call_id"] == g["bare_last_call_id"] == 28
+    assert s["digest_in_frame"] is None and g["digest_in_frame"] is None
 
 
 @pair_test
@@ -261,7 +255,7 @@ def test_preflight_failure_is_named_on_both_ranks(pair: dict[int, dict[str, Any]
 
 @pair_test
 def test_error_frame_keeps_the_frames_aligned(pair: dict[int, dict[str, Any]]) -> None:
-    # The ERROR frame is one control frame on both sides (no confirm), so the next
+    # The ERROR frame is one control frame on both sides, so the next
     # envelope decodes intact.
     s, g = pair[0]["after_error"], pair[1]["after_error"]
     assert s["ok"] and g["ok"], (s, g)
@@ -287,10 +281,6 @@ def test_receiver_contract_lacking_a_tensor(pair: dict[int, dict[str, Any]]) -> 
     assert follower["error_class"] == "ContractError"
     assert "'c'" in follower["message"] and "not in the call contract" in follower["message"]
     assert follower["last_call_id"] == 7  # the refused call did not count
-    # The follower drained the frame (tensors + confirm): the leader's confirm status is
-    # OK (its frame itself was fine) and both ranks hold the same table.
-    assert pair[1]["receiver_contract_confirm"][0][0] == 0
-    assert pair[1]["receiver_contract_confirm"] == leader["confirm"] == CONFIRM_CLEAN
 
 
 @pair_test
@@ -311,8 +301,6 @@ def test_receiver_names_a_skipped_call(pair: dict[int, dict[str, Any]]) -> None:
     assert leader["ok"] and leader["call_id"] == 21
     assert follower["error_class"] == "ContractError"
     assert "call_id 21 after 8" in follower["message"] and "skipped" in follower["message"]
-    assert pair[1]["gap_receiver_confirm"][0][0] == 0  # the leader's confirm status: OK
-    assert pair[1]["gap_receiver_confirm"] == leader["confirm"]
 
 
 @pair_test
@@ -340,7 +328,6 @@ def test_header_and_meta_longer_than_the_control_frame_round_trip(pair: dict[int
     assert g["meta"]["long"] == s["meta"]["long"] and len(g["meta"]["long"]) == 5000
     assert g["long_intact"] and g["meta"]["tail"] == "end"
     assert g["bits"] == s["bits"] and g["blob_hex"] == s["blob_hex"]
-    assert g["confirm"] == s["confirm"] == CONFIRM_CLEAN
 
 
 @pair_test
@@ -368,29 +355,24 @@ def test_error_frame_longer_than_the_control_frame(pair: dict[int, dict[str, Any
 
 
 @pair_test
-@pytest.mark.parametrize(("poisoned", "call_id"), [("c", 27), ("x", 28)])
-def test_leader_failing_after_commit(pair: dict[int, dict[str, Any]], poisoned: str, call_id: int) -> None:
-    leader, follower = pair[0][f"failed_after_commit_{poisoned}"], pair[1][f"failed_after_commit_{poisoned}"]
+@pytest.mark.parametrize("poisoned", ["c", "x"])
+def test_a_tensor_that_cannot_reach_the_device_is_refused_before_commit(
+    pair: dict[int, dict[str, Any]], poisoned: str
+) -> None:
+    leader, follower = pair[0][f"unmovable_{poisoned}"], pair[1][f"unmovable_{poisoned}"]
     # The leader re-raises its own error (not a named cause: it is the root cause) ...
     assert leader["error_class"] == "RuntimeError" and "injected" in leader["message"]
-    assert leader["last_call_id"] == call_id - 1  # the failed call did not count on the leader
-    # ... the follower learns it in the confirm all-gather and names the leader.
+    # ... after telling the follower in an ERROR frame, which names it and the call.
     assert follower["error_class"] == "PeerError" and follower["root_cause_rank"] == 0
-    assert "failed after committing" in follower["message"] and f"call {call_id}" in follower["message"]
-    # Before that it received the whole frame: the leader's tensors up to the failure,
-    # zero fillers from there on (never computed on: confirm raises first).
-    received = pair[1][f"failed_after_commit_{poisoned}_received"]
-    assert received["call_id"] == call_id and received["names"] == ["x", "c"]
-    assert received["bits"]["c"] == [0, 0, 0, 0]
-    if poisoned == "c":
-        assert received["bits"]["x"] != [0] * 6  # x went out before c failed
-    else:
-        assert received["bits"]["x"] == [0] * 6
+    assert "RuntimeError: injected: tensor cannot reach the device" in follower["message"]
+    assert "call 27" in follower["message"]
+    # Staging precedes the commit: the call was not spent on either rank.
+    assert leader["last_call_id"] == follower["last_call_id"] == 26
 
 
 @pair_test
-def test_frames_stay_aligned_after_a_failure_after_commit(pair: dict[int, dict[str, Any]]) -> None:
-    s, g = pair[0]["after_commit_failure"], pair[1]["after_commit_failure"]
+def test_frames_stay_aligned_after_a_refused_staging(pair: dict[int, dict[str, Any]]) -> None:
+    s, g = pair[0]["after_unmovable"], pair[1]["after_unmovable"]
     assert s["ok"] and g["ok"], (s, g)
-    assert g["call_id"] == 29
+    assert g["call_id"] == 27
     _same_call(s, g)

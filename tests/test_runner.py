@@ -233,7 +233,7 @@ def test_operator_suite_end_to_end(tmp_path: Path) -> None:
         "OM-05": ["ParityError", "ParityError"],
         "OM-06": ["ContractError", "PeerError"],
         "OM-10": ["PreflightError", "PeerError"],
-        "OM-11": ["DriftError", "DriftError"],
+        "OM-11": ["PeerError", "DriftError"],
         "OM-12": ["DriftError", "DriftError"],
         "OM-13": ["SIGKILL", "PeerLost"],
         "K-01": ["PeerError", "LifecycleError"],
@@ -294,3 +294,22 @@ def test_kill_minus_9_of_rank_0_by_hand_makes_workers_exit_peer_lost(tmp_path: P
     assert "rank 0" in ranks[1]["message"]
     assert ranks[1]["exited_at"] - killed_at < 3.0 + 1.0  # within the watchdog window (peer_lost 3 s)
     assert not wait_gone({leader, worker}, 5)
+
+
+@pytest.mark.timeout(240)
+def test_stock_baseline_runs_and_lets_drift_through(tmp_path: Path) -> None:
+    # The benchmarks' baseline (`hardened: false`) runs on a fresh install (its pickled
+    # header needs no numpy), and with the runtime off a mutated input goes unnoticed: the
+    # case survives the fault, which fails its expectation, so the suite exits FAILED.
+    (tmp_path / "stock.yaml").write_text("hardened: false\n")
+    out = hardening(
+        "suite", "operator", "--profile", "stock.yaml", "--only", "control,OM-11", "--json", "r.json",
+        "--artifacts", "run", cwd=tmp_path,
+    )  # fmt: skip
+    report = json.loads((tmp_path / "r.json").read_text())
+    cases = {c["id"]: c for c in report["cases"]}
+    assert cases["control"]["outcome"] == "completed" and cases["control"]["verdict"] == "pass"
+    assert cases["OM-11"]["outcome"] == "survived" and cases["OM-11"]["verdict"] == "fail"
+    assert all(r["fired_at"] for r in cases["OM-11"]["ranks"] if r["rank"] == 1)  # the fault did act
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert not wait_gone(rank_pids(report), 5)

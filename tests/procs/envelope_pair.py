@@ -2,13 +2,12 @@
 in sequence and writes what it saw as JSON (``argv: rank port result_path``).
 
 Both ranks run the same scenario list in lockstep and speak the protocol as
-``worker.step`` does: every CALL is the control frame, its tensors, then
-``envelope.confirm`` on every rank (the all-gather of ``[status, digest...]`` that closes
-the frame); SHUTDOWN and ERROR frames have no confirm. Every scenario records, per rank,
-either ``{"ok": ..., ...}`` or the error it raised (class, message, root_cause_rank).
-Where a receiver refuses a frame after the leader committed it, the receiver drains the
-rest of that frame by hand (the test knows the manifest: its tensors, then the confirm
-all-gather) so that later scenarios still run on an aligned channel. The process is
+``worker.step`` does: every CALL is the control frame, then its tensors; a checked call
+carries the leader's input digest, which the follower compares with
+``drift.check_input``. Every scenario records, per rank, either ``{"ok": ..., ...}`` or
+the error it raised (class, message, root_cause_rank). Where a receiver refuses a frame
+after the leader committed it, the receiver drains that frame's tensors by hand (the
+test knows the manifest) so that later scenarios still run on an aligned channel. The process is
 bounded: gloo groups time out after 20 s and ``faulthandler`` ends it after 50 s
 whatever happens.
 """
@@ -121,6 +120,15 @@ def describe(env: Envelope) -> dict[str, Any]:
     }
 
 
+def described_call(env: Envelope, k: int) -> dict[str, Any]:
+    """``describe`` plus whether the tensors are the source's, bit for bit, and the
+    digest the frame carried (none: the call was not checked)."""
+    info = describe(env)
+    info["bits_equal_to_source"] = all(bits(env.tensors[n]) == bits(t) for n, t in make_tensors(k).items())
+    info["digest_in_frame"] = env.digest
+    return info
+
+
 def error_of(exc: BaseException) -> dict[str, Any]:
     return {
         "ok": False,
@@ -131,21 +139,15 @@ def error_of(exc: BaseException) -> dict[str, Any]:
     }
 
 
-def drain(specs: list[tuple[tuple[int, ...], torch.dtype]], channel: Channel) -> list[list[int]]:
-    """Consume the rest of a committed frame the receiver refused: its tensors, then the
-    confirm all-gather (this rank's row all zeros). Returns the gathered table."""
+def drain(specs: list[tuple[tuple[int, ...], torch.dtype]], channel: Channel) -> None:
+    """Consume the tensors of a committed frame the receiver refused."""
     for shape, dtype in specs:
         dist.broadcast(torch.empty(shape, dtype=dtype), src=LEADER, group=channel.data_group)
-    stub = Envelope(kind=Kind.CALL, call_id=-1, tensors={str(i): torch.empty(0) for i in range(len(specs))})
-    words = torch.zeros(1 + envelope.digest_words(stub), dtype=torch.int64)
-    gathered = [torch.empty_like(words) for _ in range(dist.get_world_size(channel.control_group))]
-    dist.all_gather(gathered, words, group=channel.control_group)
-    return torch.stack(gathered).tolist()
 
 
 class Unmovable:
-    """Passes preflight like a bfloat16 tensor of the contract, fails on its way to the
-    device: the leader's send fails after the commitment point."""
+    """Passes preflight like the contract's tensor it replaces, fails on its way to the
+    device (which the leader's send stages before the commitment point)."""
 
     def __init__(self, like: torch.Tensor) -> None:
         self.dtype = like.dtype
@@ -183,51 +185,50 @@ def main() -> None:
     is_leader = RANK == LEADER
     XC = [((2, 3), torch.float32), ((4,), torch.bfloat16)]
 
-    def call(make: Callable[[], Envelope]) -> tuple[Envelope, torch.Tensor]:
-        """One CALL as worker.step runs it without a digest: send/receive, then confirm."""
+    def call(make: Callable[[], Envelope]) -> Envelope:
+        """One CALL as worker.step runs it without a digest."""
         env = envelope.send(make(), channel) if is_leader else envelope.receive(channel)
-        table = envelope.confirm(env, channel)
-        return env, table
+        return env
 
     # 1. Round trip of several CALLs: calls 0..3, the last one a recompute.
     def roundtrip() -> dict[str, Any]:
         seen = []
         for k in range(4):
             op = "recompute" if k == 3 else "advance"
-            env, table = call(lambda: make_call(k, op=op))
-            info = describe(env)
-            expected = make_tensors(k)
-            info["bits_equal_to_source"] = all(bits(env.tensors[n]) == bits(t) for n, t in expected.items())
-            info["confirm"] = table.tolist()
-            seen.append(info)
+            env = call(lambda: make_call(k, op=op))
+            seen.append(described_call(env, k))
         return {"calls": seen}
 
     scenario("roundtrip", roundtrip)
 
-    # 2. Input digest as worker.step runs it (input_digest, confirm, compare_digests):
-    #    clean, one element of c changed on rank 1, one blob byte changed on rank 1.
+    # 2. Input digest as worker.step runs it (the leader's digest in the frame, checked by
+    #    the follower): clean, one element of c changed on rank 1, one blob byte changed
+    #    on rank 1, both x and the blob changed on rank 1.
     def digest(k: int, mutate: str | None) -> Callable[[], dict[str, Any]]:
         def body() -> dict[str, Any]:
-            env = envelope.send(make_call(k), channel) if is_leader else envelope.receive(channel)
-            blob = env.blob
-            if RANK == 1 and mutate == "tensor":
+            if is_leader:
+                env = envelope.send(make_call(k), channel, digest=True)
+                return {"call_id": env.call_id, "digest_in_frame": env.digest}
+            env = envelope.receive(channel)
+            out = {"call_id": env.call_id, "digest_in_frame": env.digest, "mine_before": drift.input_digest(env.blob, env.tensors)}
+            results[name_of[k] + "_seen"] = out
+            if mutate in ("tensor",):
                 env.tensors["c"][2] += 1
-            if RANK == 1 and mutate == "blob":
-                blob = blob[:-2] + bytes([blob[-2] ^ 1]) + blob[-1:]
-            mine = drift.input_digest(blob, env.tensors, CPU)
-            table = envelope.confirm(env, channel, digest=mine)
-            results[f"{name_of[k]}_confirm"] = table.tolist()
-            drift.compare_digests(table[:, 1:], call_id=env.call_id, names=list(env.tensors), leader=LEADER)
-            return {"call_id": env.call_id, "digest": mine.tolist()}
+            if mutate in ("blob", "both"):
+                env.blob = env.blob[:-2] + bytes([env.blob[-2] ^ 1]) + env.blob[-1:]
+            if mutate == "both":
+                env.tensors["x"][1, 2] += 1
+            drift.check_input(env, rank=RANK, leader=LEADER)
+            return out
 
         return body
 
-    name_of = {4: "digest_clean", 5: "digest_tensor", 6: "digest_blob"}
+    name_of = {4: "digest_clean", 5: "digest_tensor", 6: "digest_blob", 28: "digest_both"}
     scenario("digest_clean", digest(4, None))
     scenario("digest_tensor", digest(5, "tensor"))
     scenario("digest_blob", digest(6, "blob"))
 
-    # 3. Preflight failure on the leader (float64): ERROR frame (no confirm), PeerError on rank 1.
+    # 3. Preflight failure on the leader (float64): ERROR frame, PeerError on rank 1.
     def preflight_error() -> None:
         if is_leader:
             tensors = make_tensors(7)
@@ -240,11 +241,7 @@ def main() -> None:
 
     # 4. The next valid call after the ERROR frame: the frames stayed aligned.
     def after_error() -> dict[str, Any]:
-        env, table = call(lambda: make_call(7))
-        info = describe(env)
-        info["bits_equal_to_source"] = all(bits(env.tensors[n]) == bits(t) for n, t in make_tensors(7).items())
-        info["confirm"] = table.tolist()
-        return info
+        return described_call(call(lambda: make_call(7)), 7)
 
     scenario("after_error", after_error)
 
@@ -260,16 +257,16 @@ def main() -> None:
     scenario("leader_contract_error", leader_contract_error)
 
     # 6. The receiver's contract lacks 'c' (the leader's has it): ContractError on rank 1,
-    #    which then drains the committed frame (tensors + confirm) by hand.
+    #    which then drains the committed frame's tensors by hand.
     def receiver_contract() -> dict[str, Any]:
         if is_leader:
-            _, table = call(lambda: make_call(8))
-            return {"confirm": table.tolist()}
+            call(lambda: make_call(8))
+            return {}
         channel.contract = CallContract(tensors=(CONTRACT.tensors[0],))
         try:
             envelope.receive(channel)
         except HardeningError as exc:
-            results["receiver_contract_confirm"] = drain(XC, channel)
+            drain(XC, channel)
             raise exc
         finally:
             channel.contract = CONTRACT
@@ -291,12 +288,11 @@ def main() -> None:
     # 8. The leader sends 21 after its bumped 20: the receiver (at 8) names the skip.
     def gap_receiver() -> dict[str, Any]:
         if is_leader:
-            env, table = call(lambda: make_call(21))
-            return {"call_id": env.call_id, "confirm": table.tolist()}
+            return {"call_id": call(lambda: make_call(21)).call_id}
         try:
             envelope.receive(channel)
         except HardeningError:
-            results["gap_receiver_confirm"] = drain(XC, channel)
+            drain(XC, channel)
             raise
         return {}
 
@@ -307,13 +303,13 @@ def main() -> None:
     def order() -> dict[str, Any]:
         if is_leader:
             t = make_tensors(22)
-            env, table = call(lambda: make_call(22, tensors={"c": t["c"], "x": t["x"]}))
-            return {"committed": True, "names": list(env.tensors), "confirm": table.tolist()}
+            env = call(lambda: make_call(22, tensors={"c": t["c"], "x": t["x"]}))
+            return {"committed": True, "names": list(env.tensors)}
         try:
             envelope.receive(channel)
         except HardeningError as exc:
             if type(exc).__name__ == "ContractError":  # refused after the leader committed
-                results["order_confirm"] = drain([XC[1], XC[0]], channel)
+                drain([XC[1], XC[0]], channel)
             raise
         return {}
 
@@ -325,10 +321,9 @@ def main() -> None:
     #     the frame to the byte) and one byte past it.
     def large_meta() -> dict[str, Any]:
         long_text = ("\u00fc\u2192\u2713-" * 1250)[:5000]
-        env, table = call(lambda: make_call(23, meta={**make_meta(23), "long": long_text, "tail": "end"}))
-        info = describe(env)
+        env = call(lambda: make_call(23, meta={**make_meta(23), "long": long_text, "tail": "end"}))
+        info = described_call(env, 23)
         info["long_intact"] = env.meta.get("long") == long_text
-        info["confirm"] = table.tolist()
         return info
 
     scenario("large_meta", large_meta)
@@ -336,11 +331,7 @@ def main() -> None:
     def frame_boundary() -> dict[str, Any]:
         seen = []
         for k, total in ((24, FRAME_ROOM), (25, FRAME_ROOM + 1), (26, FRAME_ROOM - 1)):
-            env, table = call(lambda: padded_call(k, total))
-            info = describe(env)
-            info["bits_equal_to_source"] = all(bits(env.tensors[n]) == bits(t) for n, t in make_tensors(k).items())
-            info["confirm"] = table.tolist()
-            seen.append(info)
+            seen.append(described_call(call(lambda: padded_call(k, total)), k))
         return {"calls": seen}
 
     scenario("frame_boundary", frame_boundary)
@@ -355,48 +346,37 @@ def main() -> None:
 
     scenario("long_error", long_error)
 
-    # 12. The leader fails AFTER committing (its 2nd, then its 1st tensor cannot reach the
-    #     device): send() fills the remaining broadcasts and reports status
-    #     STATUS_FAILED_AFTER_COMMIT in the confirm all-gather; the follower raises there.
-    def failed_after_commit(k: int, poisoned: str) -> Callable[[], dict[str, Any]]:
-        def body() -> dict[str, Any]:
+    # 12. A tensor that cannot reach the device (the 2nd, then the 1st): staged before the
+    #     commit, so the leader refuses the call with an ERROR frame and the follower
+    #     names it; nothing was committed.
+    def unmovable(k: int, poisoned: str) -> Callable[[], None]:
+        def body() -> None:
             if is_leader:
                 tensors: dict[str, Any] = make_tensors(k)
                 tensors[poisoned] = Unmovable(tensors[poisoned])
                 envelope.send(make_call(k, tensors=tensors), channel)
-                return {}
-            env = envelope.receive(channel)
-            results[f"failed_after_commit_{poisoned}_received"] = describe(env)
-            envelope.confirm(env, channel)  # raises PeerError: the leader's status is not OK
-            return {}
+            else:
+                envelope.receive(channel)
 
         return body
 
-    scenario("failed_after_commit_c", failed_after_commit(27, "c"))
-    results["failed_after_commit_c"]["last_call_id_after"] = channel.last_call_id
-    channel.last_call_id = 27  # committed ids are spent on both ranks (see the test)
-    scenario("failed_after_commit_x", failed_after_commit(28, "x"))
-    channel.last_call_id = 28
+    scenario("unmovable_c", unmovable(27, "c"))
+    scenario("unmovable_x", unmovable(27, "x"))
 
-    # 13. A valid call after the failures: the frames stayed aligned.
-    def after_commit_failure() -> dict[str, Any]:
-        env, table = call(lambda: make_call(29))
-        info = describe(env)
-        info["bits_equal_to_source"] = all(bits(env.tensors[n]) == bits(t) for n, t in make_tensors(29).items())
-        info["confirm"] = table.tolist()
-        return info
+    # 13. A valid call after the refusals (the same id: none was spent), then a checked call
+    #     where the follower changed both x and the blob after receiving.
+    scenario("after_unmovable", lambda: described_call(call(lambda: make_call(27)), 27))
+    scenario("digest_both", digest(28, "both"))
 
-    scenario("after_commit_failure", after_commit_failure)
-
-    # 14. SHUTDOWN on channels without a contract (no confirm).
+    # 14. SHUTDOWN on channels without a contract (a digest asked for is not sent: not a CALL).
     def shutdown() -> dict[str, Any]:
         bare = Channel(control_group=side.group, data_group=dist.group.WORLD, device=CPU, leader=LEADER, rank=RANK)
-        bare.last_call_id = 29
+        bare.last_call_id = 28
         if is_leader:
-            env = envelope.send(Envelope(kind=Kind.SHUTDOWN, call_id=30, meta={"reason": "done"}), bare)
+            env = envelope.send(Envelope(kind=Kind.SHUTDOWN, call_id=29, meta={"reason": "done"}), bare, digest=True)
         else:
             env = envelope.receive(bare)
-        return {**describe(env), "bare_last_call_id": bare.last_call_id}
+        return {**describe(env), "bare_last_call_id": bare.last_call_id, "digest_in_frame": env.digest}
 
     scenario("shutdown", shutdown)
 
