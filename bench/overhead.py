@@ -15,44 +15,46 @@ S  stock, the loop the worker itself runs with ``hardened: false`` (``worker.ste
    channel with ``stock=True``, control group = the data group as in ``_recipe``):
    ``RankState.begin_call``/``end_call``, the leader's ``worker.make_envelope``,
    ``envelope.send``/``receive`` in their stock form (the header -- kind, call_id, epoch,
-   plan, meta, tensor specs -- pickled by ``broadcast_object_list``, i.e. two broadcasts,
+   plan, meta, tensor specs -- pickled as ``broadcast_object_list`` does, i.e. two broadcasts,
    then the tensors; nothing checked), ``lifecycle.apply_transition(validate=False)``,
-   ``envelope.confirm`` (on a stock channel: local, no collective), the compiled region.
-   No watchdog, no recompile guard. This is the realistic unhardened baseline: it ships
-   its meta too.
-B  hardened, what ``worker.step`` does in steady state: the recompile guard entered around
-   each call (as the worker's steady loop does), ``RankState.begin_call``/``end_call``,
-   the leader's ``worker.make_envelope`` and ``envelope.send`` (preflight, canonical JSON,
-   the ``uint8[1024]`` control frame -- prefix + header + meta -- broadcast on the gloo
-   side group, plus one more broadcast only when header+meta exceed the frame; the
-   tensors on the data group), the followers' ``envelope.receive`` (validation against
-   the call contract), ``lifecycle.apply_transition``, the input digest computed on every
-   call (``digest_every=1``: ``drift.input_digest``, CRC of header+meta and a checksum per
-   tensor), ``envelope.confirm`` (the all-gather of ``[status, digest...]`` on the side
-   group that closes every CALL), ``drift.compare_digests``, the compiled region. A
+   the compiled region. No watchdog, no recompile guard. This is the realistic
+   unhardened baseline: it ships its meta too.
+B  hardened, what ``worker.step`` does in steady state, inside the recompile guard
+   entered once around the whole block (as the worker enters it once around its steady
+   loop, not per call): ``RankState.begin_call``/``end_call``, the leader's
+   ``worker.make_envelope`` and ``envelope.send(..., digest=True)`` on every call
+   (``digest_every=1``: preflight, canonical JSON, staging, the input digest
+   ``drift.input_digest`` -- CRC-32 of header+meta and two words per tensor -- computed
+   before the commit, then the ``uint8[1024]`` control frame -- prefix + digest + header
+   + meta -- broadcast on the gloo side group, plus one more broadcast only when the
+   payload exceeds the frame; then the tensors on the data group), the followers'
+   ``envelope.receive`` (validation against the call contract) and
+   ``drift.check_input`` (digest what arrived, compare with the leader's digest from the
+   frame; no collective), ``lifecycle.apply_transition``, the compiled region. A
    ``Watchdog`` thread runs in the rank for the whole block (heartbeat ``--heartbeat`` s
    into the store, abort poll, peer liveness, call deadline).
-C  as B with ``digest_every=0``: no digest computed or compared, but ``confirm`` still
-   runs (it closes the frame: the leader's failed-after-commit status travels in it), so
-   C - B is the digest's local compute only, not a collective.
+C  as B with the digest off (``send(..., digest=False)``, ``digest_every=0``): the frame
+   carries no digest and ``check_input`` is a no-op, so C - B is the digest's local
+   compute only (leader and followers), not a collective.
 D  (attribution, no region, no Python around them) the control-plane collectives alone:
-   B's control frame broadcast (+ its continuation when the blob is longer than the
-   frame) and confirm all-gather on the side group, and S's ``broadcast_object_list`` of
-   the pickled header on the data group. Per call A issues 2 tensor broadcasts + the
-   region's 2 all-reduces; S issues 2 + 2 more broadcasts (object list) + the same
-   all-reduces; B and C issue 2 + 1 broadcast (control frame) + 1 all-gather (confirm) +
-   the same all-reduces.
+   B's control-frame broadcast (+ its continuation when digest+header+meta are longer
+   than the frame) on the side group, and S's pickled broadcast (size, then bytes) of the
+   header on the data group. Per call A issues 2 tensor broadcasts + the region's 2
+   all-reduces; S issues 2 + 2 more broadcasts (object list) + the same all-reduces; B
+   and C issue 1 broadcast (control frame) + 2 tensor broadcasts + the same all-reduces:
+   one control collective per call, against S's two.
 
 Per-call wall time is measured on every rank (the ranks run in lockstep, so the slowest
 piece of either rank shows on both). The main table gives the median and the mean
-per call of each loop on each rank and the ratios to S (the stock loop) and to A (the
-bare lower bound); the second table splits each loop into its pieces (in a lockstep
-loop, waiting for the peer lands in whichever piece holds the next collective: a
-follower's ``receive`` includes the leader making the inputs, a ``region call`` includes
-the slower rank's share of the all-reduces, B's ``confirm`` includes a follower's
-validation or a slower peer's digest). A last table times the local pieces alone,
-without any collective (preflight, digest computation, guard enter/exit, lifecycle), so
-that collective latency and Python cost can be told apart.
+per call of each loop on each rank (the mean is block wall time over calls, so it also
+carries B's and C's guard enter/exit, once per block) and the ratios to S (the stock
+loop) and to A (the bare lower bound); the second table splits each loop into its
+pieces (in a lockstep loop, waiting for the peer lands in whichever piece holds the next
+collective: a follower's ``receive`` includes the leader making the inputs and
+computing its digest, a ``region call`` includes the slower rank's share of the
+all-reduces). A last table times the local pieces alone, without any collective
+(preflight, digest computation, ``check_input`` on an equal digest, guard enter/exit,
+lifecycle), so that collective latency and Python cost can be told apart.
 
 Not included (paid once per run, not per call): process launch and the fork server,
 init and env parity, region parity keys, the weight fingerprints, warmup lockstep
@@ -70,6 +72,7 @@ the load average before and after the run).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -88,39 +91,36 @@ BASELINES = ("S", "A")
 TITLES = {
     "A": "A bare lower bound (make inputs, broadcast tensors, region)",
     "S": "S stock worker loop, hardened: false (pickled header, tensors, region)",
-    "B": "B hardened (envelope, lifecycle, digest every call, confirm, watchdog, guard)",
-    "C": "C hardened, digest off (digest_every=0; confirm still closes every call)",
+    "B": "B hardened (envelope + digest every call, check_input, lifecycle, watchdog, guard once per block)",
+    "C": "C hardened, digest off (send digest=False; check_input a no-op)",
     "D": "D control-plane collectives alone (no region, no Python around them)",
 }
 PIECES = {
     "A": ("inputs", "broadcast", "region"),
-    "S": ("bookkeeping", "make_envelope", "stock_envelope", "lifecycle", "stock_confirm", "region"),
-    "B": ("bookkeeping", "make_envelope", "envelope", "lifecycle", "digest", "confirm", "compare", "region"),
-    "D": ("control", "allgather", "object_list"),
+    "S": ("bookkeeping", "make_envelope", "stock_envelope", "lifecycle", "region"),
+    "B": ("bookkeeping", "make_envelope", "envelope", "check_input", "lifecycle", "region"),
+    "D": ("control", "object_list"),
 }
 PIECES["C"] = PIECES["B"]
 PIECE_TITLES = {
     "inputs": "leader makes the inputs (+ cache reset at the same calls as B)",
     "broadcast": "dist.broadcast of each input tensor",
     "region": "compiled region call",
-    "bookkeeping": "recompile guard enter/exit (B, C only), begin_call/end_call",
+    "bookkeeping": "begin_call/end_call (B, C: the recompile guard is entered once per block, not here)",
     "make_envelope": "worker.make_envelope (leader: schedule plan + inputs)",
-    "envelope": "envelope.send (leader) / envelope.receive (followers): control frame + tensors",
-    "stock_envelope": "stock envelope.send / receive: broadcast_object_list header + tensors",
+    "envelope": "envelope.send (leader: preflight, staging, B: + drift.input_digest; control frame + tensors) "
+    "/ envelope.receive (followers: control frame, validation, tensors)",
+    "stock_envelope": "stock envelope.send / receive: pickled header (size + bytes) + tensors",
+    "check_input": "drift.check_input (followers: digest what arrived, compare; C and leader: ~0, no-op)",
     "lifecycle": "lifecycle.apply_transition",
-    "stock_confirm": "envelope.confirm on a stock channel (local, no collective)",
-    "digest": "drift.input_digest (C: skipped)",
-    "confirm": "envelope.confirm: all-gather int64[1+1+2n] on the side group",
-    "compare": "drift.compare_digests (C: skipped)",
-    "control": "broadcast uint8[1024] control frame (+ continuation if longer), side group",
-    "allgather": "all_gather int64[1+1+2n] (confirm), side group",
-    "object_list": "broadcast_object_list of S's pickled header, data group",
+    "control": "broadcast uint8[1024] control frame (+ continuation if B's payload is longer), side group",
+    "object_list": "S's pickled header (size + bytes broadcasts), data group",
 }
 LOCAL_TITLES = {
     "preflight": "envelope.preflight + canonical JSON (leader, no collective)",
-    "input_digest": "drift.input_digest: CRC + checksum per tensor (no collective)",
-    "compare": "drift.compare_digests on an equal 2-row table (no collective)",
-    "guard": "RecompileGuard enter + exit (once per call in the worker's steady loop)",
+    "input_digest": "drift.input_digest: CRC-32 of header+meta + 2 words per tensor (no collective)",
+    "check_input": "drift.check_input on an equal digest (follower: digest + compare, no collective)",
+    "guard": "RecompileGuard enter + exit (once per steady loop in the worker, once per block here)",
     "lifecycle": "lifecycle.apply_transition (advance, no reset)",
 }
 
@@ -264,7 +264,37 @@ def rank_main(spec: dict[str, Any]) -> None:
                 stock_lc, op=env.plan["cache_op"], epoch=env.cache_epoch, tokens=tokens, call_id=call_id, validate=False
             )
             t4 = pc()
-            envelope.confirm(env, stock_channel, digest=None)
+            inputs = region.inputs_of(reg, env.tensors, call_id)
+            compiled(*inputs)
+            t5 = pc()
+        finally:
+            state.end_call()
+        t6 = pc()
+        return [(t1 - t0) + (t6 - t5), t2 - t1, t3 - t2, t4 - t3, t5 - t4]
+
+    def hardened_call(digest: bool) -> list[float]:
+        """worker.step(phase="steady") as the steady loop runs it (the recompile guard is
+        entered once around the block, by ``block``), timed in pieces."""
+        nonlocal hard_id
+        call_id, hard_id = hard_id, hard_id + 1
+        t0 = pc()
+        state.begin_call(call_id, deadline_bound=True)
+        try:
+            t1 = pc()
+            if leader:
+                env = worker.make_envelope(reg, call_id, schedule, phase="steady")
+                t2 = pc()
+                env = envelope.send(env, channel, digest=digest)
+                t3 = pc()
+            else:
+                t2 = pc()
+                env = envelope.receive(channel)
+                t3 = pc()
+                drift.check_input(env, rank=rank, leader=worker.LEADER)
+            t4 = pc()
+            first = next(iter(env.tensors.values()), None)
+            tokens = int(first.shape[-2]) if first is not None and first.dim() >= 2 else 1
+            worker.lifecycle_apply(lc, op=env.plan["cache_op"], epoch=env.cache_epoch, tokens=tokens, call_id=call_id)
             t5 = pc()
             inputs = region.inputs_of(reg, env.tensors, call_id)
             compiled(*inputs)
@@ -274,75 +304,31 @@ def rank_main(spec: dict[str, Any]) -> None:
         t7 = pc()
         return [(t1 - t0) + (t7 - t6), t2 - t1, t3 - t2, t4 - t3, t5 - t4, t6 - t5]
 
-    def hardened_call(digest_every: int) -> list[float]:
-        """worker.step(phase="steady") inside the steady loop's ``with guard:``, timed in pieces."""
-        nonlocal hard_id
-        call_id, hard_id = hard_id, hard_id + 1
-        t0 = pc()
-        if guard is not None:
-            guard.__enter__()
-        try:
-            state.begin_call(call_id, deadline_bound=True)
-            try:
-                t1 = pc()
-                if leader:
-                    env = worker.make_envelope(reg, call_id, schedule, phase="steady")
-                    t2 = pc()
-                    env = envelope.send(env, channel)
-                else:
-                    t2 = pc()
-                    env = envelope.receive(channel)
-                t3 = pc()
-                first = next(iter(env.tensors.values()), None)
-                tokens = int(first.shape[-2]) if first is not None and first.dim() >= 2 else 1
-                worker.lifecycle_apply(lc, op=env.plan["cache_op"], epoch=env.cache_epoch, tokens=tokens, call_id=call_id)
-                t4 = pc()
-                due = digest_every > 0 and call_id % digest_every == 0
-                digest = drift.input_digest(env.blob, env.tensors, device) if due else None
-                t5 = pc()
-                table = envelope.confirm(env, channel, digest=digest)
-                t6 = pc()
-                if due:
-                    drift.compare_digests(table[:, 1:], call_id=call_id, names=list(env.tensors), leader=worker.LEADER)
-                t7 = pc()
-                inputs = region.inputs_of(reg, env.tensors, call_id)
-                compiled(*inputs)
-                t8 = pc()
-            finally:
-                state.end_call()
-        finally:
-            if guard is not None:
-                guard.__exit__(None, None, None)
-        t9 = pc()
-        return [(t1 - t0) + (t9 - t8), t2 - t1, t3 - t2, t4 - t3, t5 - t4, t6 - t5, t7 - t6, t8 - t7]
-
     probe_env = worker.make_envelope(reg, 1, CacheSchedule(reset_every=reset_every), phase="steady")
     header, meta, _ = envelope.preflight(probe_env, Channel(
         control_group=None, data_group=None, device=device, leader=0, rank=rank, contract=contract, last_call_id=0))
     blob_len = len(header) + len(meta)
     frame_room = envelope.CONTROL_FRAME - 8 * envelope.PREFIX_LEN
-    confirm_len = 1 + envelope.digest_words(probe_env)
+    # B's frame payload: the digest words, then header+meta (C's is header+meta alone).
+    digest_bytes = 8 * drift.digest_len(len(probe_env.tensors))
+    payload_len = digest_bytes + blob_len
     specs = [(n, tuple(x.shape), str(x.dtype).removeprefix("torch.")) for n, x in probe_env.tensors.items()]
     stock_header = {"kind": int(probe_env.kind), "call_id": 1, "cache_epoch": probe_env.cache_epoch,
                     "plan": probe_env.plan, "meta": probe_env.meta, "specs": specs}  # fmt: skip
 
     def collectives_call() -> list[float]:
-        """The control-plane collectives alone: B's control frame and confirm, S's object list."""
+        """The control-plane collectives alone: B's control frame, S's object list."""
         t0 = pc()
         dist.broadcast(torch.zeros(envelope.CONTROL_FRAME, dtype=torch.uint8), src=worker.LEADER, group=side.group)
-        if blob_len > frame_room:
-            dist.broadcast(torch.zeros(blob_len - frame_room, dtype=torch.uint8), src=worker.LEADER, group=side.group)
+        if payload_len > frame_room:
+            dist.broadcast(torch.zeros(payload_len - frame_room, dtype=torch.uint8), src=worker.LEADER, group=side.group)
         t1 = pc()
-        out = [torch.empty(confirm_len, dtype=torch.int64) for _ in range(world)]
-        dist.all_gather(out, torch.zeros(confirm_len, dtype=torch.int64), group=side.group)
+        envelope.broadcast_pickled(stock_header if leader else None, stock_channel)
         t2 = pc()
-        box = [stock_header if leader else None]
-        dist.broadcast_object_list(box, src=worker.LEADER, group=dist.group.WORLD)
-        t3 = pc()
-        return [t1 - t0, t2 - t1, t3 - t2]
+        return [t1 - t0, t2 - t1]
 
     run_call = {
-        "A": plain_call, "S": stock_call, "B": lambda: hardened_call(1), "C": lambda: hardened_call(0), "D": collectives_call,
+        "A": plain_call, "S": stock_call, "B": lambda: hardened_call(True), "C": lambda: hardened_call(False), "D": collectives_call,
     }
 
     class _BlockTerminator(Terminator):
@@ -374,19 +360,24 @@ def rank_main(spec: dict[str, Any]) -> None:
             dog, term = start_watchdog()
         dist.barrier(group=side.group)  # every rank starts the block together
         totals, pieces = [], []
+        # B and C run inside the recompile guard entered once around the block, as the
+        # worker enters it once around its steady loop; its enter/exit is in the wall time
+        # (so in the mean per call), not in any call's pieces.
+        hardened = variant in ("B", "C") and guard is not None
         b0 = pc()
-        for _ in range(calls):
-            c0 = pc()
-            p = run_call[variant]()
-            totals.append(pc() - c0)
-            pieces.append(p)
+        with guard if hardened else contextlib.nullcontext():
+            for _ in range(calls):
+                c0 = pc()
+                p = run_call[variant]()
+                totals.append(pc() - c0)
+                pieces.append(p)
         wall = pc() - b0
         if dog is not None:
             term.stopped = True
             dog.join(timeout=5 * t.heartbeat + 1)
         return {"totals": totals, "pieces": pieces, "wall": wall, "ticks": dog._seq if dog is not None else 0}
 
-    # -- warmup: the first call compiles (outside the guard), then each loop settles ------
+    # -- warmup: the first call compiles (in A, before any guarded block), then each loop settles
     state.enter("warmup")
     for variant in VARIANTS:
         block(variant, spec["warmup"])
@@ -418,10 +409,12 @@ def rank_main(spec: dict[str, Any]) -> None:
     scratch = Channel(control_group=None, data_group=None, device=device, leader=0, rank=rank, contract=contract, last_call_id=0)
     local_time("preflight", lambda: envelope.preflight(probe_env, scratch))
     blob = header + meta
-    local_time("input_digest", lambda: drift.input_digest(blob, probe_env.tensors, device))
-    row = drift.input_digest(blob, probe_env.tensors, device)
-    table = torch.stack([row, row])
-    local_time("compare", lambda: drift.compare_digests(table, call_id=1, names=list(probe_env.tensors), leader=0))
+    local_time("input_digest", lambda: drift.input_digest(blob, probe_env.tensors))
+    arrived = envelope.Envelope(
+        kind=probe_env.kind, call_id=1, cache_epoch=probe_env.cache_epoch, plan=probe_env.plan, meta=probe_env.meta,
+        tensors=dict(probe_env.tensors), blob=blob, digest=drift.input_digest(blob, probe_env.tensors),
+    )
+    local_time("check_input", lambda: drift.check_input(arrived, rank=rank, leader=worker.LEADER))
     if guard is not None:
         local_time("guard", lambda: (guard.__enter__(), guard.__exit__(None, None, None)))
     scratch_lc = KVCacheLifecycle()
@@ -438,6 +431,7 @@ def rank_main(spec: dict[str, Any]) -> None:
         "threads": torch.get_num_threads(),
         "blob_len": blob_len,
         "frame_room": frame_room,
+        "digest_bytes": digest_bytes,
     }
     (out_dir / f"rank{rank}.json").write_text(json.dumps(report))
     dist.barrier(group=side.group)  # nobody leaves while a peer still needs the groups
@@ -475,7 +469,11 @@ def summarize(reports: list[dict[str, Any]], args: argparse.Namespace, elapsed: 
 
     dims = {k: getattr(args, k) for k in ("hidden", "heads", "tokens", "cache", "mlp", "batch")}
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    blob_len, room = reports[0]["blob_len"], reports[0]["frame_room"]
+    blob_len, room, digest_bytes = reports[0]["blob_len"], reports[0]["frame_room"], reports[0]["digest_bytes"]
+
+    def fits(payload: int) -> str:
+        return (f"{payload} bytes, fits the frame: 1 control broadcast per call" if payload <= room
+                else f"{payload} bytes, longer than the frame: 2 control broadcasts per call")
     head = [
         f"ranks {args.ranks} (gloo, 127.0.0.1), reference region dims {json.dumps(dims)}, float32, "
         f"torch.compile backend {args.backend!r}",
@@ -485,9 +483,8 @@ def summarize(reports: list[dict[str, Any]], args: argparse.Namespace, elapsed: 
         f"{reports[0]['threads']} intra-op thread(s) per rank, reset_every {args.reset_every}, "
         f"watchdog heartbeat {args.heartbeat} s, recompile guard: {reports[0]['guard']}; total run {elapsed:.0f} s, "
         f"1-min load average {load[0]:.2f} before / {load[1]:.2f} after (others' load inflates every collective)",
-        f"envelope header+meta {blob_len} bytes: "
-        + (f"fits the control frame ({room} bytes after the prefix), 1 control broadcast per call"
-           if blob_len <= room else f"longer than the control frame ({room} bytes after the prefix), 2 control broadcasts per call"),
+        f"control frame payload ({room} bytes after the prefix): B digest+header+meta {fits(digest_bytes + blob_len)}; "
+        f"C header+meta {fits(blob_len)}; the frame is the only control collective of a call",
     ]
     cols = ["loop"]
     for r in ranks:
@@ -508,9 +505,17 @@ def summarize(reports: list[dict[str, Any]], args: argparse.Namespace, elapsed: 
         rows.append(row)
     lines = head + ["", tabulate(rows, headers=cols, tablefmt="github", disable_numparse=True)]
     lines.append("")
-    for v, base in (("B", "S"), ("B", "A"), ("C", "S"), ("C", "A"), ("S", "A")):
+    pairs = {
+        ("B", "S"): "hardened, digest every call, vs stock",
+        ("B", "A"): "hardened, digest every call, vs bare",
+        ("C", "S"): "hardened, digest off, vs stock",
+        ("C", "A"): "hardened, digest off, vs bare",
+        ("S", "A"): "stock vs bare",
+        ("B", "C"): "the input digest alone: leader computes, followers check, no collective",
+    }
+    for (v, base), what in pairs.items():
         lines.append(
-            f"{v}/{base}: median {med[v, 0] / med[base, 0]:.3f} (rank 0), "
+            f"{v}/{base} ({what}): median {med[v, 0] / med[base, 0]:.3f} (rank 0), "
             + ", ".join(f"{med[v, r] / med[base, r]:.3f} (rank {r})" for r in ranks if r)
             + f"; mean {mean[v, 0] / mean[base, 0]:.3f} (rank 0); absolute {1e3 * (med[v, 0] - med[base, 0]):+.3f} ms/call "
             f"(rank 0 median), {1e3 * (mean[v, 0] - mean[base, 0]):+.3f} ms/call (rank 0 mean)"
