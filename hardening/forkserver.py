@@ -50,8 +50,12 @@ def _child(spec_data: dict[str, Any], env: dict[str, str], server_pid: int) -> N
         set_parent_death_signal()
         if os.getppid() != server_pid:  # the server died between fork and prctl
             os._exit(11)
-        for sig in (signal.SIGCHLD, signal.SIGINT, signal.SIGTERM, signal.SIGPIPE):
+        # As a fresh interpreter has them. SIGPIPE stays ignored, as Python sets it at
+        # startup: a rank writing to a dead peer's socket (gloo) must get EPIPE, an error
+        # the terminator attributes to that peer, not be killed by the signal.
+        for sig in (signal.SIGCHLD, signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, signal.SIG_DFL)
+        signal.signal(signal.SIGPIPE, signal.SIG_IGN)
         rank_dir = spec_data["rank_dir"]
         os.makedirs(rank_dir, exist_ok=True)
         devnull = os.open(os.devnull, os.O_RDONLY)

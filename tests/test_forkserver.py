@@ -1,0 +1,56 @@
+"""The fork server's rank child: what a forked rank inherits must match a fresh interpreter
+where it matters. (The server's protocol is exercised end to end by test_runner.py.)"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+import hardening.worker
+from hardening import forkserver
+
+
+@pytest.mark.timeout(30)
+def test_forked_rank_ignores_sigpipe_and_restores_termination_signals(tmp_path: Path, monkeypatch) -> None:
+    # A rank that writes to a dead peer's socket must get EPIPE (an error the terminator
+    # attributes to that peer), not die of SIGPIPE: Python ignores SIGPIPE at startup, and
+    # a forked rank must too. The rank entry point is replaced by a probe that records
+    # the dispositions _child left in place.
+    out = tmp_path / "dispositions.json"
+
+    def probe(spec: hardening.worker.RankSpec) -> None:
+        seen = {name: str(signal.getsignal(getattr(signal, name))) for name in ("SIGPIPE", "SIGTERM", "SIGCHLD")}
+        out.write_text(json.dumps({"signals": seen, "rank": spec.rank}))
+        os._exit(0)
+
+    monkeypatch.setattr(hardening.worker, "run_rank", probe)
+    previous = signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # what the server must not pass on
+    try:
+        pid = os.fork()
+        if pid == 0:
+            spec = dict(rank=3, world_size=4, store_host="127.0.0.1", store_port=1, store_prefix="t/",
+                        profile_path="-", rank_dir=str(tmp_path / "rank3"))  # fmt: skip
+            forkserver._child(spec, {}, os.getppid())  # never returns
+    finally:
+        signal.signal(signal.SIGPIPE, previous)
+    deadline = time.time() + 20
+    while time.time() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        time.sleep(0.05)
+    else:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        pytest.fail("the forked rank did not exit")
+    assert os.waitstatus_to_exitcode(status) == 0, (tmp_path / "rank3" / "stderr.log").read_text()
+    seen = json.loads(out.read_text())
+    assert seen["rank"] == 3
+    assert seen["signals"]["SIGPIPE"] == str(signal.SIG_IGN)
+    assert seen["signals"]["SIGTERM"] == str(signal.SIG_DFL)
+    assert seen["signals"]["SIGCHLD"] == str(signal.SIG_DFL)
