@@ -79,6 +79,17 @@ def crashes(
     return Expectation(crash=True, ranks=dict(on or {}), others=others, budget_s=within_s)
 
 
+def first_fails(rank: int, error: str, *, match: str, within_s: float) -> Expectation:
+    """``rank`` crashes with ``error`` (matching ``match``); every other rank follows it
+    through the job-wide abort as ``PeerError`` naming it."""
+    return crashes(
+        "PeerError",
+        match=rf"rank {rank} failed first: {error}",
+        on={rank: RankExpect(error=error, match=match)},
+        within_s=within_s,
+    )
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Case:
     """One row of the operator matrix."""

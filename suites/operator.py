@@ -7,7 +7,7 @@ faults within the watchdog window (``timeouts.peer_lost``, 3 s on the CPU profil
 
 from __future__ import annotations
 
-from hardening.cases import Case, RankExpect, completes, crashes
+from hardening.cases import Case, RankExpect, completes, crashes, first_fails
 
 SUITE = "operator"
 
@@ -63,12 +63,7 @@ def build_cases() -> list[Case]:
             suite=SUITE,
             title="input mutated on a receiver after receive",
             fault="input_mutation:rank=1",
-            expect=crashes(
-                "PeerError",
-                match=r"rank 1 failed first: DriftError",
-                on={1: RankExpect(error="DriftError", match=r"call \d+: rank 1 \(x\) differs from the leader")},
-                within_s=1,
-            ),
+            expect=first_fails(1, "DriftError", match=r"call \d+: rank 1 \(x\) differs from the leader", within_s=1),
             description="The receiver checks what arrived against the leader's digest in the frame, before its data plane.",
         ),
         Case(
@@ -99,11 +94,6 @@ def build_cases() -> list[Case]:
             suite=SUITE,
             title="a rank skips a KV-cache reset",
             fault="skip_cache_reset:rank=1",
-            expect=crashes(
-                "PeerError",
-                match=r"rank 1 failed first: LifecycleError",
-                on={1: RankExpect(error="LifecycleError", match=r"reset was skipped")},
-                within_s=1,
-            ),
+            expect=first_fails(1, "LifecycleError", match=r"reset was skipped", within_s=1),
         ),
     ]

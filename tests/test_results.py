@@ -118,6 +118,20 @@ def test_per_rank_expectations_pass_for_c03() -> None:
 # -- fault cases: fail --------------------------------------------------------------------
 
 
+def test_follower_naming_another_root_cause_fails_c03() -> None:
+    # first_fails(1, ...): the followers must name rank 1 as the rank that failed first.
+    fired = T0 + 6.0
+    ranks = [
+        _crashed(0, "PeerError", "rank 2 failed first: CompileGateError: rank 2 recompiled", exited=fired + 0.9,
+                 code=29, root=2, phase="steady"),
+        _crashed(1, "CompileGateError", "rank 1 recompiled at call 3, after warmup: stride mismatch at index 0",
+                 exited=fired + 0.2, fired=fired, code=25, phase="steady"),
+    ]
+    outcome, _, verdict, reason = _run(CASES["C-03"], ranks)
+    assert outcome is Outcome.CRASHED and verdict is Verdict.FAIL
+    assert reason.startswith("rank 0: PeerError message does not name"), reason
+
+
 def test_wrong_class_on_one_rank_fails_naming_the_rank() -> None:
     fired = T0 + 2.0
     ranks = [
