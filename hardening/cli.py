@@ -58,6 +58,10 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--profile", help="shipped profile name (cpu, premerge, h200) or a YAML file; default cpu")
     s.add_argument("--only", help="comma-separated case ids, e.g. control,C-01")
     s.add_argument("--target", help="region factory module:function or file.py:function (overrides region.target)")
+    s.add_argument(
+        "--torch-trace", action="store_true",
+        help="every rank writes torch's structured compile trace to rank<r>/torch_trace/ (for tlparse)",
+    )  # fmt: skip
     s.add_argument("--json", metavar="FILE", help="write the JSON report here")
     s.add_argument("--junit", metavar="FILE", help="write a JUnit XML report here")
     s.add_argument("--artifacts", metavar="DIR", help="run directory (default .hardening/runs/<time>-<suite>)")
@@ -145,6 +149,8 @@ def _suite(args: argparse.Namespace) -> int:
         overrides["world.ranks"] = args.ranks
     if args.target:
         overrides["region.target"] = args.target
+    if args.torch_trace:
+        overrides["triage.torch_trace"] = True
     try:
         profile = load_profile(args.profile, overrides)
     except ProfileError as exc:

@@ -173,6 +173,10 @@ class TriageConfig:
     timeout: float = 15.0
     """Seconds allowed for one py-spy dump."""
 
+    torch_trace: bool = False
+    """Each rank writes torch's structured compile trace (``TORCH_TRACE``) to
+    ``rank<r>/torch_trace/`` of its case, for ``tlparse``. Best effort, never a gate."""
+
 
 @dataclass(kw_only=True, slots=True)
 class Profile:

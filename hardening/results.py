@@ -76,6 +76,8 @@ class RankResult:
     stacks_path: str | None = None
     where: str = ""
     """One-line summary of where the rank was (innermost user/hardening frame) when hung."""
+    artifacts: dict[str, str] = field(default_factory=dict)
+    """Debug artifacts the rank wrote (e.g. ``torch_trace``: a directory for tlparse)."""
     has_record: bool = False
     """Whether the rank wrote its final record (False: killed, or died before it could)."""
     log_dir: str | None = None

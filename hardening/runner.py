@@ -378,6 +378,7 @@ class Runner:
                 rr.phase = record.get("phase") or ""
                 rr.last_call_id = record.get("last_call_id")
                 rr.counters = record.get("counters") or {}
+                rr.artifacts = record.get("artifacts") or {}
                 rr.started_at = record.get("started_at")
                 rr.fired_at = record.get("fired_at")
             elif rank in live.torn_down and rank not in live.hung:

@@ -57,6 +57,8 @@ class RankState:
     counters: dict[str, Any] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     """Seconds from process start at which each phase began."""
+    artifacts: dict[str, str] = field(default_factory=dict)
+    """Debug artifacts this rank wrote (name -> path, or ``unavailable: why``)."""
 
     on_phase: Callable[[str], None] | None = None
     """Publishes a phase change at once, from the main thread (a heartbeat may never come:
@@ -125,6 +127,7 @@ class Terminator:
             "last_call_id": s.call_id,
             "counters": s.counters,
             "timings": s.timings,
+            "artifacts": s.artifacts,
             "exit_code": code,
         }
         try:

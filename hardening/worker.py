@@ -90,6 +90,8 @@ def run_rank(spec: RankSpec) -> NoReturn:
             store.set(f"fired/{spec.rank}", json.dumps(fault.fired_at))
 
         state.on_phase = lambda phase: store.set(f"phase/{spec.rank}", phase)
+        if profile.triage.torch_trace:  # before anything compiles
+            state.artifacts["torch_trace"] = compile_health.start_torch_trace(str(Path(spec.rank_dir) / "torch_trace"))
         # The fault goes in before anything it may patch runs; it acts only on its ranks.
         install_from_env(
             FaultContext(rank=spec.rank, world_size=spec.world_size, warmup_calls=profile.warmup_calls, on_fire=on_fire)

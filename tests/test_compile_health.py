@@ -15,6 +15,7 @@ from hardening.compile_health import (
     graph_break_from_exception,
     local_gate_problems,
     normalize_reason,
+    start_torch_trace,
     symmetry_problems,
 )
 from hardening.profile import CompileConfig, GateConfig
@@ -295,3 +296,16 @@ def test_fallbacks_when_private_apis_are_missing(monkeypatch, capsys):
     assert c.graph_breaks == 1  # from counters["graph_break"] (a call-like break)
     assert any("start callback unavailable" in n for n in c.notes)
     assert any("graph_break_reasons unavailable" in n for n in c.notes)
+
+
+# -- torch trace artifact (best effort) ---------------------------------------------------
+
+
+def test_start_torch_trace_says_why_when_torch_cannot(monkeypatch, tmp_path) -> None:
+    # A torch without the structured-trace internals: an explanation, never an exception.
+    import torch._logging._internal as logs
+
+    monkeypatch.delattr(logs, "_init_logs")
+    out = start_torch_trace(str(tmp_path / "trace"))
+    assert out.startswith("unavailable: ") and "structured trace" in out
+    assert not (tmp_path / "trace").exists()

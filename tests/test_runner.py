@@ -313,3 +313,23 @@ def test_stock_baseline_runs_and_lets_drift_through(tmp_path: Path) -> None:
     assert all(r["fired_at"] for r in cases["OM-11"]["ranks"] if r["rank"] == 1)  # the fault did act
     assert out.returncode == 1, out.stdout + out.stderr
     assert not wait_gone(rank_pids(report), 5)
+
+
+@pytest.mark.timeout(240)
+def test_torch_trace_flag_leaves_a_tlparse_directory_per_rank(tmp_path: Path) -> None:
+    # --torch-trace: each rank's structured compile trace lands in its case directory,
+    # and the one that recompiled (C-03, rank 1) shows the recompile (compile id 0/1).
+    out = hardening(
+        "suite", "compile", "--only", "C-03", "--torch-trace", "--json", "r.json", "--artifacts", "run", cwd=tmp_path
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    report = json.loads((tmp_path / "r.json").read_text())
+    (case,) = report["cases"]
+    for r in case["ranks"]:
+        trace_dir = Path(r["artifacts"]["torch_trace"])
+        assert trace_dir == tmp_path / "run" / "C-03" / f"rank{r['rank']}" / "torch_trace"
+        logs = list(trace_dir.glob("*.log"))
+        assert len(logs) == 1, logs
+        text = logs[0].read_text()
+        assert '"compile_id": "0/0"' in text
+        assert ('"compile_id": "0/1"' in text) == (r["rank"] == 1)

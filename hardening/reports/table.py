@@ -139,6 +139,7 @@ def rank_detail_lines(rank: RankResult) -> list[str]:
         if rank.where:
             lines.append(f"  where: {trim(rank.where)}")
         lines.append(f"  stacks: {rank.stacks_path or '(none captured)'}")
+    lines.extend(f"  {name}: {path}" for name, path in sorted((rank.artifacts or {}).items()))
     if rank.log_dir:
         lines.append(f"  log: {rank.log_dir}")
     return lines
