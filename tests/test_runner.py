@@ -109,6 +109,9 @@ def test_compile_suite_end_to_end(tmp_path: Path) -> None:
     assert "graph_break" in cases["C-02"]["ranks"][0]["message"]
     assert "stride" in cases["C-03"]["ranks"][1]["message"]
     assert cases["C-03"]["root_cause_rank"] == 1
+    # The recompile the guard stopped is counted on the rank that made it, not on its peer.
+    assert [r["counters"]["recompiles"] for r in cases["C-03"]["ranks"]] == [0, 1]
+    assert "stride" in cases["C-03"]["ranks"][1]["counters"]["recompile_reasons"][0]
 
     suite = ET.parse(tmp_path / "r.xml").getroot().find("testsuite")
     assert suite is not None and suite.get("tests") == "6" and suite.get("failures") == "0"
