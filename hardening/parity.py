@@ -9,6 +9,7 @@ the same :class:`ParityError` with a key-by-rank table.
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import json
 import os
@@ -126,6 +127,9 @@ def build_fingerprint(
         if name.startswith(ENV_PREFIXES) and name not in PER_RANK_VARIABLES:
             fp[f"env.{name}"] = value
     fp.update(extra or {})
+    ignored = profile.parity.ignore
+    fp = {k: v for k, v in fp.items() if not any(fnmatch.fnmatchcase(k, pattern) for pattern in ignored)}
+    fp["parity.ignore"] = sorted(ignored)
     return {key: json.dumps(value, sort_keys=True, default=str) for key, value in sorted(fp.items())}
 
 
@@ -153,6 +157,7 @@ def format_mismatch(per_rank: list[dict[str, str]]) -> str:
     return (
         f"ranks disagree on {len(rows)} fingerprint key(s): {names}\n"
         + tabulate(rows, headers=header, tablefmt="simple", disable_numparse=True)
+        + "\n(a key that legitimately differs per rank or host goes in the profile's parity.ignore)"
     )
 
 

@@ -145,6 +145,19 @@ class GateConfig:
 
 
 @dataclass(kw_only=True, slots=True)
+class ParityConfig:
+    ignore: list[str] = field(default_factory=list)
+    """Fingerprint keys not compared across ranks: exact keys (``env.NCCL_SOCKET_IFNAME``)
+    or shell patterns (``env.MY_JOB_*``), for values that legitimately differ per rank or
+    host. The list itself is compared."""
+
+    def validate(self) -> None:
+        for pattern in self.ignore:
+            if not pattern.strip():
+                raise ValueError("ignore: entries must be non-empty fingerprint keys or patterns")
+
+
+@dataclass(kw_only=True, slots=True)
 class DriftConfig:
     digest_every: int = 1
     """Check the input digest every N steady-state calls (0 disables; warmup is never checked)."""
@@ -203,6 +216,7 @@ class Profile:
 
     timeouts: TimeoutConfig = field(default_factory=TimeoutConfig)
     gates: GateConfig = field(default_factory=GateConfig)
+    parity: ParityConfig = field(default_factory=ParityConfig)
     drift: DriftConfig = field(default_factory=DriftConfig)
     triage: TriageConfig = field(default_factory=TriageConfig)
 
@@ -296,8 +310,18 @@ def _coerce(value: Any, hint: Any, *, source: str, key: str) -> Any:
             return float(value)
         if opt is str and isinstance(value, str):
             return value
-    wanted = " or ".join("null" if o is type(None) else o.__name__ for o in options)
+        if typing.get_origin(opt) is list and isinstance(value, list):
+            (item,) = typing.get_args(opt)
+            if all(isinstance(v, item) for v in value):
+                return list(value)
+    wanted = " or ".join("null" if o is type(None) else _type_name(o) for o in options)
     raise ProfileError(f"{source}: key {key!r} must be {wanted}, got {type(value).__name__} {value!r}")
+
+
+def _type_name(hint: Any) -> str:
+    if typing.get_origin(hint) is list:
+        return f"a list of {typing.get_args(hint)[0].__name__}"
+    return hint.__name__
 
 
 def _validate_all(profile: Profile, source: str) -> None:

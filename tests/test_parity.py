@@ -104,6 +104,23 @@ def test_disabling_flash_sdp_changes_the_effective_backend(flash_restored: None)
     assert "unavailable" not in with_flash["effective.sdpa.backend"]
 
 
+def test_parity_ignore_drops_exact_keys_and_patterns_and_is_itself_compared(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NCCL_SOCKET_IFNAME", "eth0")
+    monkeypatch.setenv("HARDENING_JOB_HOST", "node-3")
+    monkeypatch.setenv("HARDENING_JOB_SLOT", "7")
+    monkeypatch.setenv("HARDENING_OTHER", "x")
+    plain = _fingerprint()
+    assert {"env.NCCL_SOCKET_IFNAME", "env.HARDENING_JOB_HOST", "env.HARDENING_JOB_SLOT"} <= set(plain)
+    assert plain["parity.ignore"] == "[]"
+    profile = load_profile("cpu", {"parity.ignore": ["env.NCCL_SOCKET_IFNAME", "env.HARDENING_JOB_*"]})
+    fp = _fingerprint(profile=profile)
+    assert not {"env.NCCL_SOCKET_IFNAME", "env.HARDENING_JOB_HOST", "env.HARDENING_JOB_SLOT"} & set(fp)
+    assert fp["env.HARDENING_OTHER"] == '"x"'  # only what the patterns name is dropped
+    assert set(plain) - set(fp) == {"env.NCCL_SOCKET_IFNAME", "env.HARDENING_JOB_HOST", "env.HARDENING_JOB_SLOT"}
+    # Ranks with different ignore lists compare different keys: the list itself is a key.
+    assert json.loads(fp["parity.ignore"]) == ["env.HARDENING_JOB_*", "env.NCCL_SOCKET_IFNAME"]
+
+
 # -- format_mismatch ------------------------------------------------------------------------
 
 
@@ -123,6 +140,7 @@ def test_format_mismatch_lists_only_differing_keys_one_column_per_rank() -> None
     assert row == ["b.diff", '"x"', '"y"', '"x"']
     row = next(line for line in table if line.startswith("d.extra")).split()
     assert row == ["d.extra", "<missing>", "<missing>", "3"]
+    assert table[-1] == "(a key that legitimately differs per rank or host goes in the profile's parity.ignore)"
 
 
 def test_format_mismatch_keeps_numeric_looking_values_verbatim() -> None:

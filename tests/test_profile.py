@@ -142,6 +142,17 @@ def test_str_for_int_is_a_type_error(tmp_path: Path) -> None:
     assert path in msg and "'world.ranks'" in msg and "int" in msg and "str" in msg
 
 
+def test_parity_ignore_is_a_list_of_str(tmp_path: Path) -> None:
+    path = _write(tmp_path, "parity:\n  ignore: [env.NCCL_SOCKET_IFNAME, 'env.MY_*']\n")
+    assert load_profile(path).parity.ignore == ["env.NCCL_SOCKET_IFNAME", "env.MY_*"]
+    assert load_profile("cpu").parity.ignore == []
+    for text in ("parity:\n  ignore: env.NCCL_SOCKET_IFNAME\n", "parity:\n  ignore: [1]\n"):
+        msg = _error(_write(tmp_path, text))
+        assert "'parity.ignore'" in msg and "a list of str" in msg, msg
+    msg = _error(_write(tmp_path, "parity:\n  ignore: ['  ']\n"))
+    assert "'parity.ignore'" in msg and "non-empty" in msg
+
+
 def test_int_for_bool_is_a_type_error(tmp_path: Path) -> None:
     path = _write(tmp_path, "compile:\n  fullgraph: 1\n")
     msg = _error(path)
