@@ -258,8 +258,14 @@ TORN_DOWN = "torn_down"
 
 
 def root_cause_rank(ranks: list[RankResult]) -> int | None:
-    """The first rank to fail that was not merely following a peer (torch elastic's rule)."""
+    """The first rank to fail that was not merely following a peer (torch elastic's rule).
+
+    None when several ranks failed on their own with the same error and message: a
+    verdict every rank reached together (parity, a gate on gathered counters) has no
+    single root cause, and the exit order among them says nothing."""
     own = [r for r in ranks if r.exit_code not in (0, None) and r.error_class not in ("PeerError", TORN_DOWN)]
+    if len(own) > 1 and len({(r.error_class, r.message) for r in own}) == 1:
+        return None
     if own:
         return min(own, key=lambda r: r.exited_at or float("inf")).rank
     followers = [r.root_cause_rank for r in ranks if r.root_cause_rank is not None]

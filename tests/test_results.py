@@ -299,6 +299,19 @@ def test_root_cause_from_followers_when_only_peers_failed() -> None:
     assert root_cause_rank([_ok(0), _ok(1)]) is None
 
 
+def test_no_root_cause_when_every_rank_reached_the_same_verdict() -> None:
+    # A gate decided on gathered counters: the same error on every rank, in arbitrary order.
+    same = "compile gate failed after warmup: rank 0: 1 graph break(s) > max 0"
+    ranks = [
+        _crashed(0, "CompileGateError", same, exited=T0 + 1.2, code=25),
+        _crashed(1, "CompileGateError", same, exited=T0 + 1.1, code=25),
+    ]
+    assert root_cause_rank(ranks) is None
+    # Different messages (each rank names its own problem): the first one still counts.
+    ranks[0].message = "compile gate failed after warmup: rank 0: 2 graph break(s) > max 0"
+    assert root_cause_rank(ranks) == 1
+
+
 # -- JSON shape -----------------------------------------------------------------------------
 
 
