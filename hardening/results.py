@@ -257,13 +257,17 @@ TORN_DOWN = "torn_down"
 """RankResult.error_class of a rank the runner ended itself (interrupt, harness error)."""
 
 
+FOLLOWERS = ("PeerError", "PeerLost", TORN_DOWN)
+"""Ends that point at another rank: a peer failed, a peer was lost, the runner tore it down."""
+
+
 def root_cause_rank(ranks: list[RankResult]) -> int | None:
     """The first rank to fail that was not merely following a peer (torch elastic's rule).
 
     None when several ranks failed on their own with the same error and message: a
     verdict every rank reached together (parity, a gate on gathered counters) has no
     single root cause, and the exit order among them says nothing."""
-    own = [r for r in ranks if r.exit_code not in (0, None) and r.error_class not in ("PeerError", TORN_DOWN)]
+    own = [r for r in ranks if r.exit_code not in (0, None) and r.error_class not in FOLLOWERS]
     if len(own) > 1 and len({(r.error_class, r.message) for r in own}) == 1:
         return None
     if own:

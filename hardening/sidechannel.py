@@ -48,6 +48,7 @@ class SideChannel:
                 return [json.loads(self.store.get(k)) for k in keys]
             raise PeerLost(
                 f"rank(s) {', '.join(map(str, missing))} never arrived at side-channel step "
-                f"{tag!r} within {self.timeout_s:g}s (dead, wedged, or on another code path)"
+                f"{tag!r} within {self.timeout_s:g}s (dead, wedged, or on another code path)",
+                root_cause_rank=missing[0],
             ) from None
         return [json.loads(self.store.get(k)) for k in keys]

@@ -176,13 +176,9 @@ class Terminator:
                 if self.store.check([ABORT_KEY]):
                     info = json.loads(self.store.get(ABORT_KEY))
                     if info.get("rank") != self.state.rank:
-                        peer = PeerError(
-                            f"rank {info['rank']} failed first: {info['error']}: {info['message']}\n"
-                            f"(here it surfaced as {type(exc).__name__}: {first_line})",
-                            root_cause_rank=info["rank"],
-                        )
+                        peer = follow_abort(info, surfaced=f"{type(exc).__name__}: {first_line}")
                         peer.__cause__ = exc
-                        return peer, info["rank"]
+                        return peer, peer.root_cause_rank
             except Exception:  # no store, no attribution: report the error as it is
                 return exc, root_cause_rank
             if time.monotonic() >= deadline:
@@ -190,11 +186,31 @@ class Terminator:
             time.sleep(0.02)
 
     def _publish_abort(self, exc: BaseException) -> None:
-        reason = json.dumps({"rank": self.state.rank, "error": type(exc).__name__, "message": str(exc)[:2000]})
+        reason = json.dumps(
+            {
+                "rank": self.state.rank,
+                "error": type(exc).__name__,
+                "message": str(exc)[:2000],
+                "root_cause_rank": getattr(exc, "root_cause_rank", None),
+            }
+        )
         try:
             self.store.compare_set(ABORT_KEY, "", reason)
         except Exception:  # the store may be gone with the launcher; exiting matters more
             pass
+
+
+def follow_abort(info: dict[str, Any], *, surfaced: str | None = None) -> HardeningError:
+    """What a rank ends with when another rank published the job-wide abort ``info``.
+
+    A peer's own failure is a PeerError naming that peer. A lost peer is a PeerLost naming
+    the *lost* rank on every survivor, whichever of them noticed first: the root cause is
+    the rank that died or froze, not the one that saw it."""
+    here = f"\n(here it surfaced as {surfaced})" if surfaced else ""
+    lost = info.get("root_cause_rank")
+    if info.get("error") == "PeerLost" and lost is not None:
+        return PeerLost(f"{info['message']} (noticed first by rank {info['rank']}){here}", root_cause_rank=lost)
+    return PeerError(f"rank {info['rank']} failed first: {info['error']}: {info['message']}{here}", root_cause_rank=info["rank"])
 
 
 def main_thread_where(depth: int = 3) -> str:
@@ -275,11 +291,7 @@ class Watchdog(threading.Thread):
                 if self._abort_seen is None:
                     self._abort_seen = now
                 elif now - self._abort_seen >= 2 * self.heartbeat_s:
-                    self.terminator.end(
-                        PeerError(f"rank {info['rank']} failed first: {info['error']}: {info['message']}"),
-                        root_cause_rank=info["rank"],
-                        publish_abort=False,
-                    )
+                    self.terminator.end(follow_abort(info), publish_abort=False)
         if s.call_started is not None and self.call_deadline_s > 0:
             running = now - s.call_started
             if running > self.call_deadline_s:
@@ -301,7 +313,7 @@ class Watchdog(threading.Thread):
         if self.store.check([f"exit/{r}"]):
             death = json.loads(self.store.get(f"exit/{r}"))
             if death.get("exit_code") != 0:
-                self.terminator.end(PeerLost(f"rank {r} died ({death.get('how')}, reported by the launcher)"))
+                self.terminator.end(PeerLost(f"rank {r} died ({death.get('how')}, reported by the launcher)", root_cause_rank=r))
         key = f"hb/{r}"
         value = self.store.get(key) if self.store.check([key]) else None
         if value != self._peer_value[r]:
@@ -311,7 +323,9 @@ class Watchdog(threading.Thread):
         age = now - self._peer_changed[r]
         if value is None:
             if age > self.first_heartbeat_s:
-                self.terminator.end(PeerLost(f"rank {r} never sent a heartbeat within {self.first_heartbeat_s:g}s"))
+                self.terminator.end(
+                    PeerLost(f"rank {r} never sent a heartbeat within {self.first_heartbeat_s:g}s", root_cause_rank=r)
+                )
             return
         last = json.loads(value)
         phase_key = f"phase/{r}"
@@ -323,6 +337,7 @@ class Watchdog(threading.Thread):
             self.terminator.end(
                 PeerLost(
                     f"rank {r} lost: no heartbeat for {age:.1f}s (> {limit:g}s); "
-                    f"last seen in phase {phase}, call {last.get('call_id')}"
+                    f"last seen in phase {phase}, call {last.get('call_id')}",
+                    root_cause_rank=r,
                 )
             )

@@ -299,6 +299,16 @@ def test_root_cause_from_followers_when_only_peers_failed() -> None:
     assert root_cause_rank([_ok(0), _ok(1)]) is None
 
 
+def test_root_cause_of_a_lost_peer_is_the_lost_rank_not_its_observers() -> None:
+    # H-01 on 3 ranks: rank 1 frozen; rank 2 noticed first, rank 0 followed its abort.
+    ranks = [
+        _crashed(0, "PeerLost", "rank 1 lost (noticed first by rank 2)", exited=T0 + 3.3, code=27, root=1),
+        _hung(1),
+        _crashed(2, "PeerLost", "rank 1 lost: no heartbeat for 3.0s", exited=T0 + 3.1, code=27, root=1),
+    ]
+    assert root_cause_rank(ranks) == 1
+
+
 def test_no_root_cause_when_every_rank_reached_the_same_verdict() -> None:
     # A gate decided on gathered counters: the same error on every rank, in arbitrary order.
     same = "compile gate failed after warmup: rank 0: 1 graph break(s) > max 0"

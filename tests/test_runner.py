@@ -336,3 +336,22 @@ def test_torch_trace_flag_leaves_a_tlparse_directory_per_rank(tmp_path: Path) ->
         text = logs[0].read_text()
         assert '"compile_id": "0/0"' in text
         assert ('"compile_id": "0/1"' in text) == (r["rank"] == 1)
+
+
+@pytest.mark.timeout(240)
+def test_dead_and_frozen_ranks_on_four_ranks_name_the_lost_rank_everywhere(tmp_path: Path) -> None:
+    # Beyond 2 ranks only one survivor notices a lost peer first; every other survivor
+    # must still end PeerLost naming the lost rank (not PeerError naming the observer).
+    out = hardening(
+        "suite", "operator", "--ranks", "4", "--only", "OM-13,H-01", "--json", "r.json", "--artifacts", "run", cwd=tmp_path
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    report = json.loads((tmp_path / "r.json").read_text())
+    cases = {c["id"]: c for c in report["cases"]}
+    for case_id, lost in (("OM-13", 0), ("H-01", 1)):
+        case = cases[case_id]
+        survivors = [r for r in case["ranks"] if r["rank"] != lost]
+        assert [r["error_class"] for r in survivors] == ["PeerLost"] * 3, case
+        assert all(r["root_cause_rank"] == lost for r in survivors), case
+        assert case["root_cause_rank"] == lost
+    assert not wait_gone(rank_pids(report), 5)

@@ -284,7 +284,32 @@ def test_abort_propagates_as_peer_error(ranks: Ranks, cleanup: None) -> None:
     assert rec1["error_class"] == "PeerError" and rec1["exit_code"] == 29 and rec1["root_cause_rank"] == 0
     assert "rank 0 failed first: ParityError: parity: key 'torch.version' differs" in rec1["message"]
     abort = json.loads(store.get("abort"))
-    assert abort == {"rank": 0, "error": "ParityError", "message": rec0["message"]}
+    assert abort == {"rank": 0, "error": "ParityError", "message": rec0["message"], "root_cause_rank": None}
+
+
+def test_a_lost_peer_is_peer_lost_on_every_survivor_naming_the_lost_rank(ranks: Ranks, cleanup: None) -> None:
+    # 3 ranks; rank 2 freezes. Only rank 0 can notice in time (rank 1's own budget is
+    # 30 s), so rank 1 learns it from rank 0's abort: it must still end PeerLost naming
+    # rank 2, not PeerError naming rank 0, which merely noticed first.
+    p = "lost3"
+    store = ranks.store(p)
+    r0 = ranks.spawn(ranks.cfg(p, 0, 3))
+    r1 = ranks.spawn(ranks.cfg(p, 1, 3, peer_lost_s=30.0))
+    r2 = ranks.spawn(ranks.cfg(p, 2, 3))
+    wait_heartbeats(store, [0, 1, 2])
+    os.kill(r2, signal.SIGSTOP)
+    try:
+        assert exit_of(ranks, r0, PEER_LOST + 2 * HB + 3, "observer")["code"] == PeerLost.exit_code, ranks.logs(p, 0)
+        assert exit_of(ranks, r1, 4 * HB + 3, "follower")["code"] == PeerLost.exit_code, ranks.logs(p, 1)
+    finally:
+        os.kill(r2, signal.SIGKILL)
+    rec0, rec1 = ranks.record(p, 0), ranks.record(p, 1)
+    assert rec0["error_class"] == rec1["error_class"] == "PeerLost"
+    assert rec0["root_cause_rank"] == rec1["root_cause_rank"] == 2
+    assert rec0["message"].startswith("rank 2 lost: no heartbeat")
+    assert rec1["message"].startswith("rank 2 lost: no heartbeat") and "(noticed first by rank 0)" in rec1["message"]
+    assert json.loads(store.get("abort"))["root_cause_rank"] == 2
+    assert exit_of(ranks, r2, 5, "frozen rank")["code"] == -signal.SIGKILL
 
 
 # -- (5) a frozen peer in a slow phase gets the setup budget, in steady state peer_lost -------
