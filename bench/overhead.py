@@ -60,7 +60,7 @@ Not included (paid once per run, not per call): process launch and the fork serv
 init and env parity, region parity keys, the weight fingerprints, warmup lockstep
 tickets, the compile gates, the SHUTDOWN envelope, fault-injection install. The watchdog
 is stopped during the A, S and D blocks so that they carry none of the runtime; its cost
-in B and C is indirect (a thread doing ~8 store round trips per heartbeat, taking the
+in B and C is indirect (a thread doing 3 store requests per heartbeat, taking the
 GIL) and shows only in the totals. Each rank uses ``--threads`` intra-op threads
 (default 1: two ranks on a 2-core box). The numbers are wall times: anything else
 running on the machine's cores inflates every collective's latency (the header prints

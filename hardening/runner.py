@@ -264,10 +264,14 @@ class Runner:
 
     def _report_death(self, live: _Live, rank: int, status: int) -> None:
         """Tell the surviving ranks at once; their heartbeat check is the slow path."""
+        import torch.distributed as dist  # loaded with the store, in the background
+
+        from hardening.watchdog import report_exit
+
         code = os.waitstatus_to_exitcode(status)
         how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
         try:
-            self._store.set(f"{live.prefix}/exit/{rank}", json.dumps({"exit_code": code, "how": how}))
+            report_exit(dist.PrefixStore(live.prefix, self._store), rank, code, how)
         except Exception:  # the store is in this process; failing here means we are shutting down
             pass
 

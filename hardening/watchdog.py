@@ -39,6 +39,8 @@ from hardening.errors import (
 )
 
 ABORT_KEY = "abort"
+EVENTS_KEY = "events"
+"""Bumped after every write of the abort key, a ``done/<r>`` or an ``exit/<r>`` key."""
 SLOW_PHASES = frozenset({"init", "parity", "build", "warmup"})
 
 
@@ -145,6 +147,7 @@ class Terminator:
             # (a vanished launcher) must still look like a death to them.
             try:
                 self.store.set(f"done/{s.rank}", "1")
+                self.store.add(EVENTS_KEY, 1)
             except Exception:
                 pass
         sys.stdout.flush()
@@ -196,8 +199,16 @@ class Terminator:
         )
         try:
             self.store.compare_set(ABORT_KEY, "", reason)
+            self.store.add(EVENTS_KEY, 1)
         except Exception:  # the store may be gone with the launcher; exiting matters more
             pass
+
+
+def report_exit(store: dist.Store, rank: int, exit_code: int, how: str) -> None:
+    """What a launcher that hosts the store does when a rank process ends: the other
+    ranks' watchdogs read it on their next tick (``PeerLost`` at once, unless 0)."""
+    store.set(f"exit/{rank}", json.dumps({"exit_code": exit_code, "how": how}))
+    store.add(EVENTS_KEY, 1)
 
 
 def follow_abort(info: dict[str, Any], *, surfaced: str | None = None) -> HardeningError:
@@ -255,17 +266,20 @@ class Watchdog(threading.Thread):
         self.parent_pid = parent_pid
         self.clock = clock
         self._seq = 0
-        self._peer_value: dict[int, bytes | None] = {}
-        self._peer_changed: dict[int, float] = {}
-        self._abort_seen: float | None = None
-        self._abort_pending = False
+        peers = [r for r in range(state.world_size) if r != state.rank]
+        self._peer_value: dict[int, bytes | None] = dict.fromkeys(peers)
+        self._peer_changed: dict[int, float] = dict.fromkeys(peers, clock())
+        self._events_seen: int | None = None
+        self._abort_info: dict[str, Any] | None = None
+        self._abort_seen = 0.0
+        self._done: set[int] = set()
+        self._dead: dict[int, dict[str, Any]] = {}
+        self._all_seen = False
 
     def run(self) -> None:
         start = self.clock()
-        for r in range(self.state.world_size):
-            if r != self.state.rank:
-                self._peer_value[r] = None
-                self._peer_changed[r] = start
+        for r in self._peer_value:
+            self._peer_changed[r] = start  # from the thread's start, not the object's
         while not self.terminator.ending:
             try:
                 self._tick()
@@ -282,16 +296,18 @@ class Watchdog(threading.Thread):
             self.terminator.end(None, exit_code=EXIT_PARENT_GONE, publish_abort=False)
         self._seq += 1
         self.store.set(f"hb/{s.rank}", json.dumps({"seq": self._seq, "phase": s.phase, "call_id": s.call_id}))
-        if self.store.check([ABORT_KEY]):
-            info = json.loads(self.store.get(ABORT_KEY))
-            if info.get("rank") != s.rank:
-                self._abort_pending = True
-                # Give this rank's own main thread two beats to raise a collective error
-                # (parity, warmup) itself, so that it reports its own cause, not PeerError.
-                if self._abort_seen is None:
-                    self._abort_seen = now
-                elif now - self._abort_seen >= 2 * self.heartbeat_s:
-                    self.terminator.end(follow_abort(info), publish_abort=False)
+        # Abort, clean ends and launcher-reported deaths each bump one counter: unchanged,
+        # there is nothing new to read (a constant number of store requests per tick
+        # instead of several per peer).
+        events = self.store.add(EVENTS_KEY, 0)
+        if events != self._events_seen:
+            self._read_events(now)
+            self._events_seen = events
+        if self._abort_info is not None:
+            # Give this rank's own main thread two beats to raise a collective error
+            # (parity, warmup) itself, so that it reports its own cause, not PeerError.
+            if now - self._abort_seen >= 2 * self.heartbeat_s:
+                self.terminator.end(follow_abort(self._abort_info), publish_abort=False)
         if s.call_started is not None and self.call_deadline_s > 0:
             running = now - s.call_started
             if running > self.call_deadline_s:
@@ -301,21 +317,43 @@ class Watchdog(threading.Thread):
                         f"main thread in {main_thread_where()}"
                     )
                 )
-        if self._abort_pending:
+        if self._abort_info is not None:
             return  # a peer already named the cause; this rank follows it, not a death it caused
-        for r in self._peer_value:
-            self._check_peer(r, now)
-
-    def _check_peer(self, r: int, now: float) -> None:
-        if self.store.check([f"done/{r}"]):
-            return
-        # Fast path: a launcher that hosts the store reports each rank's death at once.
-        if self.store.check([f"exit/{r}"]):
-            death = json.loads(self.store.get(f"exit/{r}"))
-            if death.get("exit_code") != 0:
+        watched = [r for r in self._peer_value if r not in self._done]
+        for r in watched:
+            # Fast path: a launcher that hosts the store reports each rank's death at once.
+            death = self._dead.get(r)
+            if death is not None:
                 self.terminator.end(PeerLost(f"rank {r} died ({death.get('how')}, reported by the launcher)", root_cause_rank=r))
-        key = f"hb/{r}"
-        value = self.store.get(key) if self.store.check([key]) else None
+        for r, value in zip(watched, self._heartbeats(watched)):
+            self._check_peer(r, value, now)
+
+    def _read_events(self, now: float) -> None:
+        if self._abort_info is None and self.store.check([ABORT_KEY]):
+            info = json.loads(self.store.get(ABORT_KEY))
+            if info.get("rank") != self.state.rank:
+                self._abort_info, self._abort_seen = info, now
+        for r in self._peer_value:
+            if r in self._done or r in self._dead:
+                continue
+            if self.store.check([f"done/{r}"]):
+                self._done.add(r)
+            elif self.store.check([f"exit/{r}"]):
+                death = json.loads(self.store.get(f"exit/{r}"))
+                if death.get("exit_code") != 0:
+                    self._dead[r] = death
+
+    def _heartbeats(self, ranks: list[int]) -> list[bytes | None]:
+        """Each rank's last heartbeat value (None before its first): one request once every
+        watched rank has sent one and the store has ``multi_get`` (torch >= 2.5)."""
+        keys = [f"hb/{r}" for r in ranks]
+        if self._all_seen and keys and hasattr(self.store, "multi_get"):
+            return list(self.store.multi_get(keys))
+        values = [self.store.get(k) if self.store.check([k]) else None for k in keys]
+        self._all_seen = all(v is not None for v in values)  # heartbeat keys are never deleted
+        return values
+
+    def _check_peer(self, r: int, value: bytes | None, now: float) -> None:
         if value != self._peer_value[r]:
             self._peer_value[r] = value
             self._peer_changed[r] = now
@@ -327,6 +365,8 @@ class Watchdog(threading.Thread):
                     PeerLost(f"rank {r} never sent a heartbeat within {self.first_heartbeat_s:g}s", root_cause_rank=r)
                 )
             return
+        if age <= min(self.peer_lost_s, self.first_heartbeat_s):
+            return  # not late under any phase's budget: no need to ask which phase
         last = json.loads(value)
         phase_key = f"phase/{r}"
         phase = self.store.get(phase_key).decode() if self.store.check([phase_key]) else last.get("phase")

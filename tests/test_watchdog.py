@@ -24,6 +24,7 @@ import pytest
 import torch.distributed as dist
 
 from hardening.errors import EXIT_PARENT_GONE, CallDeadlineExceeded, ParityError, PeerError, PeerLost
+from hardening.watchdog import report_exit
 
 pytestmark = [pytest.mark.multiproc, pytest.mark.timeout(60)]
 
@@ -226,7 +227,7 @@ def test_launcher_reported_death_is_peer_lost_at_once(ranks: Ranks, cleanup: Non
     time.sleep(3 * hb)
     assert ranks.wait_exit(r0, 0) is None  # not yet told: still waiting on the heartbeat
     t0 = time.time()
-    store.set("exit/1", json.dumps({"exit_code": -9, "how": "killed by SIGKILL"}))
+    report_exit(store, 1, -9, "killed by SIGKILL")
     ev0 = exit_of(ranks, r0, 5, "survivor")
     assert ev0["code"] == 27, ranks.logs(p, 0)
     assert ev0["t"] - t0 <= 2 * hb + 1.0, ev0["t"] - t0
@@ -389,9 +390,57 @@ def test_peer_of_a_parent_gone_rank_is_told(ranks: Ranks, cleanup: None) -> None
     ev = exit_of(ranks, rank1, 2 * HB + 3, "orphaned rank")
     assert ev["code"] == 11
     # What the launcher does on every rank exit:
-    store.set("exit/1", json.dumps({"exit_code": 11, "how": "exit code 11"}))
+    report_exit(store, 1, 11, "exit code 11")
     ev0 = ranks.wait_exit(r0, PEER_LOST + 2 * HB + 1.5)
     assert ev0 is not None and ev0["code"] == PeerLost.exit_code, (
         f"rank 0 still running {PEER_LOST + 2 * HB + 1.5:.1f}s after rank 1 ended with code 11; "
         f"done/1={store.get('done/1') if store.check(['done/1']) else None!r}"
     )
+
+
+# -- (7) store load: a constant number of requests per tick, whatever the world size --------
+
+
+class _CountingStore:
+    """A real store that counts the requests made through it."""
+
+    def __init__(self, store: dist.Store) -> None:
+        self._store, self.calls = store, []
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self._store, name)
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            self.calls.append(name)
+            return method(*args, **kwargs)
+
+        return call
+
+
+def test_steady_ticks_cost_three_store_requests_at_any_world_size(tmp_path: Path) -> None:
+    from hardening.watchdog import RankState, Terminator, Watchdog
+
+    master = dist.TCPStore("127.0.0.1", 0, None, True, timeout=timedelta(seconds=10), wait_for_workers=False)
+    for world in (2, 8):
+        store = dist.PrefixStore(f"w{world}", master)
+        for r in range(1, world):
+            store.set(f"hb/{r}", json.dumps({"seq": 1, "phase": "steady", "call_id": 0}))
+        counting = _CountingStore(store)
+        state = RankState(rank=0, world_size=world, record_path=tmp_path / f"record{world}.json")
+        wd = Watchdog(state, Terminator(state, store), counting, heartbeat_s=0.2, peer_lost_s=3,
+                      first_heartbeat_s=60, call_deadline_s=0, clock=lambda: 100.0)  # fmt: skip
+        wd._tick()  # first tick: reads the events and each peer's first heartbeat key by key
+        counting.calls.clear()
+        for _ in range(5):
+            wd._tick()
+        # Per tick: own heartbeat, the events counter, one multi-get of every peer's heartbeat.
+        assert counting.calls == ["set", "add", "multi_get"] * 5, (world, counting.calls)
+        # A new event (a peer's clean end) is read once, then the ticks are cheap again.
+        store.set("done/1", "1")
+        store.add("events", 1)
+        counting.calls.clear()
+        wd._tick()
+        assert "check" in counting.calls and wd._done == {1}
+        counting.calls.clear()
+        wd._tick()
+        assert counting.calls == ["set", "add"] + (["multi_get"] if world > 2 else []), counting.calls
