@@ -30,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import inspect
+import os
 import re
 import threading
 from collections.abc import Callable, Iterable
@@ -669,8 +670,6 @@ def start_torch_trace(directory: str) -> str:
 
         if not all(hasattr(logs, name) for name in ("_init_logs", "LOG_TRACE_HANDLER", "TRACE_ENV_VAR")):
             return "unavailable: this torch has no structured trace logging to redirect"
-        import os
-
         os.makedirs(directory, exist_ok=True)
         os.environ[logs.TRACE_ENV_VAR] = directory
         logs.LOG_TRACE_HANDLER = None  # built without a directory; _init_logs keeps an existing one
@@ -802,3 +801,11 @@ class RecompileGuard:
                     return "; ".join(normalize_reason(line) for line in lines)
                 return normalize_reason(text)
         return None
+
+    @staticmethod
+    def count_stopped(steady: CompileCounters, reason: str) -> CompileCounters:
+        """``steady`` with the recompile this guard stopped counted: the guard raises
+        before Dynamo's start callback fires, so the probe never counts it itself."""
+        if steady.recompiles:
+            return steady
+        return dataclasses.replace(steady, recompiles=1, recompile_reasons=steady.recompile_reasons or [reason])

@@ -56,15 +56,23 @@ def digest_len(num_tensors: int) -> int:
     return 1 + 2 * num_tensors
 
 
+def host_bytes(tensor: torch.Tensor) -> memoryview:
+    """Zero-copy view of a contiguous host tensor's bytes (``tensor.numpy()`` would need
+    numpy, which torch does not depend on: a fresh venv has none)."""
+    assert tensor.device.type == "cpu" and tensor.is_contiguous(), "a contiguous host tensor"
+    size = tensor.numel() * tensor.element_size()
+    if not size:
+        return memoryview(b"")
+    buffer = (ctypes.c_char * size).from_address(tensor.data_ptr())
+    buffer.owner = tensor  # the view must keep the memory alive (a temporary .contiguous())
+    return memoryview(buffer).cast("B")
+
+
 def _tensor_words(tensor: torch.Tensor) -> torch.Tensor:
     if tensor.device.type != "cpu":
         return checksum(tensor).cpu()
-    flat = tensor.detach().contiguous()
-    size = flat.numel() * flat.element_size()
-    # Zero-copy view of the tensor's bytes (tensor.numpy() would need numpy, which torch
-    # does not depend on).
-    crc = zlib.crc32((ctypes.c_char * size).from_address(flat.data_ptr())) if size else 0
-    return torch.tensor([crc, size], dtype=torch.int64)
+    view = host_bytes(tensor.detach().contiguous())
+    return torch.tensor([zlib.crc32(view), len(view)], dtype=torch.int64)
 
 
 def input_digest(blob: bytes, tensors: dict[str, torch.Tensor]) -> list[int]:

@@ -30,11 +30,11 @@ this module.
 
 from __future__ import annotations
 
-import ctypes
 import enum
 import json
 import math
 import pickle
+import struct
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -207,29 +207,27 @@ def preflight(env: Envelope, channel: Channel) -> tuple[bytes, bytes, list[Tenso
 
 CONTROL_FRAME = 1024
 _PREFIX_BYTES = PREFIX_LEN * 8
+_PREFIX_FORMAT = f"={PREFIX_LEN}q"  # native int64, as every rank of one job reads it
 
 
 def _bcast_control(prefix: list[int] | None, payload: bytes, channel: Channel) -> tuple[list[int], bytes]:
     """One fixed-size broadcast carries prefix and payload; a longer payload needs one more."""
     frame = torch.zeros(CONTROL_FRAME, dtype=torch.uint8)
     if prefix is not None:
-        head = torch.tensor(prefix, dtype=torch.int64).view(torch.uint8)
-        frame[:_PREFIX_BYTES] = head
-        first = payload[: CONTROL_FRAME - _PREFIX_BYTES]
-        if first:
-            frame[_PREFIX_BYTES : _PREFIX_BYTES + len(first)] = torch.frombuffer(bytearray(first), dtype=torch.uint8)
+        head = struct.pack(_PREFIX_FORMAT, *prefix) + payload[: CONTROL_FRAME - _PREFIX_BYTES]
+        frame[: len(head)] = torch.frombuffer(bytearray(head), dtype=torch.uint8)
     dist.broadcast(frame, src=channel.leader, group=channel.control_group)
-    values = frame[:_PREFIX_BYTES].view(torch.int64).tolist()
-    # bytes via tolist(), not .numpy(): torch does not depend on numpy (a fresh venv has none)
+    raw = drift.host_bytes(frame)
+    values = list(struct.unpack_from(_PREFIX_FORMAT, raw))
     length = 8 * values[6] + values[3] + values[4] if values[0] == MAGIC else 0
-    received = bytes(frame[_PREFIX_BYTES : _PREFIX_BYTES + min(length, CONTROL_FRAME - _PREFIX_BYTES)].tolist())
+    received = bytes(raw[_PREFIX_BYTES : _PREFIX_BYTES + min(length, CONTROL_FRAME - _PREFIX_BYTES)])
     rest = length - len(received)
     if rest > 0:
         more = torch.empty(rest, dtype=torch.uint8)
         if prefix is not None:
             more.copy_(torch.frombuffer(bytearray(payload[len(received) :]), dtype=torch.uint8))
         dist.broadcast(more, src=channel.leader, group=channel.control_group)
-        received += bytes(more.tolist())
+        received += bytes(drift.host_bytes(more))
     return values, received
 
 
@@ -300,7 +298,7 @@ def receive(channel: Channel) -> Envelope:
         plan=header.get("plan", {}),
         meta=meta,
         blob=blob,
-        digest=torch.frombuffer(bytearray(payload[: 8 * digest_len]), dtype=torch.int64).tolist() if digest_len else None,
+        digest=list(struct.unpack_from(f"={digest_len}q", payload)) if digest_len else None,
     )
     specs = [TensorSpec(name=n, shape=tuple(s), dtype=d) for n, s, d in header.get("tensor_specs", [])]
     if kind_ is Kind.CALL:
@@ -317,7 +315,7 @@ def receive(channel: Channel) -> Envelope:
 
 
 def _words_bytes(words: list[int]) -> bytes:
-    return bytes(torch.tensor(words, dtype=torch.int64).view(torch.uint8).tolist()) if words else b""
+    return struct.pack(f"={len(words)}q", *words)
 
 
 def _validate_call(env: Envelope, specs: list[TensorSpec], count: int, channel: Channel) -> None:
@@ -357,7 +355,7 @@ def broadcast_pickled(obj: Any, channel: Channel) -> Any:
     dist.broadcast(size, src=channel.leader, group=channel.control_group)
     payload = torch.frombuffer(bytearray(data), dtype=torch.uint8) if is_leader else torch.empty(int(size), dtype=torch.uint8)
     dist.broadcast(payload, src=channel.leader, group=channel.control_group)
-    return obj if is_leader else pickle.loads(ctypes.string_at(payload.data_ptr(), payload.numel()))
+    return obj if is_leader else pickle.loads(drift.host_bytes(payload))
 
 
 def _send_stock(env: Envelope, channel: Channel) -> Envelope:

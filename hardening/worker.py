@@ -279,11 +279,9 @@ def _recipe(spec: RankSpec, profile: Profile, state: RankState, store: dist.Stor
                 reason = compile_health.RecompileGuard.reason(exc)
                 if reason is None:
                     raise
-                steady = probe.counters().delta(after_warmup)
-                if steady.recompiles == 0:  # the guard raised before the start callback counted it
-                    steady.recompiles = 1
-                    steady.recompile_reasons = steady.recompile_reasons or [compile_health.normalize_reason(reason)]
-                state.counters = _summary(probe.counters(), steady)
+                total = probe.counters()
+                steady = compile_health.RecompileGuard.count_stopped(total.delta(after_warmup), reason)
+                state.counters = _summary(total, steady)
                 raise CompileGateError(f"rank {spec.rank} recompiled at call {call_id}, after warmup: {reason}") from exc
     if is_leader:
         envelope.send(Envelope(kind=Kind.SHUTDOWN, call_id=next_call + profile.steps), channel)
