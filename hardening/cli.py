@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import argparse
 import enum
-import signal
+import os
 import sys
+import tempfile
 import time
+import traceback
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
-from tabulate import tabulate
+from hardening.interrupt import StopRequest
 
 if TYPE_CHECKING:
     from hardening.results import SuiteResult
@@ -46,14 +48,23 @@ class UsageError(ValueError):
     pass
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse exits 2 on a bad flag, which here means "interrupted": make it 4."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        print(f"hardening: usage error: {message}", file=sys.stderr)
+        raise SystemExit(ExitCode.USAGE_ERROR)
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="hardening",
         description="Fault-inject a tensor-parallel torch.compile region and check every fault crashes fast, by name.",
     )
     sub = p.add_subparsers(dest="command", required=True)
-    s = sub.add_parser("suite", help="run a suite of cases (compile, all)")
-    s.add_argument("name", help="suite name: compile, or all")
+    s = sub.add_parser("suite", help="run a suite of cases (compile, operator, all)")
+    s.add_argument("name", help="suite name: compile, operator, or all")
     s.add_argument("--ranks", type=int, help="number of ranks (overrides world.ranks)")
     s.add_argument("--profile", help="shipped profile name (cpu, premerge, h200) or a YAML file; default cpu")
     s.add_argument("--only", help="comma-separated case ids, e.g. control,C-01")
@@ -67,6 +78,10 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--artifacts", metavar="DIR", help="run directory (default .hardening/runs/<time>-<suite>)")
     ls = sub.add_parser("list", help="show the operator matrix: id, fault, expectation, budget")
     ls.add_argument("suite", nargs="?", default="all")
+    f = sub.add_parser("fault", help="check a fault spec (name:rank=N:call=K) and say what it does")
+    f.add_argument("spec", help="e.g. stall:rank=1:call=3")
+    f.add_argument("--ranks", type=int, help="number of ranks (overrides world.ranks)")
+    f.add_argument("--profile", help="profile whose ranks and calls the spec must fit; default cpu")
     t = sub.add_parser("triage", help="py-spy stacks of live processes, side by side")
     t.add_argument("pids", nargs="+", type=int)
     t.add_argument("--native", action="store_true", help="include native frames")
@@ -76,23 +91,51 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    # First, before anything slow: from here on a stop signal is a request the runner
+    # honours at a safe point, never an exception that can land anywhere.
+    stop = StopRequest().install()
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as exc:  # --help (0) or a usage error (4, from _Parser.error)
+        return int(exc.code or 0)
     try:
         if args.command == "suite":
-            return _suite(args)
+            return _suite(args, stop)
         if args.command == "list":
             return _list(args)
+        if args.command == "fault":
+            return _fault(args)
         if args.command == "triage":
             return _triage(args)
         if args.command == "doctor":
             return _doctor()
+        raise AssertionError(args.command)
     except UsageError as exc:
         print(f"hardening: usage error: {exc}", file=sys.stderr)
         return ExitCode.USAGE_ERROR
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # SIGINT ignored at start and raised by hand, or a subcommand without a runner
         print("hardening: interrupted", file=sys.stderr)
         return ExitCode.INTERRUPTED
-    raise AssertionError(args.command)
+    except Exception as exc:  # noqa: BLE001 - the catch-all: one line, the traceback in a file
+        print(f"hardening: internal error: {type(exc).__name__}: {exc} ({_save_traceback(None)})", file=sys.stderr)
+        return ExitCode.INTERNAL_ERROR
+
+
+def _save_traceback(run_dir: Path | None) -> str:
+    """Write the current exception's traceback to a file; 'traceback in FILE'."""
+    text = traceback.format_exc()
+    try:
+        if run_dir is not None and run_dir.is_dir():
+            path = run_dir / "internal_error.txt"
+            path.write_text(text)
+        else:
+            fd, name = tempfile.mkstemp(prefix="hardening-internal-error-", suffix=".txt")
+            with os.fdopen(fd, "w") as fh:
+                fh.write(text)
+            path = Path(name)
+        return f"traceback in {path}"
+    except OSError:
+        return "traceback could not be saved"
 
 
 def _select_cases(name: str, only: str | None, world_size: int) -> list:
@@ -102,12 +145,14 @@ def _select_cases(name: str, only: str | None, world_size: int) -> list:
         cases = get_suite(name)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    if only:
+    if only is not None:
         wanted = [i.strip() for i in only.split(",") if i.strip()]
+        if not wanted:
+            raise UsageError(f"--only {only!r} names no case; give ids such as control,C-01 (see hardening list)")
         known = {c.id for c in cases}
         unknown = [i for i in wanted if i not in known]
         if unknown:
-            raise UsageError(f"unknown case id(s) {unknown} in suite {name!r}; known: {', '.join(sorted(known))}")
+            raise UsageError(f"--only: unknown case id(s) {unknown} in suite {name!r}; known: {', '.join(sorted(known))}")
         cases = [c for c in cases if c.id in wanted]
     runnable = [c for c in cases if c.min_ranks <= world_size]
     for case in cases:
@@ -116,60 +161,138 @@ def _select_cases(name: str, only: str | None, world_size: int) -> list:
     return runnable
 
 
-def _validate(profile, cases) -> None:
-    """Everything that can be wrong with the request is found before a process starts."""
+def _load_profile(args: argparse.Namespace):
+    """The profile with the command line's overrides; a bad value names its flag."""
+    from hardening.profile import ProfileError, load_profile
+
+    overrides, flags = {}, {}
+    for key, flag, value in (
+        ("world.ranks", "--ranks", getattr(args, "ranks", None)),
+        ("region.target", "--target", getattr(args, "target", None)),
+        ("triage.torch_trace", "--torch-trace", getattr(args, "torch_trace", False) or None),
+    ):
+        if value is not None:
+            if isinstance(value, str) and not value.strip():
+                raise UsageError(f"{flag}: empty value")
+            overrides[key], flags[key] = value, flag
+    try:
+        return load_profile(args.profile, overrides, flags=flags)
+    except ProfileError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def _validate(profile, cases, args: argparse.Namespace) -> str:
+    """Everything that can be wrong with the request, found before a process starts and
+    without running user code; returns how to name the target in later messages."""
     from hardening.inject import FaultSpecError, validate_spec
     from hardening.reference import validate_dims
-    from hardening.region import load_factory
+    from hardening.region import parse_target
 
+    calls = profile.warmup_calls + profile.steps
     for case in cases:
         if case.fault:
             try:
-                validate_spec(case.fault, world_size=profile.world.ranks)
+                validate_spec(case.fault, world_size=profile.world.ranks, calls=calls)
             except FaultSpecError as exc:
                 raise UsageError(f"case {case.id}: {exc}") from None
+    target_source = "--target" if args.target else f"{profile.source}: key 'region.target'"
     try:
-        load_factory(profile.region.target)
-        if profile.region.target == "hardening.reference:build":
-            validate_dims(profile.region.dims, profile.world.ranks)
+        parse_target(profile.region.target)
     except ValueError as exc:
-        raise UsageError(f"{profile.source}: key 'region': {exc}") from None
+        raise UsageError(f"{target_source}: {exc}") from None
+    if profile.region.target == "hardening.reference:build":
+        try:
+            validate_dims(profile.region.dims, profile.world.ranks)
+        except ValueError as exc:
+            why = str(exc).removeprefix("dims: ")
+            if args.ranks is not None:
+                raise UsageError(f"--ranks {args.ranks} does not fit key 'region.dims' of {profile.source}: {why}") from None
+            raise UsageError(f"{profile.source}: key 'region.dims': {why}") from None
     if profile.world.device == "cuda":
         import torch
 
         if not torch.cuda.is_available():
             raise UsageError(f"{profile.source}: key 'world.device' is cuda but no CUDA device is visible here")
+    return target_source
 
 
-def _suite(args: argparse.Namespace) -> int:
-    from hardening.profile import ProfileError, load_profile
-
-    overrides = {}
-    if args.ranks is not None:
-        overrides["world.ranks"] = args.ranks
-    if args.target:
-        overrides["region.target"] = args.target
-    if args.torch_trace:
-        overrides["triage.torch_trace"] = True
+def _check_output(path: str, flag: str) -> Path:
+    """A report path that can be written: not a directory, not under a file, in a place
+    this process may create files. Checked before launch; nothing is left behind."""
+    target = Path(path).expanduser()
+    if not path.strip():
+        raise UsageError(f"{flag}: empty path")
+    if target.is_dir():
+        raise UsageError(f"{flag} {path}: is a directory")
+    ancestor = target.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise UsageError(f"{flag} {path}: {ancestor} is not a directory")
     try:
-        profile = load_profile(args.profile, overrides)
-    except ProfileError as exc:
-        raise UsageError(str(exc)) from None
+        fd, probe = tempfile.mkstemp(prefix=".hardening-probe-", dir=ancestor)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise UsageError(f"{flag} {path}: cannot write in {ancestor}: {exc.strerror or exc}") from None
+    return target.resolve()
+
+
+def _make_run_dir(artifacts: str | None, suite: str) -> Path:
+    """The run directory, created here, atomically: two runs started in the same second
+    get two directories, and an explicit ``--artifacts`` must be new or empty."""
+    if artifacts is not None:
+        run_dir = Path(artifacts).expanduser()
+        if not artifacts.strip():
+            raise UsageError("--artifacts: empty path")
+        if run_dir.exists() and not run_dir.is_dir():
+            raise UsageError(f"--artifacts {artifacts}: exists and is not a directory")
+        try:
+            if run_dir.is_dir() and any(run_dir.iterdir()):
+                raise UsageError(f"--artifacts {artifacts}: exists and is not empty")
+            run_dir.mkdir(parents=True, exist_ok=True)
+            probe = run_dir / ".hardening-probe"
+            probe.touch()
+            probe.unlink()
+        except OSError as exc:
+            raise UsageError(f"--artifacts {artifacts}: cannot create or write it: {exc.strerror or exc}") from None
+        return run_dir.resolve()
+    runs = Path(".hardening") / "runs"
+    try:
+        runs.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"cannot create {runs.resolve()} for the run directory (use --artifacts): {exc.strerror or exc}") from None
+    stem = f"{time.strftime('%Y%m%d-%H%M%S')}-{suite}"
+    for n in range(1, 1000):
+        candidate = runs / (stem if n == 1 else f"{stem}-{n}")
+        try:
+            candidate.mkdir()  # atomic: exactly one run gets each name
+        except FileExistsError:
+            continue
+        except OSError as exc:
+            raise UsageError(f"cannot create the run directory {candidate.resolve()}: {exc.strerror or exc}") from None
+        return candidate.resolve()  # reports name files that must open from anywhere
+    raise UsageError(f"cannot find a free run directory name under {runs.resolve()}")
+
+
+def _suite(args: argparse.Namespace, stop: StopRequest) -> int:
+    # 1. The request, checked whole before anything starts: profile and flags, cases,
+    #    target form, report paths; then the run directory.
+    profile = _load_profile(args)
     cases = _select_cases(args.name, args.only, profile.world.ranks)
     if not cases:
         print("hardening: no cases selected", file=sys.stderr)
         return ExitCode.NO_CASES
-    _validate(profile, cases)
+    target_source = _validate(profile, cases, args)
+    outputs = {flag: _check_output(path, flag) for flag, path in (("--json", args.json), ("--junit", args.junit)) if path}
+    if len(set(outputs.values())) < len(outputs):
+        raise UsageError("--json and --junit name the same file")
+    run_dir = _make_run_dir(args.artifacts, args.name)
 
     from hardening.reports import render_table, write_json, write_junit
-    from hardening.runner import HarnessError, Runner
+    from hardening.results import SuiteResult
+    from hardening.runner import HarnessError, Runner, TargetError
 
-    run_dir = Path(args.artifacts or Path(".hardening") / "runs" / f"{time.strftime('%Y%m%d-%H%M%S')}-{args.name}")
-    run_dir = run_dir.resolve()  # reports name files that must open from anywhere
-    if run_dir.exists() and any(run_dir.iterdir()):
-        raise UsageError(f"--artifacts {run_dir} exists and is not empty")
-    # SIGTERM (a CI cancel) ends the run like Ctrl-C: ranks torn down, partial report written.
-    signal.signal(signal.SIGTERM, _raise_interrupt)
     print(
         f"hardening: suite {args.name}, {len(cases)} case(s), {profile.world.ranks} ranks, "
         f"profile {profile.name} ({profile.world.backend}/{profile.world.device}, compile "
@@ -177,29 +300,42 @@ def _suite(args: argparse.Namespace) -> int:
         f"{', fullgraph' if profile.compile.fullgraph else ''}), run dir {run_dir}",
         file=sys.stderr,
     )
-    from hardening.results import SuiteResult
-
+    # 2. Run. The result object is ours: every case the runner finishes is in it, whatever
+    #    ends the run (a signal, a dead fork server, a bug here).
+    result = SuiteResult(
+        suite=args.name, profile=profile.name, num_ranks=profile.world.ranks, run_dir=str(run_dir), started_at=time.time()
+    )
+    internal = None
     try:
-        with Runner(profile, run_dir=run_dir) as runner:
-            result = runner.run_suite(args.name, cases, profile_name=profile.name)
+        if not stop.requested:
+            with Runner(profile, run_dir=run_dir, stop=stop) as runner:
+                runner.check_target(profile.region.target, flag=target_source)
+                runner.run_suite(result, cases)
+    except TargetError as exc:
+        raise UsageError(str(exc)) from None
     except HarnessError as exc:
-        result = SuiteResult(suite=args.name, profile=profile.name, num_ranks=profile.world.ranks, run_dir=str(run_dir))
         result.harness_error = str(exc)
-    except KeyboardInterrupt:
-        result = SuiteResult(suite=args.name, profile=profile.name, num_ranks=profile.world.ranks, run_dir=str(run_dir))
+    except Exception as exc:  # noqa: BLE001 - still write what we have, then exit 3
+        internal = f"{type(exc).__name__}: {exc} ({_save_traceback(run_dir)})"
+        result.harness_error = f"internal error: {internal}"
+    if stop.requested:
         result.interrupted = True
+        result.interrupted_by = stop.signal_name
+
+    # 3. Reports: the run's own result.json first (it must exist whatever follows), then
+    #    the table, then the files the user asked for.
+    write_json(result, run_dir / "result.json")
     _link_latest(run_dir)
     print(render_table(result))
-    if args.json:
-        write_json(result, args.json)
-    if args.junit:
-        write_junit(result, args.junit)
-    write_json(result, run_dir / "result.json")
+    for flag, path in outputs.items():
+        try:
+            (write_json if flag == "--json" else write_junit)(result, path)
+        except OSError as exc:
+            print(f"hardening: could not write {flag} {path}: {exc.strerror or exc}", file=sys.stderr)
+            return ExitCode.INTERNAL_ERROR
+    if internal:
+        print(f"hardening: internal error: {internal}", file=sys.stderr)
     return exit_code_for(result)
-
-
-def _raise_interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
 
 
 def _link_latest(run_dir: Path) -> None:
@@ -214,6 +350,8 @@ def _link_latest(run_dir: Path) -> None:
 
 
 def _list(args: argparse.Namespace) -> int:
+    from tabulate import tabulate
+
     from hardening.suites import get_suite
 
     try:
@@ -225,6 +363,24 @@ def _list(args: argparse.Namespace) -> int:
         for c in cases
     ]
     print(tabulate(rows, headers=["id", "suite", "fault", "must happen", "budget", "what"], tablefmt="simple"))
+    return ExitCode.OK
+
+
+def _fault(args: argparse.Namespace) -> int:
+    """What a fault spec does, or a usage error naming what is wrong with it."""
+    from hardening.inject import FaultSpecError, fault_class, validate_spec
+
+    profile = _load_profile(args)
+    try:
+        spec = validate_spec(args.spec, world_size=profile.world.ranks, calls=profile.warmup_calls + profile.steps)
+    except FaultSpecError as exc:
+        raise UsageError(str(exc)) from None
+    cls = fault_class(spec.name)
+    ranks = cls._ranks(spec, profile.world.ranks)
+    print(f"{spec.text}: {cls.matrix_id} {cls.summary}")
+    print(f"  acts on rank(s) {', '.join(map(str, ranks))} of {profile.world.ranks}; patches {cls.target}")
+    for key, value in sorted(spec.params.items()):
+        print(f"  {key}={value}")
     return ExitCode.OK
 
 

@@ -7,9 +7,11 @@ per request, forks one rank process. Each rank is still its own process, in its 
 session (so the runner can kill its whole tree), with its stdout/stderr in its run
 directory.
 
-Protocol: JSON lines. Runner -> server: ``{"op": "spawn", "spec": RankSpec, "env": {...}}``.
-Server -> runner: ``ready``, ``spawned`` (pid), ``exited`` (pid, status, time of the
-``waitpid``). SIGCHLD wakes the loop, so exit times are exact.
+Protocol: JSON lines. Runner -> server: ``{"op": "spawn", "spec": RankSpec, "env": {...}}``
+or ``{"op": "check_target", "target": ..., "out": ..., "log": ...}`` (import the region
+target in a child, so that user code never runs unbounded in the runner or here).
+Server -> runner: ``ready``, ``spawned`` (pid, rank), ``check_started`` (pid), ``exited``
+(pid, status, time of the ``waitpid``). SIGCHLD wakes the loop, so exit times are exact.
 
 No orphans: the server dies with the runner (PR_SET_PDEATHSIG and stdin EOF) and every
 rank dies with the server (PR_SET_PDEATHSIG, and its watchdog checks its parent).
@@ -43,30 +45,60 @@ def _emit(out: Any, event: dict[str, Any]) -> None:
     out.flush()
 
 
+def _detach(server_pid: int, stdout: str, stderr: str) -> None:
+    """The first steps of every forked child: own session, die with the server, the
+    signals of a fresh interpreter, stdio to files."""
+    os.setsid()
+    set_parent_death_signal()
+    if os.getppid() != server_pid:  # the server died between fork and prctl
+        os._exit(11)
+    # As a fresh interpreter has them. SIGPIPE stays ignored, as Python sets it at
+    # startup: a rank writing to a dead peer's socket (gloo) must get EPIPE, an error
+    # the terminator attributes to that peer, not be killed by the signal.
+    for sig in (signal.SIGCHLD, signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_DFL)
+    signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    for fd, path in ((1, stdout), (2, stderr)):
+        log = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_TRUNC, 0o644)
+        os.dup2(log, fd)
+        os.close(log)
+    sys.stdin = open(0, closefd=False)
+    sys.stdout = open(1, "w", buffering=1, closefd=False)
+    sys.stderr = open(2, "w", buffering=1, closefd=False)
+
+
+def _check_target(request: dict[str, Any], server_pid: int) -> None:
+    """Runs in a forked child: import the target and say whether it is usable; never returns."""
+    try:
+        _detach(server_pid, request["log"], request["log"])
+        from hardening.region import describe_import_error, load_factory
+
+        try:
+            load_factory(request["target"])
+            verdict = {"ok": True}
+        except BaseException as exc:  # noqa: BLE001 - SystemExit at import is a broken target too
+            import traceback
+
+            traceback.print_exc()
+            verdict = {"ok": False, "error": describe_import_error(exc)}
+        with open(request["out"], "w") as f:
+            json.dump(verdict, f)
+    except BaseException:  # noqa: BLE001 - a child must never return into the server loop
+        import traceback
+
+        traceback.print_exc()
+    finally:
+        os._exit(0)
+
+
 def _child(spec_data: dict[str, Any], env: dict[str, str], server_pid: int) -> None:
     """Runs in the forked rank process; never returns."""
     try:
-        os.setsid()
-        set_parent_death_signal()
-        if os.getppid() != server_pid:  # the server died between fork and prctl
-            os._exit(11)
-        # As a fresh interpreter has them. SIGPIPE stays ignored, as Python sets it at
-        # startup: a rank writing to a dead peer's socket (gloo) must get EPIPE, an error
-        # the terminator attributes to that peer, not be killed by the signal.
-        for sig in (signal.SIGCHLD, signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, signal.SIG_DFL)
-        signal.signal(signal.SIGPIPE, signal.SIG_IGN)
         rank_dir = spec_data["rank_dir"]
         os.makedirs(rank_dir, exist_ok=True)
-        devnull = os.open(os.devnull, os.O_RDONLY)
-        os.dup2(devnull, 0)
-        for fd, name in ((1, "stdout.log"), (2, "stderr.log")):
-            log = os.open(os.path.join(rank_dir, name), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-            os.dup2(log, fd)
-            os.close(log)
-        sys.stdin = open(0, closefd=False)
-        sys.stdout = open(1, "w", buffering=1, closefd=False)
-        sys.stderr = open(2, "w", buffering=1, closefd=False)
+        _detach(server_pid, os.path.join(rank_dir, "stdout.log"), os.path.join(rank_dir, "stderr.log"))
         os.environ.update(env)
         from hardening.worker import RankSpec, run_rank
 
@@ -150,18 +182,24 @@ def serve() -> None:
             while b"\n" in pending:
                 line, pending = pending.split(b"\n", 1)
                 request = json.loads(line)
-                if request.get("op") != "spawn":
+                op = request.get("op")
+                if op not in ("spawn", "check_target"):
                     continue
                 pid = os.fork()
                 if pid == 0:
-                    # The rank must not hold the protocol pipe or the wakeup pipe open: the
+                    # The child must not hold the protocol pipe or the wakeup pipe open: the
                     # runner relies on EOF when the server dies.
                     signal.set_wakeup_fd(-1)
                     for fd in (wake_r, wake_w, out.fileno()):
                         os.close(fd)
+                    if op == "check_target":
+                        _check_target(request, os.getppid())
                     _child(request["spec"], request.get("env", {}), os.getppid())
                 children.add(pid)
-                _emit(out, {"event": "spawned", "pid": pid, "rank": request["spec"]["rank"], "t": time.time()})
+                if op == "check_target":
+                    _emit(out, {"event": "check_started", "pid": pid, "t": time.time()})
+                else:
+                    _emit(out, {"event": "spawned", "pid": pid, "rank": request["spec"]["rank"], "t": time.time()})
     finally:
         for pid in list(children):
             try:

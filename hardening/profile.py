@@ -8,6 +8,7 @@ naming the file and the dotted key, which the CLI turns into exit code 4.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -18,6 +19,10 @@ from typing import Any
 import yaml
 
 DEFAULT_PROFILE = "cpu"
+MAX_RANKS = 64
+"""Most ranks the one-host ``process`` launcher starts: beyond that, a typo."""
+MAX_SECONDS = 7 * 24 * 3600.0
+"""Longest timeout a profile may set (a process-group timeout must fit a timedelta)."""
 
 
 class ProfileError(ValueError):
@@ -41,6 +46,8 @@ class WorldConfig:
     def validate(self) -> None:
         if self.ranks < 1:
             raise ValueError("ranks: must be at least 1")
+        if self.ranks > MAX_RANKS:
+            raise ValueError(f"ranks: must be at most {MAX_RANKS} (one host), got {self.ranks}")
         if self.backend not in ("gloo", "nccl"):
             raise ValueError(f"backend: must be gloo or nccl, got {self.backend!r}")
         if self.device not in ("cpu", "cuda"):
@@ -126,6 +133,9 @@ class TimeoutConfig:
     """Seconds between SIGTERM and SIGKILL when the runner tears ranks down."""
 
     def validate(self) -> None:
+        for f in dataclasses.fields(self):
+            if getattr(self, f.name) > MAX_SECONDS:
+                raise ValueError(f"{f.name}: must be at most {MAX_SECONDS:g} seconds (7 days)")
         for name in ("setup", "detect", "case", "pg", "heartbeat", "peer_lost", "grace"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}: must be positive")
@@ -142,6 +152,11 @@ class GateConfig:
 
     max_recompiles: int = 0
     """Recompiles allowed after warmup; 0 also arms the recompile guard."""
+
+    def validate(self) -> None:
+        for f in dataclasses.fields(self):
+            if getattr(self, f.name) < 0:
+                raise ValueError(f"{f.name}: must be >= 0")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -190,6 +205,10 @@ class TriageConfig:
     """Each rank writes torch's structured compile trace (``TORCH_TRACE``) to
     ``rank<r>/torch_trace/`` of its case, for ``tlparse``. Best effort, never a gate."""
 
+    def validate(self) -> None:
+        if not 0 < self.timeout <= MAX_SECONDS:
+            raise ValueError(f"timeout: must be positive and at most {MAX_SECONDS:g} seconds")
+
 
 @dataclass(kw_only=True, slots=True)
 class Profile:
@@ -234,34 +253,72 @@ def available_profiles() -> list[str]:
     return sorted(p.name[: -len(".yaml")] for p in resources.files("hardening.profiles").iterdir() if p.name.endswith(".yaml"))
 
 
-def load_profile(name_or_path: str | None = None, overrides: dict[str, Any] | None = None) -> Profile:
-    """Load a shipped profile by name or a YAML file by path, then apply dotted overrides."""
+def load_profile(
+    name_or_path: str | None = None, overrides: dict[str, Any] | None = None, *, flags: dict[str, str] | None = None
+) -> Profile:
+    """Load a shipped profile by name or a YAML file by path, then apply dotted overrides.
+
+    ``flags`` names the command-line flag behind each override key, so that a bad value
+    is blamed on ``--ranks``, not on the profile file."""
     spec = name_or_path or DEFAULT_PROFILE
     if spec.endswith((".yaml", ".yml")) or "/" in spec:
         path = Path(spec)
         if not path.is_file():
             raise ProfileError(f"{spec}: profile file not found")
-        text, source, name = path.read_text(), str(path), path.stem
+        source, name = str(path), path.stem
+        text = _read_text(path.read_bytes, source)
     else:
         ref = resources.files("hardening.profiles").joinpath(f"{spec}.yaml")
-        if not ref.is_file():
+        if not spec.strip() or not ref.is_file():
             raise ProfileError(f"unknown profile {spec!r}; shipped profiles: {', '.join(available_profiles())}")
-        text, source, name = ref.read_text(), f"profiles/{spec}.yaml", spec
+        source, name = f"profiles/{spec}.yaml", spec
+        text = _read_text(ref.read_bytes, source)
     try:
-        data = yaml.safe_load(text) or {}
+        data = yaml.load(text, Loader=_StrictLoader) or {}
+    except ProfileError as exc:
+        raise ProfileError(f"{source}: {exc}") from None
     except yaml.YAMLError as exc:
-        raise ProfileError(f"{source}: not valid YAML: {exc}") from None
+        raise ProfileError(f"{source}: not valid YAML: {' '.join(str(exc).split())}") from None
     if not isinstance(data, dict):
         raise ProfileError(f"{source}: top level must be a mapping of keys")
     profile = Profile(name=name, source=source)
     _merge(profile, data, source=source, prefix="")
     _validate_all(profile, source)
-    if overrides:
-        # Validated again so that a bad flag is blamed on the command line, not the file.
-        for key, value in overrides.items():
-            _merge(profile, _nest(key, value), source="command line", prefix="")
-        _validate_all(profile, "command line")
+    for key, value in (overrides or {}).items():
+        # Validated one by one so that a bad flag is blamed on the flag, not the file.
+        where = (flags or {}).get(key, "command line")
+        _merge(profile, _nest(key, value), source=where, prefix="")
+        _validate_all(profile, where)
     return profile
+
+
+def _read_text(read: Any, source: str) -> str:
+    try:
+        raw = read()
+    except OSError as exc:
+        raise ProfileError(f"{source}: cannot read: {exc.strerror or exc}") from None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ProfileError(f"{source}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start})") from None
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last
+    silently, so the first value a user wrote would be ignored without a word)."""
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise ProfileError(f"key {key!r} is given twice (lines {seen[key]} and {line})")
+            try:
+                seen[key] = line
+            except TypeError:  # an unhashable key: the base class says so
+                break
+        return super().construct_mapping(node, deep=deep)
 
 
 def _nest(dotted: str, value: Any) -> dict[str, Any]:
@@ -307,6 +364,8 @@ def _coerce(value: Any, hint: Any, *, source: str, key: str) -> Any:
         if opt is int and isinstance(value, int) and not isinstance(value, bool):
             return value
         if opt is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                raise ProfileError(f"{source}: key {key!r} must be a finite number, got {value!r}")
             return float(value)
         if opt is str and isinstance(value, str):
             return value

@@ -29,6 +29,9 @@ def validate_dims(dims: dict[str, int], world_size: int) -> None:
     missing = [d for d in DIMS if d not in dims]
     if missing:
         raise ValueError(f"dims: the reference region needs {', '.join(missing)}")
+    unknown = sorted(set(dims) - set(DIMS))
+    if unknown:
+        raise ValueError(f"dims: the reference region has no dim(s) {', '.join(unknown)} (it reads {', '.join(DIMS)})")
     hidden, heads, mlp = dims["hidden"], dims["heads"], dims["mlp"]
     if heads % world_size or mlp % world_size or hidden % heads:
         raise ValueError(

@@ -12,8 +12,11 @@ call them through this module (``region.build_region(...)``), never import the n
 from __future__ import annotations
 
 import importlib
+import importlib.machinery
 import importlib.util
+import os
 import sys
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
@@ -83,15 +86,31 @@ class Region:
 RegionFactory = Callable[[RegionContext], Region]
 
 
-def load_factory(target: str) -> RegionFactory:
-    """Resolve ``module:function`` or ``file.py:function``; ValueError names what is wrong."""
-    module_name, sep, attr = target.rpartition(":")
-    if not sep or not module_name or not attr:
+def parse_target(target: str) -> tuple[str, str]:
+    """``(module or file, function)`` of a target; ValueError if it has neither form.
+    Pure: it runs no user code and may be called anywhere (the CLI checks flags with it)."""
+    module_name, sep, attr = target.strip().rpartition(":")
+    if not sep or not module_name or not attr or not attr.isidentifier():
         raise ValueError(f"region target {target!r} must be 'module:function' or 'path/to/file.py:function'")
     if module_name.endswith(".py"):
-        path = Path(module_name)
-        if not path.is_file():
+        if not Path(module_name).is_file():
             raise ValueError(f"region target {target!r}: file {module_name} not found")
+    elif not all(part.isidentifier() for part in module_name.split(".")):
+        raise ValueError(f"region target {target!r}: {module_name!r} is not a module name (or a path ending in .py)")
+    return module_name, attr
+
+
+def load_factory(target: str) -> RegionFactory:
+    """Import the target and return its factory; ValueError names what is wrong.
+
+    This runs user code: the harness calls it only in a child of the fork server (under
+    the setup deadline) and in the ranks, never in the runner. A module target resolves
+    from the current directory first, as ``python -m`` would, but only the target's own
+    top-level module does: the directory never goes on ``sys.path``, so a stray
+    ``numpy.py`` there is never imported in its place."""
+    module_name, attr = parse_target(target)
+    if module_name.endswith(".py"):
+        path = Path(module_name)
         name = "hardening_user_region_" + path.stem
         spec = importlib.util.spec_from_file_location(name, path)
         assert spec is not None and spec.loader is not None
@@ -99,14 +118,53 @@ def load_factory(target: str) -> RegionFactory:
         sys.modules[name] = module
         spec.loader.exec_module(module)
     else:
+        _import_top_level_from_cwd(module_name.partition(".")[0])
         try:
             module = importlib.import_module(module_name)
         except ImportError as exc:
-            raise ValueError(f"region target {target!r}: cannot import {module_name}: {exc}") from None
+            if exc.name is not None and module_name.startswith(exc.name):
+                raise ValueError(f"cannot import {module_name}: {exc} (looked in {os.getcwd()} and sys.path)") from None
+            raise
     factory = getattr(module, attr, None)
     if not callable(factory):
-        raise ValueError(f"region target {target!r}: {module_name} has no callable {attr!r}")
+        raise ValueError(f"{module_name} has no callable {attr!r}")
     return factory
+
+
+def _import_top_level_from_cwd(top: str) -> None:
+    if top in sys.modules:
+        return
+    spec = importlib.machinery.PathFinder.find_spec(top, [os.getcwd()])
+    if spec is None or spec.loader is None:
+        return
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[top] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        sys.modules.pop(top, None)
+        raise
+
+
+def describe_import_error(exc: BaseException) -> str:
+    """One line for a target that failed to import: the error and the user's line."""
+    if isinstance(exc, ValueError) and exc.__traceback__ is not None and _raised_here(exc):
+        return str(exc)
+    if isinstance(exc, SyntaxError):
+        return f"SyntaxError: {exc.msg} ({exc.filename}:{exc.lineno})"
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if not _is_import_machinery(f.filename)]
+    where = f" ({frames[-1].filename}:{frames[-1].lineno})" if frames else ""
+    text = (str(exc).splitlines() or [""])[0]
+    return f"importing it raised {type(exc).__name__}: {text}{where}" if text else f"importing it raised {type(exc).__name__}{where}"
+
+
+def _raised_here(exc: BaseException) -> bool:
+    frames = traceback.extract_tb(exc.__traceback__)
+    return bool(frames) and frames[-1].filename == __file__
+
+
+def _is_import_machinery(filename: str) -> bool:
+    return filename == __file__ or filename.startswith("<frozen") or "importlib" in filename
 
 
 def build_region(target: str, ctx: RegionContext) -> Region:

@@ -20,7 +20,7 @@ SCHEMA_VERSION = 1
 class Outcome(str, enum.Enum):
     """What happened to a case, before comparing with its expectation."""
 
-    COMPLETED = "completed"  # no fault; every rank exited 0
+    COMPLETED = "completed"  # no fault; every rank exited 0 with the runtime's clean final record
     CRASHED = "crashed"  # every rank ended non-zero within the detection budget (or the control crashed)
     CRASHED_SLOW = "crashed_slow"  # crashed, but after the detection budget
     HUNG = "hung"  # a rank was alive at the deadline; stacks attached
@@ -86,6 +86,17 @@ class RankResult:
     def alive_at_deadline(self) -> bool:
         return self.exit_code is None
 
+    @property
+    def completed(self) -> bool:
+        """Exit 0 *and* the runtime's own clean final record: a rank that exited 0 some
+        other way (``os._exit(0)`` in a factory) did no verified work."""
+        return self.exit_code == 0 and self.has_record and self.error_class is None
+
+    @property
+    def failed(self) -> bool:
+        """Exited, and not as a completion."""
+        return self.exit_code is not None and not self.completed
+
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -128,6 +139,8 @@ class SuiteResult:
     wall_s: float = 0.0
     started_at: float = 0.0
     interrupted: bool = False
+    interrupted_by: str | None = None
+    """The signal that stopped the run (SIGINT, SIGTERM, SIGHUP), when one did."""
     run_dir: str | None = None
     environment: dict[str, Any] = field(default_factory=dict)
     harness_error: str | None = None
@@ -142,6 +155,7 @@ class SuiteResult:
             "started_at": self.started_at,
             "wall_s": self.wall_s,
             "interrupted": self.interrupted,
+            "interrupted_by": self.interrupted_by,
             "run_dir": self.run_dir,
             "environment": self.environment,
             "harness_error": self.harness_error,
@@ -176,13 +190,13 @@ def classify(
         # Still measured: a case may expect one rank to stay frozen (H-01) and the rest to leave.
         t_detect = max(0.0, max(exits) - fired) if fired is not None and exits else None
         return Outcome.HUNG, t_detect
-    all_ok = all(r.exit_code == 0 for r in ranks)
+    all_ok = all(r.completed for r in ranks)
     if case.fault is None:
         return (Outcome.COMPLETED if all_ok else Outcome.CRASHED), None
     fired = fire_time(ranks)
     if fired is None:
         return (Outcome.NOT_FIRED if all_ok else Outcome.EARLY_CRASH), None
-    if any(r.exit_code != 0 and r.exited_at is not None and r.exited_at < fired for r in ranks):
+    if any(r.failed and r.exited_at is not None and r.exited_at < fired for r in ranks):
         return Outcome.EARLY_CRASH, None
     if all_ok:
         return Outcome.SURVIVED, None
@@ -244,7 +258,7 @@ _NO_EXPECT = RankExpect(error="")
 
 
 def _first_failure(ranks: list[RankResult]) -> str:
-    failed = [r for r in ranks if r.exit_code not in (0, None)]
+    failed = [r for r in ranks if r.failed]
     if not failed:
         return ""
     first = min(failed, key=lambda r: r.exited_at or float("inf"))
@@ -255,6 +269,9 @@ def _first_failure(ranks: list[RankResult]) -> str:
 
 TORN_DOWN = "torn_down"
 """RankResult.error_class of a rank the runner ended itself (interrupt, harness error)."""
+
+NO_RECORD = "no_final_record"
+"""RankResult.error_class of a rank that exited 0 without the runtime's final record."""
 
 
 FOLLOWERS = ("PeerError", "PeerLost", TORN_DOWN)
@@ -267,7 +284,7 @@ def root_cause_rank(ranks: list[RankResult]) -> int | None:
     None when several ranks failed on their own with the same error and message: a
     verdict every rank reached together (parity, a gate on gathered counters) has no
     single root cause, and the exit order among them says nothing."""
-    own = [r for r in ranks if r.exit_code not in (0, None) and r.error_class not in FOLLOWERS]
+    own = [r for r in ranks if r.failed and r.error_class not in FOLLOWERS]
     if len(own) > 1 and len({(r.error_class, r.message) for r in own}) == 1:
         return None
     if own:

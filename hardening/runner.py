@@ -5,8 +5,13 @@ rank), starts one fork server (so ``import torch`` is paid once), and runs cases
 after another. Per case it waits on every rank under three deadlines (setup, detect,
 case); at a deadline it dumps every live rank with py-spy, then SIGTERM -> grace ->
 SIGKILL of each rank's whole session. A timeout is data (outcome ``hung``), never an
-exception. Ctrl-C or SIGTERM tears the ranks down the same way and the suite result is
-marked interrupted, so the partial report is still written.
+exception. A stop request (Ctrl-C, SIGTERM, SIGHUP: :mod:`hardening.interrupt`) is
+polled at each tick and tears the ranks down the same way; the suite result the caller
+holds keeps every finished case.
+
+Nothing here runs user code: the region target is imported once, in a child forked by
+the fork server, under the setup deadline (:meth:`Runner.check_target`). The store
+listens on loopback only and the ranks' gloo is pinned to the loopback interface.
 """
 
 from __future__ import annotations
@@ -31,12 +36,33 @@ import yaml
 from hardening import results, triage
 from hardening.cases import Case
 from hardening.errors import CAUSE_BY_EXIT_CODE
+from hardening.interrupt import StopRequest
 from hardening.profile import Profile, profile_to_dict
-from hardening.results import TORN_DOWN, CaseResult, Outcome, RankResult, SuiteResult
+from hardening.results import NO_RECORD, TORN_DOWN, CaseResult, Outcome, RankResult, SuiteResult
+
+# How the fork server starts: ``python -c`` puts '' (the cwd) first on sys.path, as
+# ``-m`` puts the cwd; drop it before the first import, so that a numpy.py or yaml.py
+# in the user's directory never runs inside the server or a rank. (-P does the same,
+# but only from Python 3.11.)
+_SERVER_BOOT = (
+    "import sys\n"
+    "if sys.path and sys.path[0] == '':\n"
+    "    del sys.path[0]\n"
+    "from hardening.forkserver import serve\n"
+    "serve()\n"
+)
+
+
+SERVER_START_S = 180.0
+"""Bound on the fork server's start (``import torch`` on a loaded 2-core box)."""
 
 
 class HarnessError(RuntimeError):
     """The harness itself could not do its job (fork server died, store unusable)."""
+
+
+class TargetError(ValueError):
+    """The region target cannot be used: its import failed, hung or killed the process."""
 
 
 @dataclasses.dataclass(kw_only=True, slots=True)
@@ -54,18 +80,28 @@ class _Live:
     """Ranks the runner itself ended, and why (their signal is ours, not a finding)."""
     deadline_reason: str = ""
     dumps: dict[int, triage.StackDump] = dataclasses.field(default_factory=dict)
+    interrupted: bool = False
 
 
 class Runner:
     """Runs cases on ``profile.world.ranks`` processes; use as a context manager."""
 
-    def __init__(self, profile: Profile, *, run_dir: Path, progress: Callable[[str], None] | None = None) -> None:
+    def __init__(
+        self,
+        profile: Profile,
+        *,
+        run_dir: Path,
+        progress: Callable[[str], None] | None = None,
+        stop: StopRequest | None = None,
+    ) -> None:
         self.profile = profile
         self.run_dir = run_dir
         self.progress = progress or (lambda line: print(line, file=sys.stderr, flush=True))
+        self.stop = stop or StopRequest()
         self.world_size = profile.world.ranks
         self._events: queue.Queue[dict[str, Any]] = queue.Queue()
         self._server: subprocess.Popen[bytes] | None = None
+        self._server_gone = False
         self._store: Any = None
         self._case_seq = 0
         self.startup_s = 0.0
@@ -81,16 +117,7 @@ class Runner:
         self.profile_path.write_text(yaml.safe_dump(data, sort_keys=False))
         # The server imports torch while this process does the same for the store.
         self._start_server()
-        import torch.distributed as dist
-
-        self._store = dist.TCPStore(
-            "127.0.0.1",
-            0,
-            None,
-            True,
-            timeout=timedelta(seconds=self.profile.timeouts.pg),
-            wait_for_workers=False,
-        )
+        self._store = loopback_store(self.profile.timeouts.pg)
         self._wait_ready()
         self.startup_s = time.time() - started
         return self
@@ -113,10 +140,10 @@ class Runner:
     def _start_server(self) -> None:
         log = open(self.run_dir / "forkserver.log", "wb")
         env = dict(os.environ)
-        # User targets given as module paths resolve from the directory the user ran in.
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (os.getcwd(), env.get("PYTHONPATH", "")) if p)
+        # One host: gloo listens on loopback, whatever the host name resolves to.
+        env["GLOO_SOCKET_IFNAME"] = loopback_interface()
         self._server = subprocess.Popen(
-            [sys.executable, "-m", "hardening.forkserver"],
+            [sys.executable, "-c", _SERVER_BOOT],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=log,
@@ -136,8 +163,11 @@ class Runner:
         self._events.put({"event": "eof"})
 
     def _wait_ready(self) -> None:
-        deadline = time.time() + self.profile.timeouts.setup
-        while time.time() < deadline:
+        # The server's own start (import torch) is the harness's cost, not the case's:
+        # a short `setup` in a profile must not fail it. Stop requests still cut it short.
+        bound = max(self.profile.timeouts.setup, SERVER_START_S)
+        deadline = time.time() + bound
+        while time.time() < deadline and not self.stop.requested:
             try:
                 event = self._events.get(timeout=0.2)
             except queue.Empty:
@@ -145,35 +175,123 @@ class Runner:
             if event["event"] == "ready":
                 return
             if event["event"] == "eof":
+                self._server_gone = True
                 raise HarnessError(f"fork server died at start; see {self.run_dir / 'forkserver.log'}")
-        raise HarnessError(f"fork server not ready after {self.profile.timeouts.setup:g}s")
+        if not self.stop.requested:
+            raise HarnessError(f"fork server not ready after {bound:g}s")
+
+    # -- the target, imported once where a deadline applies ----------------------------
+
+    def check_target(self, target: str, *, flag: str) -> None:
+        """Import the region target in a child of the fork server, under the setup
+        deadline; :class:`TargetError` (a usage error) names what went wrong.
+
+        The import runs user code: it may block, exit or crash. None of that may happen
+        in this process, and a block is triaged like a hung rank (stacks, then kill)."""
+        if self.stop.requested:
+            return
+        out = self.run_dir / "target" / "check.json"
+        log = self.run_dir / "target" / "import.log"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        pid = self._request({"op": "check_target", "target": target, "out": str(out), "log": str(log)}, "check_started")
+        deadline = time.time() + self.profile.timeouts.setup
+        status = None
+        while status is None and time.time() < deadline and not self.stop.requested:
+            status = self._wait_exit(pid, 0.1)
+        if status is None:
+            where = ""
+            if not self.stop.requested:
+                where = self._where(pid, out.parent)
+            _kill_session(pid)
+            while self._wait_exit(pid, 1.0) is None and not self._server_gone:
+                pass
+            if self.stop.requested:
+                return
+            raise TargetError(
+                f"{flag} {target}: importing it did not finish within the {self.profile.timeouts.setup:g}s setup "
+                f"deadline{where}; it was killed (its output: {log})"
+            )
+        code = os.waitstatus_to_exitcode(status)
+        verdict = _read_record(out)
+        if verdict is not None and verdict.get("ok") and code == 0:
+            return
+        if verdict is not None and not verdict.get("ok"):
+            raise TargetError(f"{flag} {target}: {verdict.get('error')}")
+        how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
+        raise TargetError(f"{flag} {target}: importing it ended the process ({how}) before it returned (its output: {log})")
+
+    def _request(self, request: dict[str, Any], tag: str) -> int:
+        """Send one request to the fork server; the pid of the child it forked."""
+        assert self._server is not None and self._server.stdin is not None
+        try:
+            self._server.stdin.write((json.dumps(request) + "\n").encode())
+            self._server.stdin.flush()
+        except OSError as exc:
+            self._server_gone = True
+            raise HarnessError(f"fork server is gone: {exc}") from None
+        end = time.time() + self.profile.timeouts.setup
+        while time.time() < end:
+            event = self._next_event(0.2)
+            if event is not None and event["event"] == tag:
+                return int(event["pid"])
+        raise HarnessError(f"fork server did not answer a {request['op']} request within {self.profile.timeouts.setup:g}s")
+
+    def _next_event(self, timeout: float) -> dict[str, Any] | None:
+        try:
+            event = self._events.get(timeout=timeout)
+        except queue.Empty:
+            return None
+        if event["event"] == "eof":
+            self._server_gone = True
+            raise HarnessError(f"fork server died; see {self.run_dir / 'forkserver.log'}")
+        return event
+
+    def _wait_exit(self, pid: int, timeout: float) -> int | None:
+        """The wait status of ``pid`` once the server reports its exit, else None."""
+        end = time.time() + timeout
+        while True:
+            event = self._next_event(max(0.0, end - time.time()))
+            if event is not None and event["event"] == "exited" and event["pid"] == pid:
+                return int(event["status"])
+            if time.time() >= end:
+                return None
+
+    def _where(self, pid: int, out_dir: Path) -> str:
+        """``; it is at <frame>`` from one py-spy dump of ``pid``, when triage can."""
+        if not self.profile.triage.py_spy or triage.ptrace_problem():
+            return ""
+        dumps = triage.dump_all({"target": pid}, out_dir=str(out_dir), native=False, timeout=self.profile.triage.timeout)
+        dump = dumps.get("target")
+        if dump is None or not dump.ok:
+            return ""
+        return f"; it is at {dump.where or dump.innermost} (stacks: {dump.path})"
 
     # -- suite -----------------------------------------------------------------------
 
-    def run_suite(self, suite: str, cases: list[Case], *, profile_name: str) -> SuiteResult:
-        result = SuiteResult(
-            suite=suite,
-            profile=profile_name,
-            num_ranks=self.world_size,
-            started_at=time.time(),
-            run_dir=str(self.run_dir),
-            environment=environment(self.profile),
-        )
+    def run_suite(self, result: SuiteResult, cases: list[Case]) -> SuiteResult:
+        """Run ``cases`` in order, appending each to ``result`` as soon as it ends: the
+        caller's object holds every finished case whatever stops the run."""
+        result.environment.update(environment(self.profile))
         result.environment["startup_s"] = round(self.startup_s, 2)
         started = time.time()
-        for index, case in enumerate(cases, 1):
-            self.progress(f"[{index}/{len(cases)}] {case.id:<8} {case.title} ...")
-            case_result = self.run_case(case)
-            result.cases.append(case_result)
-            t = f"  t_detect {case_result.t_detect:.2f}s" if case_result.t_detect is not None else ""
-            self.progress(
-                f"[{index}/{len(cases)}] {case.id:<8} {case_result.outcome.value:<12} "
-                f"{case_result.verdict.value.upper():<7}{t}  ({case_result.wall_s:.1f}s)"
-            )
-            if case_result.outcome is Outcome.INTERRUPTED:
-                result.interrupted = True
-                break
-        result.wall_s = time.time() - started + self.startup_s
+        try:
+            for index, case in enumerate(cases, 1):
+                if self.stop.requested:
+                    break
+                self.progress(f"[{index}/{len(cases)}] {case.id:<8} {case.title} ...")
+                case_result = self.run_case(case)
+                result.cases.append(case_result)
+                t = f"  t_detect {case_result.t_detect:.2f}s" if case_result.t_detect is not None else ""
+                self.progress(
+                    f"[{index}/{len(cases)}] {case.id:<8} {case_result.outcome.value:<12} "
+                    f"{case_result.verdict.value.upper():<7}{t}  ({case_result.wall_s:.1f}s)"
+                )
+                if self._server_gone:
+                    # Every later case would fail the same way: end the suite now, once.
+                    result.harness_error = f"the fork server died during {case.id}; see {self.run_dir / 'forkserver.log'}"
+                    break
+        finally:
+            result.wall_s = time.time() - started + self.startup_s
         return result
 
     # -- one case --------------------------------------------------------------------
@@ -187,18 +305,14 @@ class Runner:
             launched=time.time(),
         )
         harness_error = None
-        interrupted = False
         try:
             self._launch(live)
             self._watch(live)
-        except KeyboardInterrupt:
-            interrupted = True
-            self._teardown(live, reason="interrupted")
         except HarnessError as exc:
             harness_error = str(exc)
             self._teardown(live, reason="harness error")
         ranks = self._collect(live)
-        outcome, t_detect = results.classify(case, ranks, harness_error=harness_error, interrupted=interrupted)
+        outcome, t_detect = results.classify(case, ranks, harness_error=harness_error, interrupted=live.interrupted)
         verdict, reason = results.judge(case.expect, outcome, ranks)
         if harness_error:
             reason = harness_error
@@ -222,6 +336,8 @@ class Runner:
 
     def _launch(self, live: _Live) -> None:
         assert self._server is not None and self._server.stdin is not None
+        if self._server_gone:
+            raise HarnessError("fork server is gone")
         for rank in range(self.world_size):
             spec = {
                 "rank": rank,
@@ -239,6 +355,7 @@ class Runner:
                 self._server.stdin.write(line.encode())
                 self._server.stdin.flush()
             except OSError as exc:
+                self._server_gone = True
                 raise HarnessError(f"fork server is gone: {exc}") from None
 
     def _drain(self, live: _Live, timeout: float) -> None:
@@ -256,6 +373,7 @@ class Runner:
                         live.exits[rank] = (event["status"], event["t"])
                         self._report_death(live, rank, event["status"])
             elif kind == "eof":
+                self._server_gone = True
                 raise HarnessError(f"fork server died; see {self.run_dir / 'forkserver.log'}")
             try:
                 event = self._events.get_nowait()
@@ -287,6 +405,10 @@ class Runner:
         t = self.profile.timeouts
         while len(live.exits) < self.world_size:
             self._drain(live, 0.1)
+            if self.stop.requested:
+                live.interrupted = True
+                self._teardown(live, reason=f"interrupted ({self.stop.signal_name})")
+                return
             now = time.time()
             deadline, why = live.launched + t.case, f"case deadline {t.case:g}s"
             ready = self._keys(live, "ready")
@@ -338,29 +460,28 @@ class Runner:
         (live.case_dir / "stacks_summary.txt").write_text(triage.side_by_side(dumps) + "\n")
 
     def _teardown(self, live: _Live, *, reason: str) -> None:
-        """SIGTERM -> grace -> SIGKILL of every live rank's session; bounded, never raises."""
-        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut this short
-        try:
-            for r in live.pids:
-                if r not in live.exits:
-                    live.torn_down.setdefault(r, reason)
-            for sig, wait_s in ((signal.SIGTERM, self.profile.timeouts.grace), (signal.SIGKILL, 10.0)):
-                alive = [pid for r, pid in live.pids.items() if r not in live.exits]
-                if not alive:
-                    break
-                for pid in alive:
-                    try:
-                        os.killpg(pid, sig)
-                    except ProcessLookupError:
-                        pass
-                end = time.time() + wait_s
-                while time.time() < end and any(r not in live.exits for r in live.pids):
-                    try:
-                        self._drain(live, 0.05)
-                    except HarnessError:
-                        return
-        finally:
-            signal.signal(signal.SIGINT, previous)
+        """SIGTERM -> grace -> SIGKILL of every live rank's session; bounded, never raises.
+        (Stop signals meanwhile only set a flag: nothing can cut this short.)"""
+        for r in live.pids:
+            if r not in live.exits:
+                live.torn_down.setdefault(r, reason)
+        for sig, wait_s in ((signal.SIGTERM, self.profile.timeouts.grace), (signal.SIGKILL, 10.0)):
+            alive = [pid for r, pid in live.pids.items() if r not in live.exits]
+            if not alive:
+                break
+            for pid in alive:
+                try:
+                    os.killpg(pid, sig)
+                except ProcessLookupError:
+                    pass
+            if self._server_gone:
+                return  # nobody reports exits any more (and PDEATHSIG already ended the ranks)
+            end = time.time() + wait_s
+            while time.time() < end and any(r not in live.exits for r in live.pids):
+                try:
+                    self._drain(live, 0.05)
+                except HarnessError:
+                    return
 
     def _collect(self, live: _Live) -> list[RankResult]:
         ranks = []
@@ -390,6 +511,14 @@ class Runner:
                 rr.error_class = TORN_DOWN
                 rr.message = f"ended by the runner: {live.torn_down[rank]}"
                 rr.phase = _last_phase(self._store, live.prefix, rank)
+            elif rr.exit_code == 0:
+                # Exit 0 is not a completion: only the runtime's own clean end writes a record.
+                rr.error_class = NO_RECORD
+                rr.phase = _last_phase(self._store, live.prefix, rank)
+                rr.message = (
+                    f"exited 0 without its final record, in phase {rr.phase or '?'}: something ended the process "
+                    "(os._exit in user code?) before the runtime finished"
+                )
             elif rr.exit_code not in (None, 0):
                 rr.error_class = CAUSE_BY_EXIT_CODE.get(rr.exit_code) if rr.exit_code > 0 else rr.signal
                 rr.message = _tail(rank_dir / "stderr.log")
@@ -406,6 +535,45 @@ class Runner:
                     rr.where = f"[stopped] {rr.where}"
             ranks.append(rr)
         return ranks
+
+
+def loopback_store(timeout_s: float) -> Any:
+    """A c10d store master that listens on 127.0.0.1 only.
+
+    ``TCPStore(host, 0, is_master=True)`` binds every interface whatever ``host`` says,
+    and the store is unauthenticated: anyone on the network could write the abort key.
+    So the socket is bound here and handed over (``master_listen_fd``, torch >= 2.2)."""
+    import torch.distributed as dist
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(512)
+    port = sock.getsockname()[1]
+    timeout = timedelta(seconds=timeout_s)
+    try:
+        store = dist.TCPStore(
+            "127.0.0.1", port, None, True, timeout=timeout, wait_for_workers=False, master_listen_fd=sock.detach()
+        )
+    except TypeError as exc:  # a torch without master_listen_fd: refuse rather than listen on every interface
+        raise HarnessError(f"this torch's TCPStore cannot listen on loopback only (no master_listen_fd): {exc}") from None
+    return store
+
+
+def loopback_interface() -> str:
+    """Name of the loopback network interface (``lo`` on Linux), for GLOO_SOCKET_IFNAME."""
+    try:
+        names = [name for _, name in socket.if_nameindex()]
+    except OSError:
+        return "lo"
+    return "lo" if "lo" in names else next((n for n in names if n.startswith("lo")), "lo")
+
+
+def _kill_session(pid: int) -> None:
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except OSError:
+        pass
 
 
 def _read_record(path: Path) -> dict[str, Any] | None:

@@ -25,10 +25,11 @@ def fault_class(name: str) -> type[Fault]:
         raise FaultSpecError(f"unknown fault {name!r}; known faults: {known}") from None
 
 
-def validate_spec(text: str, *, world_size: int) -> FaultSpec:
-    """Parse and check a spec before any process starts (usage errors, exit 4)."""
+def validate_spec(text: str, *, world_size: int, calls: int | None = None) -> FaultSpec:
+    """Parse and check a spec before any process starts (usage errors, exit 4);
+    ``calls`` is the number of calls a case runs (a ``call=`` beyond them never fires)."""
     spec = parse_spec(text)
-    fault_class(spec.name).validate(spec, world_size=world_size)
+    fault_class(spec.name).validate(spec, world_size=world_size, calls=calls)
     return spec
 
 

@@ -40,27 +40,42 @@ class FaultSpec:
 
 
 def parse_spec(text: str) -> FaultSpec:
+    """Parse ``name:key=value:...``. Every key at most once; ranks distinct, non-negative."""
     parts = [p.strip() for p in text.strip().split(":")]
     if not parts or not parts[0]:
         raise FaultSpecError(f"empty fault spec {text!r}; expected 'name:key=value:...'")
     ranks: tuple[int, ...] | None = None
     all_ranks = False
     params: dict[str, str] = {}
+    seen: set[str] = set()
     for part in parts[1:]:
         key, sep, value = part.partition("=")
+        key, value = key.strip(), value.strip()
         if not sep or not key or not value:
             raise FaultSpecError(f"fault spec {text!r}: {part!r} is not key=value")
+        if key in seen:
+            raise FaultSpecError(f"fault spec {text!r}: {key} is given twice")
+        seen.add(key)
         if key == "rank":
             if value == "all":
                 all_ranks = True
             else:
-                try:
-                    ranks = tuple(int(v) for v in value.split("+"))
-                except ValueError:
-                    raise FaultSpecError(f"fault spec {text!r}: rank must be N, N+M or all, got {value!r}") from None
+                ranks = _parse_ranks(value, text)
         else:
             params[key] = value
     return FaultSpec(name=parts[0], ranks=ranks, all_ranks=all_ranks, params=params, text=text.strip())
+
+
+def _parse_ranks(value: str, text: str) -> tuple[int, ...]:
+    try:
+        ranks = tuple(int(v) for v in value.split("+"))
+    except ValueError:
+        raise FaultSpecError(f"fault spec {text!r}: rank must be N, N+M or all, got {value!r}") from None
+    if any(r < 0 for r in ranks):
+        raise FaultSpecError(f"fault spec {text!r}: rank {min(ranks)} is negative")
+    if len(set(ranks)) != len(ranks):
+        raise FaultSpecError(f"fault spec {text!r}: rank {value!r} names a rank twice")
+    return ranks
 
 
 @dataclass(kw_only=True, slots=True)
@@ -101,12 +116,17 @@ class Fault:
         self._restore: Callable[[], None] | None = None
 
     @classmethod
-    def validate(cls, spec: FaultSpec, *, world_size: int) -> None:
-        """Usage check before launch: parameters and ranks exist."""
+    def validate(cls, spec: FaultSpec, *, world_size: int, calls: int | None = None) -> None:
+        """Usage check before launch: parameters and ranks exist, and ``call`` (when given
+        and ``calls``, the number of calls a case runs, is known) is one that happens."""
         cls(spec, FaultContext(rank=0, world_size=world_size, warmup_calls=1))
         for r in cls._ranks(spec, world_size):
             if not 0 <= r < world_size:
                 raise FaultSpecError(f"fault spec {spec.text!r}: rank {r} does not exist with {world_size} ranks")
+        call = spec.params.get("call")
+        if call is not None and not 0 <= int(call) < (calls if calls is not None else 2**31):
+            runs = f"calls 0..{calls - 1} run (warmup_calls + steps)" if calls is not None else "call ids start at 0"
+            raise FaultSpecError(f"fault spec {spec.text!r}: call={call} never happens: {runs}")
 
     @classmethod
     def _ranks(cls, spec: FaultSpec, world_size: int) -> tuple[int, ...]:

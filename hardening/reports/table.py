@@ -173,7 +173,7 @@ def _summary(result: SuiteResult) -> str:
     )
     interrupted = sum(1 for c in result.cases if c.outcome is Outcome.INTERRUPTED)
     if result.interrupted:
-        line += " -- INTERRUPTED (partial report"
+        line += f" -- INTERRUPTED{f' by {result.interrupted_by}' if result.interrupted_by else ''} (partial report"
         line += f", {interrupted} case(s) cut short)" if interrupted else ")"
     lines = [line]
     if result.harness_error:
