@@ -3,7 +3,7 @@
 For every case of the selected suites: the hardening runtime's outcome and ``t_detect``
 (last rank's exit minus the fault's fire time; median, min and max of ``--repeat``
 runs), next to what the same fault does with the runtime switched off (profile
-``hardened: false``: pickled meta, torch's default process-group timeouts, no parity,
+``hardened: false``: meta as a plain object broadcast, torch's default process-group timeouts, no parity,
 watchdog, digests, lifecycle checks or gates): a crash with an unnamed error, a hang
 (a rank still alive at the ``--stock-cap`` deadline; gloo's own timeout is 1800 s,
 NCCL's 600 s), or silent drift (every rank exits 0).

@@ -15,7 +15,7 @@ S  stock, the loop the worker itself runs with ``hardened: false`` (``worker.ste
    channel with ``stock=True``, control group = the data group as in ``_recipe``):
    ``RankState.begin_call``/``end_call``, the leader's ``worker.make_envelope``,
    ``envelope.send``/``receive`` in their stock form (the header -- kind, call_id, epoch,
-   plan, meta, tensor specs -- pickled as ``broadcast_object_list`` does, i.e. two broadcasts,
+   plan, meta, tensor specs -- in two broadcasts (size, bytes) as ``broadcast_object_list`` does (JSON, not pickle),
    then the tensors; nothing checked), ``lifecycle.apply_transition(validate=False)``,
    the compiled region. No watchdog, no recompile guard. This is the realistic
    unhardened baseline: it ships its meta too.
@@ -38,7 +38,7 @@ C  as B with the digest off (``send(..., digest=False)``, ``digest_every=0``): t
    compute only (leader and followers), not a collective.
 D  (attribution, no region, no Python around them) the control-plane collectives alone:
    B's control-frame broadcast (+ its continuation when digest+header+meta are longer
-   than the frame) on the side group, and S's pickled broadcast (size, then bytes) of the
+   than the frame) on the side group, and S's object broadcast (size, then bytes) of the
    header on the data group. Per call A issues 2 tensor broadcasts + the region's 2
    all-reduces; S issues 2 + 2 more broadcasts (object list) + the same all-reduces; B
    and C issue 1 broadcast (control frame) + 2 tensor broadcasts + the same all-reduces:
@@ -90,7 +90,7 @@ RATIO_VARIANTS = ("A", "S", "B", "C")
 BASELINES = ("S", "A")
 TITLES = {
     "A": "A bare lower bound (make inputs, broadcast tensors, region)",
-    "S": "S stock worker loop, hardened: false (pickled header, tensors, region)",
+    "S": "S stock worker loop, hardened: false (header object, tensors, region)",
     "B": "B hardened (envelope + digest every call, check_input, lifecycle, watchdog, guard once per block)",
     "C": "C hardened, digest off (send digest=False; check_input a no-op)",
     "D": "D control-plane collectives alone (no region, no Python around them)",
@@ -110,11 +110,11 @@ PIECE_TITLES = {
     "make_envelope": "worker.make_envelope (leader: schedule plan + inputs)",
     "envelope": "envelope.send (leader: preflight, staging, B: + drift.input_digest; control frame + tensors) "
     "/ envelope.receive (followers: control frame, validation, tensors)",
-    "stock_envelope": "stock envelope.send / receive: pickled header (size + bytes) + tensors",
+    "stock_envelope": "stock envelope.send / receive: header object (size + bytes) + tensors",
     "check_input": "drift.check_input (followers: digest what arrived, compare; C and leader: ~0, no-op)",
     "lifecycle": "lifecycle.apply_transition",
     "control": "broadcast uint8[1024] control frame (+ continuation if B's payload is longer), side group",
-    "object_list": "S's pickled header (size + bytes broadcasts), data group",
+    "object_list": "S's header object (size + bytes broadcasts), data group",
 }
 LOCAL_TITLES = {
     "preflight": "envelope.preflight + canonical JSON (leader, no collective)",
@@ -323,7 +323,7 @@ def rank_main(spec: dict[str, Any]) -> None:
         if payload_len > frame_room:
             dist.broadcast(torch.zeros(payload_len - frame_room, dtype=torch.uint8), src=worker.LEADER, group=side.group)
         t1 = pc()
-        envelope.broadcast_pickled(stock_header if leader else None, stock_channel)
+        envelope.broadcast_object(stock_header if leader else None, stock_channel)
         t2 = pc()
         return [t1 - t0, t2 - t1]
 

@@ -33,7 +33,6 @@ from __future__ import annotations
 import enum
 import json
 import math
-import pickle
 import struct
 from dataclasses import dataclass, field
 from typing import Any
@@ -120,7 +119,7 @@ class Channel:
     last_call_id: int = -1
     """Last CALL id seen on this rank (monotonic check)."""
     stock: bool = False
-    """Benchmark baseline: what an unhardened loop does (pickled header, nothing checked)."""
+    """Benchmark baseline: what an unhardened loop does (header as an object broadcast, nothing checked)."""
 
 
 def canonical_json(value: Any, *, what: str) -> bytes:
@@ -345,25 +344,26 @@ def _validate_call(env: Envelope, specs: list[TensorSpec], count: int, channel: 
         )
 
 
-def broadcast_pickled(obj: Any, channel: Channel) -> Any:
-    """What ``dist.broadcast_object_list`` does for one object: pickle, broadcast the
-    size, broadcast the bytes (two collectives). Written out because torch's unpickling
-    side calls ``tensor.numpy()``, and torch does not depend on numpy."""
+def broadcast_object(obj: Any, channel: Channel) -> Any:
+    """The collectives of ``dist.broadcast_object_list`` for one object: broadcast the
+    size, then the bytes. The bytes are plain JSON, not a pickle as torch's are: the
+    stock baseline is reachable from any profile, and nothing this package receives is
+    ever unpickled."""
     is_leader = channel.rank == channel.leader
-    data = pickle.dumps(obj) if is_leader else b""
+    data = json.dumps(obj).encode() if is_leader else b""
     size = torch.tensor([len(data)], dtype=torch.int64)
     dist.broadcast(size, src=channel.leader, group=channel.control_group)
     payload = torch.frombuffer(bytearray(data), dtype=torch.uint8) if is_leader else torch.empty(int(size), dtype=torch.uint8)
     dist.broadcast(payload, src=channel.leader, group=channel.control_group)
-    return obj if is_leader else pickle.loads(drift.host_bytes(payload))
+    return obj if is_leader else json.loads(bytes(drift.host_bytes(payload)))
 
 
 def _send_stock(env: Envelope, channel: Channel) -> Envelope:
-    """The unhardened baseline: pickle the header, broadcast the tensors, check nothing."""
+    """The unhardened baseline: broadcast the header as an object, then the tensors; check nothing."""
     specs = [(n, tuple(t.shape), str(t.dtype).removeprefix("torch.")) for n, t in env.tensors.items()]
     header = {"kind": int(env.kind), "call_id": env.call_id, "cache_epoch": env.cache_epoch, "plan": env.plan,
               "meta": env.meta, "specs": specs}  # fmt: skip
-    broadcast_pickled(header, channel)
+    broadcast_object(header, channel)
     for name in env.tensors:
         env.tensors[name] = env.tensors[name].to(channel.device).contiguous()
         dist.broadcast(env.tensors[name], src=channel.leader, group=channel.data_group)
@@ -371,10 +371,10 @@ def _send_stock(env: Envelope, channel: Channel) -> Envelope:
 
 
 def _receive_stock(channel: Channel) -> Envelope:
-    h = broadcast_pickled(None, channel)
+    h = broadcast_object(None, channel)
     env = Envelope(kind=Kind(h["kind"]), call_id=h["call_id"], cache_epoch=h["cache_epoch"], plan=h["plan"], meta=h["meta"])
     for name, shape, dtype in h["specs"]:
-        tensor = torch.empty(shape, dtype=getattr(torch, dtype), device=channel.device)
+        tensor = torch.empty(shape, dtype=ALLOWED_DTYPES.get(dtype, torch.float32), device=channel.device)
         dist.broadcast(tensor, src=channel.leader, group=channel.data_group)
         env.tensors[name] = tensor
     return env

@@ -229,8 +229,8 @@ class Profile:
     """Steady-state calls after warmup, under the recompile guard."""
 
     hardened: bool = True
-    """False runs the same served loop with the hardening runtime switched off (pickled
-    meta, torch's default timeouts, no parity, watchdog, digests, lifecycle checks or
+    """False runs the same served loop with the hardening runtime switched off (the header
+    as a JSON object broadcast, never a pickle; torch's default timeouts, no parity, watchdog, digests, lifecycle checks or
     gates): stock behaviour, for the detection benchmark. Never for real use."""
 
     timeouts: TimeoutConfig = field(default_factory=TimeoutConfig)

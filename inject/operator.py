@@ -115,7 +115,7 @@ class ConfigSkew(Fault):
 class CollectiveGatingFlag(Fault):
     name = "collective_gating_flag"
     matrix_id = "OM-05"
-    summary = "one rank has HARDENING_NAN_CHECK_ALLREDUCE=1 (a flag that adds a collective)"
+    summary = "one rank flips HARDENING_NAN_CHECK_ALLREDUCE (a flag that adds a collective)"
     target = "hardening.worker:apply_backend_settings"
     variable = "HARDENING_NAN_CHECK_ALLREDUCE"
 
@@ -123,8 +123,10 @@ class CollectiveGatingFlag(Fault):
         def apply_backend_settings(profile):
             original(profile)
             if self.acts_here:
+                # Flipped against what the rank inherited, so that a user who already
+                # exports the flag still gets a rank that differs (the case stays valid).
                 self._previous = os.environ.get(self.variable)
-                os.environ[self.variable] = "1"
+                os.environ[self.variable] = "0" if self._previous == "1" else "1"
                 self.fire()
 
         return apply_backend_settings

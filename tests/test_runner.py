@@ -301,7 +301,7 @@ def test_kill_minus_9_of_rank_0_by_hand_makes_workers_exit_peer_lost(tmp_path: P
 
 @pytest.mark.timeout(240)
 def test_stock_baseline_runs_and_lets_drift_through(tmp_path: Path) -> None:
-    # The benchmarks' baseline (`hardened: false`) runs on a fresh install (its pickled
+    # The benchmarks' baseline (`hardened: false`) runs on a fresh install (its object
     # header needs no numpy), and with the runtime off a mutated input goes unnoticed: the
     # case survives the fault, which fails its expectation, so the suite exits FAILED.
     (tmp_path / "stock.yaml").write_text("hardened: false\n")
