@@ -9,6 +9,7 @@ import sys
 import tempfile
 import time
 import traceback
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
@@ -94,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     # First, before anything slow: from here on a stop signal is a request the runner
     # honours at a safe point, never an exception that can land anywhere.
     stop = StopRequest().install()
+    # torch warns at import when numpy is absent (it does not depend on it): noise here.
+    warnings.filterwarnings("ignore", message="Failed to initialize NumPy", category=UserWarning)
     try:
         args = _parser().parse_args(argv)
     except SystemExit as exc:  # --help (0) or a usage error (4, from _Parser.error)
@@ -155,9 +158,11 @@ def _select_cases(name: str, only: str | None, world_size: int) -> list:
             raise UsageError(f"--only: unknown case id(s) {unknown} in suite {name!r}; known: {', '.join(sorted(known))}")
         cases = [c for c in cases if c.id in wanted]
     runnable = [c for c in cases if c.min_ranks <= world_size]
-    for case in cases:
-        if case not in runnable:
-            print(f"hardening: skipping {case.id}: needs {case.min_ranks} ranks, have {world_size}", file=sys.stderr)
+    skipped = ", ".join(f"{c.id} (needs {c.min_ranks})" for c in cases if c not in runnable)
+    if not runnable:
+        print(f"hardening: no cases selected: with {world_size} rank(s) every case is skipped: {skipped}", file=sys.stderr)
+    elif skipped:
+        print(f"hardening: skipping case(s) that need more than {world_size} rank(s): {skipped}", file=sys.stderr)
     return runnable
 
 
@@ -165,6 +170,8 @@ def _load_profile(args: argparse.Namespace):
     """The profile with the command line's overrides; a bad value names its flag."""
     from hardening.profile import ProfileError, load_profile
 
+    if args.profile is not None and not args.profile.strip():
+        raise UsageError("--profile: empty value")
     overrides, flags = {}, {}
     for key, flag, value in (
         ("world.ranks", "--ranks", getattr(args, "ranks", None)),
@@ -281,10 +288,9 @@ def _suite(args: argparse.Namespace, stop: StopRequest) -> int:
     profile = _load_profile(args)
     cases = _select_cases(args.name, args.only, profile.world.ranks)
     if not cases:
-        print("hardening: no cases selected", file=sys.stderr)
         return ExitCode.NO_CASES
     target_source = _validate(profile, cases, args)
-    outputs = {flag: _check_output(path, flag) for flag, path in (("--json", args.json), ("--junit", args.junit)) if path}
+    outputs = {flag: _check_output(path, flag) for flag, path in (("--json", args.json), ("--junit", args.junit)) if path is not None}
     if len(set(outputs.values())) < len(outputs):
         raise UsageError("--json and --junit name the same file")
     run_dir = _make_run_dir(args.artifacts, args.name)
@@ -387,6 +393,9 @@ def _fault(args: argparse.Namespace) -> int:
 def _triage(args: argparse.Namespace) -> int:
     from hardening import triage
 
+    gone = [pid for pid in args.pids if not os.path.exists(f"/proc/{pid}")]
+    if gone:
+        raise UsageError(f"triage: no such process: {', '.join(map(str, gone))}")
     problem = triage.ptrace_problem()
     if problem:
         print(f"hardening: cannot dump stacks here: {problem}", file=sys.stderr)

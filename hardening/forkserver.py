@@ -117,6 +117,9 @@ def serve() -> None:
     runner_pid = os.getppid()
     started = time.time()
     # Preload what every rank imports: this is the cost the server exists to amortize.
+    import warnings
+
+    warnings.filterwarnings("ignore", message="Failed to initialize NumPy", category=UserWarning)
     import torch  # noqa: F401
     import torch._dynamo  # noqa: F401
     import torch.distributed  # noqa: F401
