@@ -10,6 +10,6 @@ import sys
 if sys.path and sys.path[0] in ("", os.getcwd()):
     del sys.path[0]
 
-from hardening.cli import main  # noqa: E402
+from hardening.cli import run  # noqa: E402
 
-raise SystemExit(main())
+run()

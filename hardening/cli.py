@@ -124,6 +124,13 @@ def main(argv: list[str] | None = None) -> int:
         return ExitCode.INTERNAL_ERROR
 
 
+def run() -> NoReturn:
+    """The console script: ``main``, then exit with its code whatever signal comes late."""
+    code = main()
+    StopRequest.ignore_from_now()
+    sys.exit(code)
+
+
 def _save_traceback(run_dir: Path | None) -> str:
     """Write the current exception's traceback to a file; 'traceback in FILE'."""
     text = traceback.format_exc()
@@ -416,4 +423,4 @@ def _doctor() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

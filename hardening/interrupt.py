@@ -49,6 +49,14 @@ class StopRequest:
         """Sleep up to ``timeout`` seconds; True as soon as a stop was requested."""
         return self._event.wait(timeout)
 
+    @staticmethod
+    def ignore_from_now() -> None:
+        """For the last steps of the process, after its reports are written: a late
+        signal must not turn exit code 2 into death by that signal (Python restores the
+        default action of handled signals as it finalizes, but leaves ignored ones)."""
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
+
     def install(self) -> "StopRequest":
         """Route SIGINT, SIGTERM and SIGHUP here (those not ignored at start)."""
         for sig in STOP_SIGNALS:

@@ -81,6 +81,8 @@ class _Live:
     deadline_reason: str = ""
     dumps: dict[int, triage.StackDump] = dataclasses.field(default_factory=dict)
     interrupted: bool = False
+    teardown_at: float | None = None
+    """When the runner began ending ranks itself: what they record after that is our doing."""
 
 
 class Runner:
@@ -462,6 +464,8 @@ class Runner:
     def _teardown(self, live: _Live, *, reason: str) -> None:
         """SIGTERM -> grace -> SIGKILL of every live rank's session; bounded, never raises.
         (Stop signals meanwhile only set a flag: nothing can cut this short.)"""
+        if live.teardown_at is None:
+            live.teardown_at = time.time()
         for r in live.pids:
             if r not in live.exits:
                 live.torn_down.setdefault(r, reason)
@@ -489,7 +493,13 @@ class Runner:
         for rank in range(self.world_size):
             rank_dir = live.case_dir / f"rank{rank}"
             record = _read_record(rank_dir / "record.json")
-            rr = RankResult(rank=rank, pid=live.pids.get(rank), log_dir=str(rank_dir), has_record=record is not None)
+            has_record = record is not None
+            if record is not None and rank in live.torn_down and rank not in live.hung and live.teardown_at is not None:
+                # A rank that ended while the runner tore the case down (a peer it saw
+                # die to our SIGTERM: PeerLost) reports our doing, not a finding.
+                if float(record.get("exited_at") or 0) >= live.teardown_at:
+                    record = None
+            rr = RankResult(rank=rank, pid=live.pids.get(rank), log_dir=str(rank_dir), has_record=has_record)
             if rank in live.exits and rank not in live.hung:
                 status, t_exit = live.exits[rank]
                 code = os.waitstatus_to_exitcode(status)

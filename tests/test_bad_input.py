@@ -17,25 +17,19 @@ import os
 import subprocess
 import sys
 import time
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
+from cli_harness import hardening_command, left_behind, new_marker
 from hardening.cli import ExitCode
 
 pytestmark = [pytest.mark.multiproc]
 
 USAGE = ExitCode.USAGE_ERROR
 QUICK = "timeouts: {setup: 4}\n"  # for targets that hang at import: the setup deadline ends them
-
-
-def hardening_command() -> list[str]:
-    """The console script a user runs (a ``python -m`` runner would put the cwd on sys.path)."""
-    script = Path(sys.executable).with_name("hardening")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "hardening"]
 
 
 @dataclass(frozen=True)
@@ -160,24 +154,6 @@ CORPUS = [
 ]
 
 
-def marked_processes(marker: str) -> list[int]:
-    """Pids of live processes whose environment carries ``marker``."""
-    found = []
-    needle = marker.encode()
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/environ", "rb") as f:
-                if needle in f.read():
-                    with open(f"/proc/{entry}/stat") as s:
-                        if s.read().rsplit(")", 1)[1].split()[0] != "Z":
-                            found.append(int(entry))
-        except OSError:
-            continue
-    return found
-
-
 @dataclass
 class Ran:
     code: int | None
@@ -194,7 +170,7 @@ def run_one(bad: Bad, root: Path) -> Ran:
         path = cwd / name
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(content if isinstance(content, bytes) else content.encode())
-    marker = f"HARDENING_CORPUS_{uuid.uuid4().hex}"
+    marker = new_marker()
     env = dict(os.environ, CORPUS_MARKER=marker)
     started = time.time()
     proc = subprocess.Popen(
@@ -208,17 +184,7 @@ def run_one(bad: Bad, root: Path) -> Ran:
         out, err = proc.communicate()
         code = None
     elapsed = time.time() - started
-    end = time.time() + 5
-    left = marked_processes(marker)
-    while left and time.time() < end:
-        time.sleep(0.1)
-        left = marked_processes(marker)
-    for pid in left:  # do not let a failure here leak into the next test
-        try:
-            os.kill(pid, 9)
-        except OSError:
-            pass
-    return Ran(code, out, err, elapsed, left)
+    return Ran(code, out, err, elapsed, left_behind(marker))
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,56 @@
+"""Helpers for tests that run the ``hardening`` command as a user would: the console
+script, and finding every process a run started by a marker in its environment."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+import uuid
+from pathlib import Path
+
+
+def hardening_command() -> list[str]:
+    """The console script a user runs (a ``python -m`` runner would put the cwd on sys.path)."""
+    script = Path(sys.executable).with_name("hardening")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "hardening"]
+
+
+def new_marker() -> str:
+    """A value to put in ``CORPUS_MARKER`` of a run's environment; everything it starts inherits it."""
+    return f"HARDENING_TEST_{uuid.uuid4().hex}"
+
+
+def marked_processes(marker: str) -> list[int]:
+    """Pids of live (not zombie) processes whose environment carries ``marker``."""
+    found = []
+    needle = marker.encode()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                if needle not in f.read():
+                    continue
+            with open(f"/proc/{entry}/stat") as s:
+                if s.read().rsplit(")", 1)[1].split()[0] != "Z":
+                    found.append(int(entry))
+        except OSError:
+            continue
+    return found
+
+
+def left_behind(marker: str, grace_s: float = 5.0) -> list[int]:
+    """Marked processes still alive after ``grace_s``; they are killed so that a failing
+    test does not leak into the next one."""
+    end = time.time() + grace_s
+    left = marked_processes(marker)
+    while left and time.time() < end:
+        time.sleep(0.1)
+        left = marked_processes(marker)
+    for pid in left:
+        try:
+            os.kill(pid, 9)
+        except OSError:
+            pass
+    return left
