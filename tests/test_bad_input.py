@@ -26,7 +26,7 @@ import pytest
 from cli_harness import hardening_command, left_behind, new_marker
 from hardening.cli import ExitCode
 
-pytestmark = [pytest.mark.multiproc]
+pytestmark = [pytest.mark.multiproc, pytest.mark.slow]
 
 USAGE = ExitCode.USAGE_ERROR
 QUICK = "timeouts: {setup: 4}\n"  # for targets that hang at import: the setup deadline ends them

@@ -28,7 +28,7 @@ import pytest
 from cli_harness import hardening_command, left_behind, new_marker
 from hardening.cli import ExitCode
 
-pytestmark = [pytest.mark.multiproc]
+pytestmark = [pytest.mark.multiproc, pytest.mark.slow]
 
 BANNER = r"^hardening: suite "
 CASE_DONE = r"^\[{k}/\d+\] \S+ +(completed|crashed|hung|survived|not_fired|early_crash)"

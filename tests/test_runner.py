@@ -22,7 +22,7 @@ from hardening.triage import ptrace_problem
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO / "examples"
 
-pytestmark = [pytest.mark.multiproc]
+pytestmark = [pytest.mark.multiproc, pytest.mark.slow]
 
 
 def hardening(*args: str, cwd: Path, timeout: float = 240) -> subprocess.CompletedProcess[str]:
