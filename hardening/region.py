@@ -155,7 +155,16 @@ def describe_import_error(exc: BaseException) -> str:
     frames = [f for f in traceback.extract_tb(exc.__traceback__) if not _is_import_machinery(f.filename)]
     where = f" ({frames[-1].filename}:{frames[-1].lineno})" if frames else ""
     text = (str(exc).splitlines() or [""])[0]
+    if isinstance(exc, ModuleNotFoundError) and exc.name and _in_cwd(exc.name.partition(".")[0]):
+        where += (
+            f"; {exc.name.partition('.')[0]} is in the current directory, which is not on sys.path: "
+            "make the target a package, or set PYTHONPATH=. if you mean it"
+        )
     return f"importing it raised {type(exc).__name__}: {text}{where}" if text else f"importing it raised {type(exc).__name__}{where}"
+
+
+def _in_cwd(top: str) -> bool:
+    return importlib.machinery.PathFinder.find_spec(top, [os.getcwd()]) is not None
 
 
 def _raised_here(exc: BaseException) -> bool:

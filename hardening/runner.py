@@ -276,12 +276,14 @@ class Runner:
         result.environment.update(environment(self.profile))
         result.environment["startup_s"] = round(self.startup_s, 2)
         started = time.time()
+        ids = [c.id for c in cases]
+        by_suite = len(set(ids)) < len(ids)  # `all` has a control per suite: one directory each
         try:
             for index, case in enumerate(cases, 1):
                 if self.stop.requested:
                     break
                 self.progress(f"[{index}/{len(cases)}] {case.id:<8} {case.title} ...")
-                case_result = self.run_case(case)
+                case_result = self.run_case(case, case_dir=self.run_dir / case.suite / case.id if by_suite else None)
                 result.cases.append(case_result)
                 t = f"  t_detect {case_result.t_detect:.2f}s" if case_result.t_detect is not None else ""
                 self.progress(
@@ -298,12 +300,12 @@ class Runner:
 
     # -- one case --------------------------------------------------------------------
 
-    def run_case(self, case: Case) -> CaseResult:
+    def run_case(self, case: Case, *, case_dir: Path | None = None) -> CaseResult:
         self._case_seq += 1
         live = _Live(
             case=case,
             prefix=f"case{self._case_seq}-{case.id}",
-            case_dir=self.run_dir / case.id,
+            case_dir=case_dir or self.run_dir / case.id,
             launched=time.time(),
         )
         harness_error = None

@@ -171,3 +171,24 @@ def test_heads_not_dividing_by_ranks_is_a_usage_error(torch_runs: dict[str, subp
     assert "region" in proc.stderr and "dims" in proc.stderr
     assert "heads (4)" in proc.stderr and "3 ranks" in proc.stderr
     assert "--ranks 3" in proc.stderr  # the flag is named, not the profile file
+
+
+# -- run directories -------------------------------------------------------------------------
+
+
+def test_runs_started_in_the_same_second_get_their_own_directories(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from hardening.cli import _make_run_dir
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("time.strftime", lambda fmt: "20261201-120000")
+    dirs = [_make_run_dir(None, "compile") for _ in range(3)]
+    assert [d.name for d in dirs] == ["20261201-120000-compile", "20261201-120000-compile-2", "20261201-120000-compile-3"]
+    assert all(d.is_dir() for d in dirs)
+
+
+def test_an_empty_artifacts_directory_is_used_and_a_new_one_created(tmp_path: Path) -> None:
+    from hardening.cli import _make_run_dir
+
+    (tmp_path / "empty").mkdir()
+    assert _make_run_dir(str(tmp_path / "empty"), "compile") == (tmp_path / "empty").resolve()
+    assert _make_run_dir(str(tmp_path / "a" / "b"), "compile").is_dir()

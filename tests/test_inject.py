@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import os
 from typing import Iterator
 
 import pytest
@@ -336,3 +337,46 @@ def test_install_from_env(installed: list[Fault], monkeypatch: pytest.MonkeyPatc
     assert fault.name == "short_warmup"
     assert hardening.warmup.planned_warmup_calls is not original
     assert hardening.warmup.planned_warmup_calls(load_profile("cpu")) == 1
+
+
+# -- strict specs: every key once, distinct ranks, a call that happens ---------------------
+
+
+@pytest.mark.parametrize(
+    "text, why",
+    [
+        ("stall:rank=1:rank=0", "rank is given twice"),
+        ("stall:call=3:call=4", "call is given twice"),
+        ("stall:rank=0+0", "names a rank twice"),
+        ("stall:rank=-1", "negative"),
+    ],
+)
+def test_specs_that_could_never_mean_one_thing_are_refused(text: str, why: str) -> None:
+    with pytest.raises(FaultSpecError, match=why):
+        parse_spec(text)
+
+
+@pytest.mark.parametrize("call", ["-3", "6", "99999999999"])
+def test_a_call_that_never_happens_is_refused_when_the_calls_are_known(call: str) -> None:
+    with pytest.raises(FaultSpecError, match=f"call={call} never happens: calls 0..5 run"):
+        validate_spec(f"stall:call={call}", world_size=2, calls=6)
+
+
+def test_the_last_call_is_a_call_that_happens() -> None:
+    assert validate_spec("stall:call=5", world_size=2, calls=6).params == {"call": "5"}
+
+
+@pytest.mark.parametrize("inherited", [None, "0", "1", "yes"])
+def test_the_gating_flag_differs_from_what_the_rank_inherited(
+    installed: list[Fault], monkeypatch: pytest.MonkeyPatch, inherited: str | None
+) -> None:
+    variable = "HARDENING_NAN_CHECK_ALLREDUCE"
+    if inherited is None:
+        monkeypatch.delenv(variable, raising=False)
+    else:
+        monkeypatch.setenv(variable, inherited)
+    fault, fired = _install(installed, "collective_gating_flag:rank=1", rank=1)
+    hardening.worker.apply_backend_settings(load_profile("cpu"))
+    assert os.environ.get(variable) != inherited and len(fired.calls) == 1
+    fault.uninstall()
+    assert os.environ.get(variable) == inherited

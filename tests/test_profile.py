@@ -258,3 +258,47 @@ def test_profile_error_is_a_value_error() -> None:
     # CompileConfig.validate is what catches an unknown backend
     with pytest.raises(ValueError):
         CompileConfig(backend="tensorrt").validate()
+
+
+# -- hostile files and flags -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value", [".nan", ".inf", "-.inf"])
+def test_non_finite_numbers_are_bad_values(tmp_path: Path, value: str) -> None:
+    assert "key 'timeouts.setup' must be a finite number" in _error(_write(tmp_path, f"timeouts: {{setup: {value}}}\n"))
+
+
+def test_timeouts_past_a_week_are_bad_values(tmp_path: Path) -> None:
+    assert "key 'timeouts.pg' must be at most" in _error(_write(tmp_path, "timeouts: {pg: 100000000000}\n"))
+
+
+def test_a_non_utf8_file_names_the_byte(tmp_path: Path) -> None:
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes(b"steps: 4\n# caf\xe9\n")
+    assert _error(str(path)) == f"{path}: not UTF-8 text (byte 0xe9 at offset 14)"
+
+
+def test_a_key_given_twice_names_both_lines(tmp_path: Path) -> None:
+    path = _write(tmp_path, "steps: 2\nwarmup_calls: 1\nsteps: 3\n")
+    assert _error(path) == f"{path}: key 'steps' is given twice (lines 1 and 3)"
+    assert "'setup' is given twice" in _error(_write(tmp_path, "timeouts:\n  setup: 5\n  setup: 6\n", "nested.yaml"))
+
+
+def test_python_tags_are_not_constructed(tmp_path: Path) -> None:
+    assert "not valid YAML" in _error(_write(tmp_path, "steps: !!python/object/apply:os.system [ls]\n"))
+
+
+@pytest.mark.parametrize("text, key", [
+    ("gates: {max_graph_breaks: -1}\n", "gates.max_graph_breaks"),
+    ("gates: {max_recompiles: -1}\n", "gates.max_recompiles"),
+    ("triage: {timeout: 0}\n", "triage.timeout"),
+    ("world: {ranks: 65}\n", "world.ranks"),
+])  # fmt: skip
+def test_negative_gates_zero_triage_timeout_and_too_many_ranks(tmp_path: Path, text: str, key: str) -> None:
+    assert f"key {key!r}" in _error(_write(tmp_path, text))
+
+
+def test_a_bad_flag_is_blamed_on_the_flag() -> None:
+    with pytest.raises(ProfileError) as info:
+        load_profile("cpu", {"world.ranks": 0}, flags={"world.ranks": "--ranks"})
+    assert str(info.value) == "--ranks: key 'world.ranks' must be at least 1"

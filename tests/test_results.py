@@ -354,3 +354,24 @@ def test_enum_strings() -> None:
     assert str(Outcome.CRASHED_SLOW) == "crashed_slow"
     assert str(Verdict.UNKNOWN) == "unknown"
     assert RankExpect(error="PeerError").check("PeerError", "") is None
+
+
+# -- a rank that did no work ---------------------------------------------------------------
+
+
+def test_exit_0_without_a_final_record_is_not_a_completion() -> None:
+    quitter = RankResult(rank=1, pid=1001, exit_code=0, exited_at=T0 + 1, has_record=False, error_class="no_final_record",
+                         message="exited 0 without its final record, in phase build")  # fmt: skip
+    assert _ok(0).completed and not quitter.completed and quitter.failed
+    outcome, _, verdict, reason = _run(CASES["control"], [_ok(0), quitter])
+    assert (outcome, verdict) == (Outcome.CRASHED, Verdict.FAIL)
+    assert reason.startswith("rank 1: no_final_record: exited 0 without its final record")
+    assert root_cause_rank([_ok(0), quitter]) == 1
+
+
+def test_a_fault_case_whose_ranks_all_exit_0_without_records_is_not_survived() -> None:
+    quitters = [RankResult(rank=r, exit_code=0, exited_at=T0 + 1, fired_at=T0, error_class="no_final_record") for r in (0, 1)]
+    outcome, _ = classify(CASES["C-01"], quitters)
+    assert outcome is Outcome.CRASHED  # the fault fired; what followed is judged against the expectation
+    verdict, _ = judge(CASES["C-01"].expect, outcome, quitters)
+    assert verdict is Verdict.FAIL
