@@ -11,6 +11,9 @@ from dataclasses import dataclass, field
 from typing import Mapping
 
 
+TOUCHED = "{touched}"
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class RankExpect:
     """What one rank must end with."""
@@ -19,14 +22,22 @@ class RankExpect:
     """Name of the error class the rank must report (``ParityError``, ``PeerError``, ...)."""
 
     match: str | None = None
-    """Regular expression the rank's error message must contain (the named cause), or None."""
+    """Regular expression the rank's error message must contain (the named cause), or None.
+    ``{touched}`` stands for what the fault changed in the region under test (its first
+    input's name, the parameter it perturbed), so that no case hard-codes the reference
+    region's names."""
 
-    def check(self, error_class: str | None, message: str) -> str | None:
+    def check(self, error_class: str | None, message: str, *, touched: str | None = None) -> str | None:
         """None if the rank's end meets this expectation, else why it does not."""
         if error_class != self.error:
             return f"expected {self.error}, got {error_class or 'a clean exit'}"
-        if self.match and not re.search(self.match, message or "", re.IGNORECASE | re.DOTALL):
-            return f"{self.error} message does not name /{self.match}/"
+        pattern = self.match
+        if pattern and TOUCHED in pattern:
+            if touched is None:
+                return f"the fault did not say what it changed, so /{pattern}/ cannot be checked"
+            pattern = pattern.replace(TOUCHED, re.escape(touched))
+        if pattern and not re.search(pattern, message or "", re.IGNORECASE | re.DOTALL):
+            return f"{self.error} message does not name /{pattern}/"
         return None
 
     def describe(self, *, full: bool = False) -> str:
@@ -48,6 +59,11 @@ class Expectation:
 
     budget_s: float = 0.0
     """Detection budget: last rank's exit minus the fault's fire time."""
+
+    followers_ok: bool = False
+    """The fault acts on every rank, so every rank would hit the same cause: a rank that
+    the job-wide abort reached first may end ``PeerError`` naming a rank that ended as
+    expected. Without this the verdict would depend on which rank was faster."""
 
     def for_rank(self, rank: int) -> RankExpect | None:
         return self.ranks.get(rank, self.others)
@@ -73,10 +89,11 @@ def crashes(
     match: str | None = None,
     on: Mapping[int, RankExpect] | None = None,
     within_s: float,
+    followers_ok: bool = False,
 ) -> Expectation:
     """Every rank must crash: with ``error`` (matching ``match``) unless listed in ``on``."""
     others = RankExpect(error=error, match=match) if error else None
-    return Expectation(crash=True, ranks=dict(on or {}), others=others, budget_s=within_s)
+    return Expectation(crash=True, ranks=dict(on or {}), others=others, budget_s=within_s, followers_ok=followers_ok)
 
 
 def first_fails(rank: int, error: str, *, match: str, within_s: float) -> Expectation:

@@ -41,7 +41,7 @@ def exit_code_for(result: "SuiteResult") -> ExitCode:
     if any(c.verdict is Verdict.FAIL for c in result.cases):
         return ExitCode.FAILED
     if any(c.verdict is Verdict.UNKNOWN for c in result.cases):
-        return ExitCode.INDETERMINATE
+        return ExitCode.INDETERMINATE  # skipped verdicts are neither: a fault that cannot apply here
     return ExitCode.OK
 
 

@@ -17,6 +17,10 @@ tensor lives (on GPU, on the device); only two int64 per tensor leave it.
 - Weight fingerprint: per parameter; checked against the region's manifest of expected
   shard fingerprints (derived from the seed or the checkpoint), and replicated
   parameters across ranks, so one changed element in one rank's shard is named.
+  A DTensor parameter (``parallelize_module``, a Hugging Face ``tp_plan``) is
+  fingerprinted by its local shard, never by a DTensor operation (which could issue a
+  collective on one rank only); one whose placements are all ``Replicate`` must match
+  across ranks without being declared.
 """
 
 from __future__ import annotations
@@ -101,12 +105,42 @@ def check_input(env: "Envelope", *, rank: int, leader: int) -> None:
     )
 
 
+def _dtensor_type() -> type | None:
+    for where in ("torch.distributed.tensor", "torch.distributed._tensor"):  # public from 2.5, private before
+        try:
+            module = __import__(where, fromlist=["DTensor"])
+            return module.DTensor
+        except (ImportError, AttributeError):
+            continue
+    return None
+
+
+def local_shard(tensor: torch.Tensor) -> torch.Tensor:
+    """The rank's own data of ``tensor``: the local shard of a DTensor (sharing its
+    storage, so an in-place change to it is a change to the parameter), else itself.
+    Touching a DTensor as a whole may redistribute it: a collective."""
+    dtensor = _dtensor_type()
+    if dtensor is not None and isinstance(tensor, dtensor):
+        return tensor.to_local()
+    return tensor
+
+
+def replicate_placed(module: torch.nn.Module) -> tuple[str, ...]:
+    """Names of DTensor parameters whose every placement is ``Replicate``: the same bits
+    on every rank by construction."""
+    dtensor = _dtensor_type()
+    if dtensor is None:
+        return ()
+    return tuple(
+        name
+        for name, p in module.named_parameters()
+        if isinstance(p, dtensor) and all(pl.is_replicate() for pl in p.placements)
+    )
+
+
 def fingerprint(module: torch.nn.Module) -> dict[str, list[int]]:
-    """Checksum of every parameter and buffer that is not a cache (name -> [sum, weighted])."""
-    out = {}
-    for name, p in module.named_parameters():
-        out[name] = checksum(p).tolist()
-    return out
+    """Checksum of every parameter's local data (name -> [sum, weighted])."""
+    return {name: checksum(local_shard(p)).tolist() for name, p in module.named_parameters()}
 
 
 def check_weights(
@@ -119,6 +153,7 @@ def check_weights(
 ) -> None:
     """DriftError on every rank naming parameter and rank when a shard is not what it should be."""
     mine = fingerprint(module)
+    replicated = tuple(dict.fromkeys((*replicated, *replicate_placed(module))))
     per_rank: list[dict[str, Any]] = side.exchange(tag, mine)
     problems = []
     for r, fps in enumerate(per_rank):

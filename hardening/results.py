@@ -26,6 +26,7 @@ class Outcome(str, enum.Enum):
     HUNG = "hung"  # a rank was alive at the deadline; stacks attached
     SURVIVED = "survived"  # the fault fired and every rank still exited 0
     NOT_FIRED = "not_fired"  # the fault never fired: nothing can be judged
+    SKIPPED = "skipped"  # the fault cannot apply to this region (it said why): nothing to judge, by design
     EARLY_CRASH = "early_crash"  # a rank died before the fault fired: nothing can be judged
     HARNESS_ERROR = "harness_error"  # the harness itself failed to run the case
     INTERRUPTED = "interrupted"  # the run was stopped (Ctrl-C, SIGTERM) before the case ended
@@ -40,13 +41,16 @@ class Verdict(str, enum.Enum):
     PASS = "pass"
     FAIL = "fail"
     UNKNOWN = "unknown"
+    SKIPPED = "skipped"
+    """The fault cannot apply to the region under test (nothing to restride, no checkable
+    parameter): not a pass, and not a doubt about the runtime either."""
 
     def __str__(self) -> str:
         return self.value
 
 
 # When verdicts are merged the most significant wins (Jepsen's merge-valid).
-VERDICT_PRIORITY = {Verdict.PASS: 0, Verdict.UNKNOWN: 1, Verdict.FAIL: 2}
+VERDICT_PRIORITY = {Verdict.SKIPPED: 0, Verdict.PASS: 0, Verdict.UNKNOWN: 1, Verdict.FAIL: 2}
 
 
 @dataclass(kw_only=True, slots=True)
@@ -66,6 +70,10 @@ class RankResult:
     """For PeerError: the rank that failed first."""
     fired_at: float | None = None
     """Wall time at which this rank fired the fault, if it did."""
+    touched: str | None = None
+    """What the fault changed on this rank (a tensor or parameter name), if it said."""
+    skipped: str | None = None
+    """Why the fault could not apply to the region on this rank, if it could not."""
     started_at: float | None = None
     exited_at: float | None = None
     phase: str = ""
@@ -195,6 +203,8 @@ def classify(
         return (Outcome.COMPLETED if all_ok else Outcome.CRASHED), None
     fired = fire_time(ranks)
     if fired is None:
+        if all_ok and any(r.skipped for r in ranks):
+            return Outcome.SKIPPED, None
         return (Outcome.NOT_FIRED if all_ok else Outcome.EARLY_CRASH), None
     if any(r.failed and r.exited_at is not None and r.exited_at < fired for r in ranks):
         return Outcome.EARLY_CRASH, None
@@ -217,6 +227,8 @@ def judge(expect: Expectation, outcome: Outcome, ranks: list[RankResult]) -> tup
         return Verdict.FAIL, _first_failure(ranks) or f"control {outcome.value}"
     if outcome is Outcome.NOT_FIRED:
         return Verdict.UNKNOWN, "the fault never fired"
+    if outcome is Outcome.SKIPPED:
+        return Verdict.SKIPPED, "skipped: " + next(r.skipped for r in ranks if r.skipped)
     if outcome is Outcome.EARLY_CRASH:
         return Verdict.UNKNOWN, "a rank died before the fault fired: " + (_first_failure(ranks) or "?")
     if outcome is Outcome.HUNG and not _hang_expected(expect, ranks):
@@ -227,6 +239,7 @@ def judge(expect: Expectation, outcome: Outcome, ranks: list[RankResult]) -> tup
     if outcome is Outcome.CRASHED_SLOW:
         return Verdict.FAIL, f"crashed after the {expect.budget_s:g}s detection budget"
     problems = []
+    touched = next((r.touched for r in ranks if r.touched), None)
     for r in ranks:
         want = expect.for_rank(r.rank)
         if want is None:
@@ -237,7 +250,9 @@ def judge(expect: Expectation, outcome: Outcome, ranks: list[RankResult]) -> tup
             elif not r.stacks_path:
                 problems.append(f"rank {r.rank}: frozen as expected, but no stacks were captured")
             continue
-        why = want.check(r.error_class, r.message)
+        why = want.check(r.error_class, r.message, touched=touched)
+        if why and expect.followers_ok and _follows_expected(r, want, ranks, touched):
+            why = None
         if why:
             problems.append(f"rank {r.rank}: {why}")
     if problems:
@@ -247,6 +262,14 @@ def judge(expect: Expectation, outcome: Outcome, ranks: list[RankResult]) -> tup
 
 HUNG = "hung"
 """RankExpect.error of a rank that must still be alive (frozen) at the deadline, stacks taken."""
+
+
+def _follows_expected(r: RankResult, want: RankExpect, ranks: list[RankResult], touched: str | None) -> bool:
+    """``r`` ended PeerError naming a rank that itself ended as ``want`` says."""
+    if r.error_class != "PeerError" or r.root_cause_rank is None or r.root_cause_rank == r.rank:
+        return False
+    root = next((x for x in ranks if x.rank == r.root_cause_rank), None)
+    return root is not None and want.check(root.error_class, root.message, touched=touched) is None
 
 
 def _hang_expected(expect: Expectation, ranks: list[RankResult]) -> bool:

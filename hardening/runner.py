@@ -425,7 +425,7 @@ class Runner:
             if failed and min(failed) + t.detect < deadline:
                 # Once one rank has failed, a peer still running after `detect` is stranded.
                 deadline, why = min(failed) + t.detect, f"detect deadline {t.detect:g}s after the first rank failed"
-            fired = [float(v) for v in self._keys(live, "fired").values()]
+            fired = [_fire_time(v) for v in self._keys(live, "fired").values()]
             if fired and min(fired) + t.detect < deadline:
                 deadline, why = min(fired) + t.detect, f"detect deadline {t.detect:g}s after the fault fired"
             frozen = self._all_live_stopped(live)
@@ -492,6 +492,7 @@ class Runner:
     def _collect(self, live: _Live) -> list[RankResult]:
         ranks = []
         fired_keys = self._keys(live, "fired") if self._store is not None else {}
+        skipped_keys = self._keys(live, "skipped") if self._store is not None else {}
         for rank in range(self.world_size):
             rank_dir = live.case_dir / f"rank{rank}"
             record = _read_record(rank_dir / "record.json")
@@ -518,6 +519,8 @@ class Runner:
                 rr.artifacts = record.get("artifacts") or {}
                 rr.started_at = record.get("started_at")
                 rr.fired_at = record.get("fired_at")
+                rr.touched = record.get("fault_touched")
+                rr.skipped = record.get("fault_skipped")
             elif rank in live.torn_down and rank not in live.hung:
                 rr.signal = None  # the runner's own signal says nothing about the rank
                 rr.error_class = TORN_DOWN
@@ -534,8 +537,11 @@ class Runner:
             elif rr.exit_code not in (None, 0):
                 rr.error_class = CAUSE_BY_EXIT_CODE.get(rr.exit_code) if rr.exit_code > 0 else rr.signal
                 rr.message = _tail(rank_dir / "stderr.log")
-            if rr.fired_at is None and rank in fired_keys:
-                rr.fired_at = float(fired_keys[rank])
+            if rr.fired_at is None and rank in fired_keys:  # a rank killed or frozen by its own fault
+                rr.fired_at = _fire_time(fired_keys[rank])
+                rr.touched = rr.touched or json.loads(fired_keys[rank]).get("touched")
+            if rr.skipped is None and rank in skipped_keys:
+                rr.skipped = skipped_keys[rank]
             dump = live.dumps.get(rank)
             if dump is not None and dump.ok:
                 rr.stacks_path, rr.where = dump.path, dump.where or dump.innermost
@@ -586,6 +592,11 @@ def _kill_session(pid: int) -> None:
         os.killpg(pid, signal.SIGKILL)
     except OSError:
         pass
+
+
+def _fire_time(value: str) -> float:
+    """The fire time in a ``fired/<r>`` store value (``{"t": ..., "touched": ...}``)."""
+    return float(json.loads(value)["t"])
 
 
 def _read_record(path: Path) -> dict[str, Any] | None:

@@ -56,6 +56,10 @@ class RankState:
     call_id: int | None = None
     call_started: float | None = None  # monotonic; set only while a deadline-bound call runs
     fired_at: float | None = None
+    fault_touched: str | None = None
+    """What the fault changed on this rank (a tensor or parameter name), when it fired."""
+    fault_skipped: str | None = None
+    """Why the fault could not apply to this region on this rank, when it could not."""
     counters: dict[str, Any] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     """Seconds from process start at which each phase began."""
@@ -123,6 +127,8 @@ class Terminator:
             "traceback": "".join(traceback.format_exception(exc)) if exc is not None else "",
             "root_cause_rank": root_cause_rank,
             "fired_at": s.fired_at,
+            "fault_touched": s.fault_touched,
+            "fault_skipped": s.fault_skipped,
             "started_at": s.started_at,
             "exited_at": time.time(),
             "phase": s.phase,

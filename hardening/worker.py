@@ -86,15 +86,21 @@ def run_rank(spec: RankSpec) -> NoReturn:
         terminator.store = connect_store(spec, timeouts.setup)
 
         def on_fire(fault: Any) -> None:
-            state.fired_at = fault.fired_at
-            store.set(f"fired/{spec.rank}", json.dumps(fault.fired_at))
+            state.fired_at, state.fault_touched = fault.fired_at, fault.touched
+            store.set(f"fired/{spec.rank}", json.dumps({"t": fault.fired_at, "touched": fault.touched}))
+
+        def on_skip(fault: Any) -> None:
+            state.fault_skipped = fault.skipped
+            store.set(f"skipped/{spec.rank}", fault.skipped)
 
         state.on_phase = lambda phase: store.set(f"phase/{spec.rank}", phase)
         if profile.triage.torch_trace:  # before anything compiles
             state.artifacts["torch_trace"] = compile_health.start_torch_trace(str(Path(spec.rank_dir) / "torch_trace"))
         # The fault goes in before anything it may patch runs; it acts only on its ranks.
         install_from_env(
-            FaultContext(rank=spec.rank, world_size=spec.world_size, warmup_calls=profile.warmup_calls, on_fire=on_fire)
+            FaultContext(
+                rank=spec.rank, world_size=spec.world_size, warmup_calls=profile.warmup_calls, on_fire=on_fire, on_skip=on_skip
+            )
         )
         if profile.hardened:
             Watchdog(

@@ -68,15 +68,34 @@ class RecompileAfterWarmup(Fault):
             if not self.acts_here or call_id != at_call:
                 return inputs
             out = list(inputs)
+            names = list(tensors)
             for i, t in enumerate(out):
-                if isinstance(t, torch.Tensor) and t.dim() >= 2 and t.shape[-1] > 1 and t.shape[-2] > 1:
-                    # Same values and shape, transposed strides: only the guards can tell.
-                    out[i] = t.transpose(-1, -2).contiguous().transpose(-1, -2)
-                    self.fire()
-                    break
+                other = restrided(t) if isinstance(t, torch.Tensor) else None
+                if other is not None:
+                    out[i] = other
+                    self.fire(touched=names[i] if i < len(names) else f"input{i}")
+                    return tuple(out)
+            self.skip("no input has a dimension larger than 1 to restride")
             return tuple(out)
 
         return inputs_of
+
+
+def restrided(t: torch.Tensor) -> torch.Tensor | None:
+    """The same values and shape with the stride of the last dimension larger than 1
+    doubled (a view into a buffer twice as long): only the guards can tell. ``(1, T)``
+    token ids qualify; None when every dimension is 1."""
+    dims = [d for d in range(t.dim()) if t.shape[d] > 1]
+    if not dims:
+        return None
+    d = dims[-1]
+    shape = list(t.shape)
+    shape[d] *= 2
+    index = [slice(None)] * t.dim()
+    index[d] = slice(None, None, 2)
+    view = t.new_empty(shape)[tuple(index)]
+    view.copy_(t)
+    return view
 
 
 class BackendDivergence(Fault):

@@ -4,7 +4,10 @@ A fault never decides anything on its own: its spec string (``name:rank=1:call=3
 set identically on every rank (``HARDENING_FAULT``) and is part of the parity
 fingerprint, so test-only behaviour cannot become a conditional collective. Every rank
 installs the same patch; the patch changes behaviour only on the fault's ranks and
-records the moment it does (``fire``).
+records the moment it does and what it touched (``fire``: a tensor or parameter name,
+so that expectations name the region's own inputs and parameters). A fault that cannot
+apply to the region under test (nothing to restride, no checkable parameter) says why
+(``skip``) and changes nothing: the case is ``skipped``, not unknown.
 """
 
 from __future__ import annotations
@@ -88,6 +91,8 @@ class FaultContext:
     """Warmup calls of the profile: call ids >= this are steady-state calls."""
     on_fire: Callable[["Fault"], None] = lambda fault: None
     """Called once, when the fault first changes behaviour on this rank."""
+    on_skip: Callable[["Fault"], None] = lambda fault: None
+    """Called once, when the fault finds it cannot apply to this region on this rank."""
 
 
 class Fault:
@@ -113,6 +118,10 @@ class Fault:
         self.spec = spec
         self.ctx = ctx
         self.fired_at: float | None = None
+        self.touched: str | None = None
+        """Name of the tensor or parameter the fault changed, when it changed one."""
+        self.skipped: str | None = None
+        """Why the fault cannot apply to this region, when it cannot."""
         self._restore: Callable[[], None] | None = None
 
     @classmethod
@@ -146,10 +155,16 @@ class Fault:
         spec = getattr(self, "spec", None)
         return _int_param(spec.params if spec else {}, key, default, spec.text if spec else "")
 
-    def fire(self) -> None:
+    def fire(self, touched: str | None = None) -> None:
         if self.fired_at is None:
             self.fired_at = time.time()
+            self.touched = touched
             self.ctx.on_fire(self)
+
+    def skip(self, why: str) -> None:
+        if self.skipped is None and self.fired_at is None:
+            self.skipped = why
+            self.ctx.on_skip(self)
 
     def wrap(self, original: Callable[..., Any]) -> Callable[..., Any]:
         raise NotImplementedError
@@ -165,6 +180,18 @@ class Fault:
         if self._restore is not None:
             self._restore()
             self._restore = None
+
+
+def flip_low_bit(tensor: Any, index: int = 0) -> None:
+    """Flip the lowest bit of one element, in place, in any dtype: the smallest change
+    there is (adding 1e-3 does nothing to a bf16 of 0.5), and never a no-op."""
+    import torch
+
+    flat = tensor.view(-1)
+    ints = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[flat.element_size()]
+    with torch.no_grad():
+        bits = flat.view(torch.uint8 if flat.dtype == torch.bool else ints)
+        bits[index] ^= 1
 
 
 def _int_param(params: dict[str, str], key: str, default: int, text: str) -> int:

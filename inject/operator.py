@@ -14,7 +14,8 @@ from typing import Any, Callable
 
 import torch
 
-from hardening.inject.fault import Fault
+from hardening.drift import local_shard, replicate_placed
+from hardening.inject.fault import Fault, flip_low_bit
 
 
 class _AtCall(Fault):
@@ -150,10 +151,13 @@ class InputMutation(_AtCall):
     def wrap(self, original: Callable[..., Any]) -> Callable[..., Any]:
         def receive(channel):
             env = original(channel)
-            if env.tensors and self.due(env.call_id):
-                first = next(iter(env.tensors.values()))
-                first.view(-1)[0] += 1
-                self.fire()
+            if self.due(env.call_id):
+                name = next((n for n, t in env.tensors.items() if t.numel() > 0), None)
+                if name is None:
+                    self.skip("the call has no input tensor to change")
+                else:
+                    flip_low_bit(env.tensors[name])
+                    self.fire(touched=name)
             return env
 
         return receive
@@ -165,15 +169,34 @@ class WeightPerturbation(Fault):
     summary = "one element of one rank's weight shard is changed after load"
     target = "hardening.region:build_region"
 
+    @staticmethod
+    def checkable(region: Any) -> str | None:
+        """A parameter the weight check can judge: one with a manifest fingerprint for
+        this shard first, else one that must match across ranks (declared replicated,
+        or a DTensor placed ``Replicate``)."""
+        params = [n for n, p in region.module.named_parameters() if p.numel() > 0]
+        replicated = set(region.replicated_params) | set(replicate_placed(region.module))
+        for name in params:
+            if name in (region.weight_manifest or {}):
+                return name
+        return next((n for n in params if n in replicated), None)
+
     def wrap(self, original: Callable[..., Any]) -> Callable[..., Any]:
         def build_region(target, ctx):
             region = original(target, ctx)
             if self.acts_here:
-                params = dict(region.module.named_parameters())
-                name = next((n for n in params if n not in region.replicated_params), next(iter(params)))
-                with torch.no_grad():
-                    params[name].view(-1)[min(7, params[name].numel() - 1)] += 1e-3
-                self.fire()
+                name = self.checkable(region)
+                if name is None:
+                    self.skip(
+                        "the region has no weight manifest and no replicated parameter: "
+                        "a changed shard cannot be told from a legitimate one"
+                    )
+                    return region
+                # The local shard only: editing a DTensor as a whole may redistribute it,
+                # a collective on this rank alone.
+                shard = local_shard(dict(region.module.named_parameters())[name])
+                flip_low_bit(shard, min(7, shard.numel() - 1))
+                self.fire(touched=name)
             return region
 
         return build_region

@@ -35,7 +35,9 @@ def build_cases() -> list[Case]:
             suite=SUITE,
             title="graph break injected into the region",
             fault="graph_break:rank=all",
-            expect=crashes("CompileGateError", match=r"graph.?break", within_s=20),
+            # Every rank hits the break at its first call; under fullgraph the faster one's
+            # abort may reach a peer still compiling: that peer follows the same cause.
+            expect=crashes("CompileGateError", match=r"graph.?break", within_s=20, followers_ok=True),
             description="A break must fail the gate with its reason, whether fullgraph or counted.",
         ),
         Case(

@@ -63,7 +63,7 @@ def build_cases() -> list[Case]:
             suite=SUITE,
             title="input mutated on a receiver after receive",
             fault="input_mutation:rank=1",
-            expect=first_fails(1, "DriftError", match=r"call \d+: rank 1 \(x\) differs from the leader", within_s=1),
+            expect=first_fails(1, "DriftError", match=r"call \d+: rank 1 \({touched}\) differs from the leader", within_s=1),
             description="The receiver checks what arrived against the leader's digest in the frame, before its data plane.",
         ),
         Case(
@@ -71,7 +71,7 @@ def build_cases() -> list[Case]:
             suite=SUITE,
             title="one element of one rank's weight shard perturbed",
             fault="weight_perturbation:rank=1",
-            expect=crashes("DriftError", match=r"parameter 'qkv' on rank 1", within_s=1),
+            expect=crashes("DriftError", match=r"parameter '{touched}' on rank 1", within_s=1),
         ),
         Case(
             id="OM-13",

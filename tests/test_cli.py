@@ -192,3 +192,9 @@ def test_an_empty_artifacts_directory_is_used_and_a_new_one_created(tmp_path: Pa
     (tmp_path / "empty").mkdir()
     assert _make_run_dir(str(tmp_path / "empty"), "compile") == (tmp_path / "empty").resolve()
     assert _make_run_dir(str(tmp_path / "a" / "b"), "compile").is_dir()
+
+
+def test_skipped_cases_do_not_make_a_run_indeterminate() -> None:
+    skipped = _case("C-03", Outcome.SKIPPED, Verdict.SKIPPED)
+    assert exit_code_for(_suite(PASS, skipped)) is ExitCode.OK
+    assert exit_code_for(_suite(PASS, skipped, UNKNOWN)) is ExitCode.INDETERMINATE

@@ -253,7 +253,7 @@ def test_recompile_changes_strides_at_the_chosen_call_only(installed: list[Fault
         assert torch.equal(got, expected)
         if call_id == 3:
             assert got.stride() != expected.stride()
-            assert got.stride() == (1, 4)
+            assert got.stride() == (8, 2)  # the last dimension's stride doubled
         else:
             assert got.stride() == expected.stride() == (4, 1)
     assert len(fired.calls) == 1
@@ -264,7 +264,7 @@ def test_recompile_defaults_to_the_first_steady_call(installed: list[Fault]) -> 
     region = _tiny_region()
     fault, fired = _install(installed, "recompile:rank=1", rank=1, warmup_calls=3)
     strides = [_received(region, k)[0].stride() for k in range(5)]
-    assert strides == [(4, 1), (4, 1), (4, 1), (1, 4), (4, 1)]
+    assert strides == [(4, 1), (4, 1), (4, 1), (8, 2), (4, 1)]
     assert len(fired.calls) == 1
 
 
@@ -380,3 +380,37 @@ def test_the_gating_flag_differs_from_what_the_rank_inherited(
     assert os.environ.get(variable) != inherited and len(fired.calls) == 1
     fault.uninstall()
     assert os.environ.get(variable) == inherited
+
+
+# -- faults judge the region they run on: what they touched, or why they cannot apply -------
+
+
+def test_restrided_works_for_token_ids_and_refuses_all_ones() -> None:
+    from hardening.inject.compile import restrided
+
+    ids = torch.arange(7).reshape(1, 7)
+    other = restrided(ids)
+    assert other is not None and torch.equal(other, ids) and other.stride() == (14, 2)
+    assert restrided(torch.ones(1, 1)) is None
+
+
+def test_recompile_names_the_tensor_it_restrided_and_skips_when_none_can_be(installed: list[Fault]) -> None:
+    fault, fired = _install(installed, "recompile:rank=1", rank=1, warmup_calls=1)
+    hardening.region.inputs_of(None, {"input_ids": torch.arange(5).reshape(1, 5)}, 1)
+    assert fault.touched == "input_ids" and len(fired.calls) == 1
+    fault.uninstall()
+    skipped = []
+    fault, _ = _install(installed, "recompile:rank=1", rank=1, warmup_calls=1)
+    fault.ctx.on_skip = skipped.append
+    hardening.region.inputs_of(None, {"scale": torch.ones(1)}, 1)
+    assert fault.fired_at is None and fault.skipped and skipped == [fault]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int64, torch.bool])
+def test_flip_low_bit_always_changes_the_tensor(dtype: torch.dtype) -> None:
+    from hardening.inject.fault import flip_low_bit
+
+    t = torch.full((4,), 0.5).to(dtype)
+    before = t.clone()
+    flip_low_bit(t, 2)
+    assert not torch.equal(t, before) and torch.equal(t[[0, 1, 3]], before[[0, 1, 3]])

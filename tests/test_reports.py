@@ -194,7 +194,7 @@ def test_json_round_trips(suite: SuiteResult, tmp_path: Path) -> None:
     write_json(suite, path)
     data = json.loads(path.read_text())
     assert data["schema_version"] == SCHEMA_VERSION
-    assert data["summary"] == {"pass": 2, "fail": 3, "unknown": 1}
+    assert data["summary"] == {"pass": 2, "fail": 3, "unknown": 1, "skipped": 0}
     assert data["environment"]["torch"] == "2.6.0+cpu"
     by_id = {c["id"]: c for c in data["cases"]}
     assert by_id["C-01"]["outcome"] == "crashed" and by_id["C-01"]["verdict"] == "pass"

@@ -343,7 +343,7 @@ def test_case_and_suite_json() -> None:
     suite = SuiteResult(suite="compile", profile="cpu", num_ranks=2, cases=[cr, unknown])
     sj = suite.to_json()
     assert sj["schema_version"] == SCHEMA_VERSION
-    assert sj["summary"] == {"pass": 1, "fail": 0, "unknown": 1} == summarize(suite)
+    assert sj["summary"] == {"pass": 1, "fail": 0, "unknown": 1, "skipped": 0} == summarize(suite)
     assert [c["verdict"] for c in sj["cases"]] == ["pass", "unknown"]
     assert [c["outcome"] for c in sj["cases"]] == ["crashed", "not_fired"]
     # Plain JSON all the way down: a round trip is lossless.
@@ -375,3 +375,45 @@ def test_a_fault_case_whose_ranks_all_exit_0_without_records_is_not_survived() -
     assert outcome is Outcome.CRASHED  # the fault fired; what followed is judged against the expectation
     verdict, _ = judge(CASES["C-01"].expect, outcome, quitters)
     assert verdict is Verdict.FAIL
+
+
+# -- expectations that name the region's own inputs and parameters ---------------------------
+
+
+def test_touched_placeholder_names_what_the_fault_changed() -> None:
+    from hardening.suites import get_suite
+
+    om11 = {c.id: c for c in get_suite("operator")}["OM-11"]
+    leader = _crashed(0, "PeerError", "rank 1 failed first: DriftError: ...", exited=T0 + 1.1, fired=None, code=29, root=1)
+    odd = _crashed(1, "DriftError", "input digest mismatch at call 2: rank 1 (input_ids) differs from the leader",
+                   exited=T0 + 1.0, fired=T0 + 0.9, code=23)  # fmt: skip
+    odd.touched = "input_ids"
+    outcome, _, verdict, reason = _run(om11, [leader, odd])
+    assert (outcome, verdict, reason) == (Outcome.CRASHED, Verdict.PASS, "")
+    odd.touched = "x"  # the message names another tensor than the one changed
+    assert _run(om11, [leader, odd])[2] is Verdict.FAIL
+
+
+def test_a_fault_that_cannot_apply_is_skipped_not_unknown() -> None:
+    ranks = [_ok(0), _ok(1)]
+    ranks[1].skipped = "no input has a dimension larger than 1 to restride"
+    outcome, _, verdict, reason = _run(CASES["C-03"], ranks)
+    assert (outcome, verdict) == (Outcome.SKIPPED, Verdict.SKIPPED)
+    assert reason == "skipped: no input has a dimension larger than 1 to restride"
+
+
+def test_a_rank_the_abort_reached_first_follows_the_same_cause_only_where_allowed() -> None:
+    c02 = CASES["C-02"]
+    own = _crashed(0, "CompileGateError", "graph break in the region (fullgraph=True): ...", exited=T0 + 1.0, fired=T0 + 0.5, code=25)
+    follower = _crashed(1, "PeerError", "rank 0 failed first: CompileGateError: graph break ...", exited=T0 + 1.1,
+                        fired=T0 + 0.5, code=29, root=0)  # fmt: skip
+    both = _crashed(1, "CompileGateError", "graph break in the region (fullgraph=True): ...", exited=T0 + 1.1, fired=T0 + 0.5, code=25)
+    assert _run(c02, [own, follower])[2] is Verdict.PASS
+    assert _run(c02, [own, both])[2] is Verdict.PASS  # the same verdict whichever rank was faster
+    wrong_root = _crashed(0, "ParityError", "...", exited=T0 + 1.0, fired=T0 + 0.5, code=20)
+    assert _run(c02, [wrong_root, follower])[2] is Verdict.FAIL
+    # Where one rank is the cause (C-04 parity on every rank), a PeerError is still a failure.
+    c04 = CASES["C-04"]
+    parity = _crashed(0, "ParityError", "ranks disagree on 1 fingerprint key(s): effective.sdpa.backend", exited=T0 + 1, fired=T0)
+    peer = _crashed(1, "PeerError", "rank 0 failed first: ParityError", exited=T0 + 1.1, fired=T0, code=29, root=0)
+    assert _run(c04, [parity, peer])[2] is Verdict.FAIL

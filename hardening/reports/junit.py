@@ -2,7 +2,7 @@
 
 This module owns the mapping from verdicts to JUnit: FAIL is a ``<failure>`` (with every
 rank's end and, for hung ranks, the captured stacks), UNKNOWN an ``<error>`` because
-unknown never counts as a pass, an interrupted case ``<skipped>``. A suite the harness
+unknown never counts as a pass, an interrupted case or a fault that cannot apply to the region ``<skipped>``. A suite the harness
 could not run, or one that was interrupted, also gets a synthetic erroring testcase so a
 partial report can never read as green.
 """
@@ -96,6 +96,9 @@ def _add_case(parent: ET.Element, classname: str, num_ranks: int, case: CaseResu
     if case.outcome is Outcome.INTERRUPTED:
         kind = "skipped"
         ET.SubElement(tc, "skipped", message="interrupted")
+    elif case.verdict is Verdict.SKIPPED:
+        kind = "skipped"
+        ET.SubElement(tc, "skipped", message=_text(case.reason))
     elif case.verdict is Verdict.FAIL:
         kind = "failure"
     elif case.verdict is Verdict.UNKNOWN:

@@ -166,9 +166,10 @@ def _detail_block(case: CaseResult) -> str:
 def _summary(result: SuiteResult) -> str:
     counts = summarize(result)
     n = len(result.cases)
+    skipped = f", {counts[Verdict.SKIPPED.value]} skipped" if counts[Verdict.SKIPPED.value] else ""
     line = (
         f"{n} case{'' if n == 1 else 's'}: {counts[Verdict.PASS.value]} pass, "
-        f"{counts[Verdict.FAIL.value]} fail, {counts[Verdict.UNKNOWN.value]} unknown "
+        f"{counts[Verdict.FAIL.value]} fail, {counts[Verdict.UNKNOWN.value]} unknown{skipped} "
         f"in {seconds(result.wall_s, 1)}"
     )
     interrupted = sum(1 for c in result.cases if c.outcome is Outcome.INTERRUPTED)
