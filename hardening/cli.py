@@ -53,8 +53,7 @@ class _Parser(argparse.ArgumentParser):
     """argparse exits 2 on a bad flag, which here means "interrupted": make it 4."""
 
     def error(self, message: str) -> NoReturn:
-        self.print_usage(sys.stderr)
-        print(f"hardening: usage error: {message}", file=sys.stderr)
+        print(f"hardening: usage error: {message} (see {self.prog} --help)", file=sys.stderr)
         raise SystemExit(ExitCode.USAGE_ERROR)
 
 
@@ -63,6 +62,9 @@ def _parser() -> argparse.ArgumentParser:
         prog="hardening",
         description="Fault-inject a tensor-parallel torch.compile region and check every fault crashes fast, by name.",
     )
+    from hardening import __version__
+
+    p.add_argument("--version", action="version", version=f"hardening {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("suite", help="run a suite of cases (compile, operator, all)")
     s.add_argument("name", help="suite name: compile, operator, or all")
@@ -238,6 +240,8 @@ def _check_output(path: str, flag: str) -> Path:
         raise UsageError(f"{flag}: empty path")
     if target.is_dir():
         raise UsageError(f"{flag} {path}: is a directory")
+    if target.exists() and not (target.is_file() or target.is_char_device()):
+        raise UsageError(f"{flag} {path}: is not a regular file (a FIFO or socket would block the report)")
     ancestor = target.parent
     while not ancestor.exists() and ancestor != ancestor.parent:
         ancestor = ancestor.parent
@@ -250,6 +254,14 @@ def _check_output(path: str, flag: str) -> Path:
     except OSError as exc:
         raise UsageError(f"{flag} {path}: cannot write in {ancestor}: {exc.strerror or exc}") from None
     return target.resolve()
+
+
+def _refuse_reports_inside(outputs: dict[str, Path], run_dir: Path) -> None:
+    """A report path that is the run directory or inside it would overwrite the run's
+    own files (result.json, profile.yaml, logs)."""
+    for flag, path in outputs.items():
+        if path == run_dir or run_dir in path.parents:
+            raise UsageError(f"{flag} {path}: inside the run directory {run_dir}; write reports elsewhere")
 
 
 def _make_run_dir(artifacts: str | None, suite: str) -> Path:
@@ -300,7 +312,15 @@ def _suite(args: argparse.Namespace, stop: StopRequest) -> int:
     outputs = {flag: _check_output(path, flag) for flag, path in (("--json", args.json), ("--junit", args.junit)) if path is not None}
     if len(set(outputs.values())) < len(outputs):
         raise UsageError("--json and --junit name the same file")
+    if args.artifacts is not None:
+        _refuse_reports_inside(outputs, Path(args.artifacts).expanduser().resolve())
     run_dir = _make_run_dir(args.artifacts, args.name)
+    try:
+        _refuse_reports_inside(outputs, run_dir)
+    except UsageError:
+        if args.artifacts is None:
+            run_dir.rmdir()  # ours, new and empty
+        raise
 
     from hardening.reports import render_table, write_json, write_junit
     from hardening.results import SuiteResult
@@ -340,15 +360,17 @@ def _suite(args: argparse.Namespace, stop: StopRequest) -> int:
     write_json(result, run_dir / "result.json")
     _link_latest(run_dir)
     print(render_table(result))
-    for flag, path in outputs.items():
+    lost = False
+    for flag, path in outputs.items():  # each one tried, whatever happened to the other
         try:
             (write_json if flag == "--json" else write_junit)(result, path)
         except OSError as exc:
             print(f"hardening: could not write {flag} {path}: {exc.strerror or exc}", file=sys.stderr)
-            return ExitCode.INTERNAL_ERROR
+            lost = True
     if internal:
         print(f"hardening: internal error: {internal}", file=sys.stderr)
-    return exit_code_for(result)
+    code = exit_code_for(result)
+    return ExitCode.INTERNAL_ERROR if lost and code is not ExitCode.INTERRUPTED else code
 
 
 def _link_latest(run_dir: Path) -> None:

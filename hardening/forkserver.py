@@ -29,15 +29,35 @@ import time
 from typing import Any
 
 PR_SET_PDEATHSIG = 1
+PR_SET_CHILD_SUBREAPER = 36
+
+
+def _prctl(option: int, value: int) -> None:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(option, value, 0, 0, 0)
+    except (OSError, AttributeError):  # not Linux: the pipe-EOF and ppid checks remain
+        pass
 
 
 def set_parent_death_signal(sig: int = signal.SIGKILL) -> None:
     """Ask Linux to send ``sig`` to this process when its parent thread dies."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0)
-    except (OSError, AttributeError):  # not Linux: the pipe-EOF and ppid checks remain
-        pass
+    _prctl(PR_SET_PDEATHSIG, sig)
+
+
+def _adopted() -> list[int]:
+    """Live children of this process, its own and the orphans it adopted as subreaper."""
+    me, found = str(os.getpid()), []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if fields[1] == me and fields[0] != "Z":
+                found.append(int(entry))
+    return found
 
 
 def _emit(out: Any, event: dict[str, Any]) -> None:
@@ -114,6 +134,9 @@ def _child(spec_data: dict[str, Any], env: dict[str, str], server_pid: int) -> N
 
 def serve() -> None:
     set_parent_death_signal()
+    # A child that daemonizes (setsid + its parent exits: user code at import, or a rank's
+    # helper) is re-parented here instead of to init, so it is still ours to end.
+    _prctl(PR_SET_CHILD_SUBREAPER, 1)
     runner_pid = os.getppid()
     started = time.time()
     # Preload what every rank imports: this is the cost the server exists to amortize.
@@ -210,8 +233,22 @@ def serve() -> None:
             except OSError:
                 pass
         deadline = time.time() + 5
-        while children and time.time() < deadline:
+        while time.time() < deadline:
+            left = _adopted()  # ranks, and whatever they or user code left behind
+            if not left:
+                break
+            for pid in left:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except OSError:
+                    pass
             reap()
+            while True:  # adopted orphans are not in `children`: reap them too
+                try:
+                    if os.waitpid(-1, os.WNOHANG)[0] == 0:
+                        break
+                except ChildProcessError:
+                    break
             time.sleep(0.05)
 
 

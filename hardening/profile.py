@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import reprlib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -23,6 +24,22 @@ MAX_RANKS = 64
 """Most ranks the one-host ``process`` launcher starts: beyond that, a typo."""
 MAX_SECONDS = 7 * 24 * 3600.0
 """Longest timeout a profile may set (a process-group timeout must fit a timedelta)."""
+MIN_SECONDS = 0.01
+"""Shortest timeout a profile may set: below it nothing can succeed."""
+MAX_COUNT = 10**9
+"""Largest count (steps, calls, intervals) a profile may set."""
+MAX_DIM = 2**24
+"""Largest size in ``region.dims``."""
+MAX_PROFILE_BYTES = 1 << 20
+"""A profile is a few hundred bytes; a larger file is not one (and PyYAML is slow)."""
+
+_short = reprlib.Repr()
+_short.maxstring, _short.maxother, _short.maxlist, _short.maxdict, _short.maxlevel = 60, 60, 4, 4, 2
+
+
+def short(value: Any) -> str:
+    """A bounded repr for messages: a YAML alias bomb must not become a 800 MB line."""
+    return _short.repr(value)
 
 
 class ProfileError(ValueError):
@@ -80,8 +97,13 @@ class RegionConfig:
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"dtype: must be float32, bfloat16 or float16, got {self.dtype!r}")
         for key, value in self.dims.items():
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"dims.{key}: must be a positive integer, got {value!r}")
+            if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= MAX_DIM:
+                raise ValueError(f"dims.{key}: must be an integer from 1 to {MAX_DIM}, got {short(value)}")
+        if not 0 <= self.seed < 2**63:
+            raise ValueError(f"seed: must be from 0 to 2**63-1 (it seeds torch generators), got {short(self.seed)}")
+
+
+INDUCTOR_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -103,13 +125,18 @@ class CompileConfig:
 
     def validate(self) -> None:
         if self.backend not in ("eager", "aot_eager", "inductor"):
-            raise ValueError(f"backend: must be eager, aot_eager or inductor, got {self.backend!r}")
+            raise ValueError(f"backend: must be eager, aot_eager or inductor, got {short(self.backend)}")
+        if self.mode is not None and self.mode not in INDUCTOR_MODES:
+            raise ValueError(f"mode: must be null or one of {', '.join(INDUCTOR_MODES)}, got {short(self.mode)}")
+        if self.mode is not None and self.backend != "inductor":
+            raise ValueError(f"mode: {self.mode!r} applies to the inductor backend only, not {self.backend!r}")
 
 
 @dataclass(kw_only=True, slots=True)
 class TimeoutConfig:
     setup: float = 60.0
-    """Seconds from launch until every rank must have finished init and parity."""
+    """Seconds from launch until every rank must have finished init, parity and building
+    its region (and, once, for importing the region target)."""
 
     detect: float = 20.0
     """Seconds after a fault fires before a rank still alive is declared hung."""
@@ -139,6 +166,10 @@ class TimeoutConfig:
         for name in ("setup", "detect", "case", "pg", "heartbeat", "peer_lost", "grace"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}: must be positive")
+            if getattr(self, name) < MIN_SECONDS:
+                raise ValueError(f"{name}: must be at least {MIN_SECONDS:g} seconds")
+        if 0 < self.call_deadline < MIN_SECONDS:
+            raise ValueError(f"call_deadline: must be 0 (off) or at least {MIN_SECONDS:g} seconds")
         if self.call_deadline < 0:
             raise ValueError("call_deadline: must be >= 0 (0 disables it)")
         if self.peer_lost <= 2 * self.heartbeat:
@@ -155,8 +186,8 @@ class GateConfig:
 
     def validate(self) -> None:
         for f in dataclasses.fields(self):
-            if getattr(self, f.name) < 0:
-                raise ValueError(f"{f.name}: must be >= 0")
+            if not 0 <= getattr(self, f.name) <= MAX_COUNT:
+                raise ValueError(f"{f.name}: must be from 0 to {MAX_COUNT}")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -184,10 +215,9 @@ class DriftConfig:
     """The leader resets the KV cache every N calls (a new cache_epoch); 0: only at call 0."""
 
     def validate(self) -> None:
-        if self.digest_every < 0:
-            raise ValueError("digest_every: must be >= 0")
-        if self.reset_every < 0:
-            raise ValueError("reset_every: must be >= 0")
+        for name in ("digest_every", "reset_every"):
+            if not 0 <= getattr(self, name) <= MAX_COUNT:
+                raise ValueError(f"{name}: must be from 0 to {MAX_COUNT}")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -240,10 +270,10 @@ class Profile:
     triage: TriageConfig = field(default_factory=TriageConfig)
 
     def validate(self) -> None:
-        if self.warmup_calls < 1:
-            raise ValueError("warmup_calls: must be at least 1 (compile happens in warmup)")
-        if self.steps < 0:
-            raise ValueError("steps: must be >= 0")
+        if not 1 <= self.warmup_calls <= 1000:
+            raise ValueError("warmup_calls: must be from 1 (compile happens in warmup) to 1000")
+        if not 0 <= self.steps <= MAX_COUNT:
+            raise ValueError(f"steps: must be from 0 to {MAX_COUNT}")
 
 
 _NOT_KEYS = {"name", "source"}
@@ -263,22 +293,19 @@ def load_profile(
     spec = name_or_path or DEFAULT_PROFILE
     if spec.endswith((".yaml", ".yml")) or "/" in spec:
         path = Path(spec)
-        if not path.is_file():
+        if not path.exists():
             raise ProfileError(f"{spec}: profile file not found")
+        if not path.is_file():
+            raise ProfileError(f"{spec}: not a regular file")
         source, name = str(path), path.stem
-        text = _read_text(path.read_bytes, source)
+        text = _read_text(path, source)
     else:
         ref = resources.files("hardening.profiles").joinpath(f"{spec}.yaml")
         if not spec.strip() or not ref.is_file():
             raise ProfileError(f"unknown profile {spec!r}; shipped profiles: {', '.join(available_profiles())}")
         source, name = f"profiles/{spec}.yaml", spec
-        text = _read_text(ref.read_bytes, source)
-    try:
-        data = yaml.load(text, Loader=_StrictLoader) or {}
-    except ProfileError as exc:
-        raise ProfileError(f"{source}: {exc}") from None
-    except yaml.YAMLError as exc:
-        raise ProfileError(f"{source}: not valid YAML: {' '.join(str(exc).split())}") from None
+        text = _read_text(ref, source)
+    data = _parse(text, source)
     if not isinstance(data, dict):
         raise ProfileError(f"{source}: top level must be a mapping of keys")
     profile = Profile(name=name, source=source)
@@ -292,33 +319,54 @@ def load_profile(
     return profile
 
 
-def _read_text(read: Any, source: str) -> str:
+def _read_text(path: Any, source: str) -> str:
     try:
-        raw = read()
+        with path.open("rb") as fh:
+            raw = fh.read(MAX_PROFILE_BYTES + 1)
     except OSError as exc:
         raise ProfileError(f"{source}: cannot read: {exc.strerror or exc}") from None
+    if len(raw) > MAX_PROFILE_BYTES:
+        raise ProfileError(f"{source}: larger than {MAX_PROFILE_BYTES >> 10} KiB: not a profile")
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise ProfileError(f"{source}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start})") from None
 
 
-class _StrictLoader(yaml.SafeLoader):
-    """SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last
-    silently, so the first value a user wrote would be ignored without a word)."""
+def _parse(text: str, source: str) -> Any:
+    """YAML to plain data, refusing what PyYAML lets through silently: a key given twice
+    (it keeps the last) is named with its dotted path and both lines."""
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        if root is None:
+            return {}
+        _refuse_duplicates(root, "", set())
+        return yaml.safe_load(text)
+    except ProfileError as exc:
+        raise ProfileError(f"{source}: {exc}") from None
+    except yaml.YAMLError as exc:
+        raise ProfileError(f"{source}: not valid YAML: {short(' '.join(str(exc).split()))}") from None
+    except RecursionError:
+        raise ProfileError(f"{source}: nested too deeply to be a profile") from None
 
-    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
-        seen: dict[Any, int] = {}
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=True)
-            line = key_node.start_mark.line + 1
-            if key in seen:
-                raise ProfileError(f"key {key!r} is given twice (lines {seen[key]} and {line})")
-            try:
-                seen[key] = line
-            except TypeError:  # an unhashable key: the base class says so
-                break
-        return super().construct_mapping(node, deep=deep)
+
+def _refuse_duplicates(node: Any, prefix: str, seen_nodes: set[int]) -> None:
+    if id(node) in seen_nodes:  # an alias: walked once (an alias bomb must not explode here)
+        return
+    seen_nodes.add(id(node))
+    if isinstance(node, yaml.MappingNode):
+        lines: dict[str, int] = {}
+        for key_node, value_node in node.value:
+            key = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
+            if key is not None:
+                line = key_node.start_mark.line + 1
+                if key in lines:
+                    raise ProfileError(f"key {prefix + key!r} is given twice (lines {lines[key]} and {line})")
+                lines[key] = line
+            _refuse_duplicates(value_node, f"{prefix}{key}." if key is not None else prefix, seen_nodes)
+    elif isinstance(node, yaml.SequenceNode):
+        for item in node.value:
+            _refuse_duplicates(item, prefix, seen_nodes)
 
 
 def _nest(dotted: str, value: Any) -> dict[str, Any]:
@@ -336,8 +384,8 @@ def _merge(obj: Any, data: dict[str, Any], *, source: str, prefix: str) -> None:
     known = [f.name for f in dataclasses.fields(obj) if f.name not in _NOT_KEYS]
     for key, value in data.items():
         dotted = f"{prefix}{key}"
-        if key not in known:
-            raise ProfileError(f"{source}: unknown key {dotted!r} (known here: {', '.join(known)})")
+        if not isinstance(key, str) or key not in known:
+            raise ProfileError(f"{source}: unknown key {short(dotted)} (known here: {', '.join(known)})")
         hint = hints[key]
         current = getattr(obj, key)
         if dataclasses.is_dataclass(current):
@@ -365,7 +413,7 @@ def _coerce(value: Any, hint: Any, *, source: str, key: str) -> Any:
             return value
         if opt is float and isinstance(value, (int, float)) and not isinstance(value, bool):
             if not math.isfinite(value):
-                raise ProfileError(f"{source}: key {key!r} must be a finite number, got {value!r}")
+                raise ProfileError(f"{source}: key {key!r} must be a finite number, got {short(value)}")
             return float(value)
         if opt is str and isinstance(value, str):
             return value
@@ -374,7 +422,7 @@ def _coerce(value: Any, hint: Any, *, source: str, key: str) -> Any:
             if all(isinstance(v, item) for v in value):
                 return list(value)
     wanted = " or ".join("null" if o is type(None) else _type_name(o) for o in options)
-    raise ProfileError(f"{source}: key {key!r} must be {wanted}, got {type(value).__name__} {value!r}")
+    raise ProfileError(f"{source}: key {key!r} must be {wanted}, got {type(value).__name__} {short(value)}")
 
 
 def _type_name(hint: Any) -> str:

@@ -420,7 +420,7 @@ class Runner:
                 setup_deadline = live.launched + t.setup
                 if setup_deadline < deadline:
                     missing = sorted(set(range(self.world_size)) - set(ready))
-                    deadline, why = setup_deadline, f"setup deadline {t.setup:g}s, rank(s) {missing} not past parity"
+                    deadline, why = setup_deadline, f"setup deadline {t.setup:g}s, rank(s) {missing} not past parity and build"
             failed = [t_exit for status, t_exit in live.exits.values() if status != 0]
             if failed and min(failed) + t.detect < deadline:
                 # Once one rank has failed, a peer still running after `detect` is stranded.

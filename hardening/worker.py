@@ -165,7 +165,6 @@ def _recipe(spec: RankSpec, profile: Profile, state: RankState, store: dist.Stor
     if hardened:
         check_parity(side, fingerprint)
         side.create_group()
-    store.set(f"ready/{spec.rank}", "1")
 
     # 3. Build the region; its own parity keys and its weights are checked before the
     #    first call (a perturbed shard is named here, not found as drift later).
@@ -185,6 +184,7 @@ def _recipe(spec: RankSpec, profile: Profile, state: RankState, store: dist.Stor
         check_parity(side, {f"region.{k}": json.dumps(v, default=str) for k, v in sorted(reg.parity_keys.items())}, tag="region-parity")
     if profile.drift.weights and hardened:
         drift.check_weights(side, reg.module, manifest=reg.weight_manifest, replicated=reg.replicated_params)
+    store.set(f"ready/{spec.rank}", "1")  # past build: `timeouts.setup` covers a factory that never returns
     sample = region.make_call_inputs(reg, 0)
     contract = CallContract(
         tensors=tuple(

@@ -13,9 +13,13 @@ apply to the region under test (nothing to restride, no checkable parameter) say
 from __future__ import annotations
 
 import importlib
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar
+
+
+_DIGITS = re.compile(r"-?[0-9]+")  # ASCII only: int() would take "１" (fullwidth) as 1
 
 
 class FaultSpecError(ValueError):
@@ -70,10 +74,9 @@ def parse_spec(text: str) -> FaultSpec:
 
 
 def _parse_ranks(value: str, text: str) -> tuple[int, ...]:
-    try:
-        ranks = tuple(int(v) for v in value.split("+"))
-    except ValueError:
-        raise FaultSpecError(f"fault spec {text!r}: rank must be N, N+M or all, got {value!r}") from None
+    if not all(_DIGITS.fullmatch(v) for v in value.split("+")):
+        raise FaultSpecError(f"fault spec {text!r}: rank must be N, N+M or all, got {value!r}")
+    ranks = tuple(int(v) for v in value.split("+"))
     if any(r < 0 for r in ranks):
         raise FaultSpecError(f"fault spec {text!r}: rank {min(ranks)} is negative")
     if len(set(ranks)) != len(ranks):
@@ -107,6 +110,8 @@ class Fault:
     """``all`` or ``N`` / ``N+M``: where it acts when the spec has no ``rank=``."""
     int_params: ClassVar[tuple[str, ...]] = ()
     """Extra integer ``key=value`` parameters the fault accepts (e.g. ``call``)."""
+    switch_params: ClassVar[tuple[str, ...]] = ()
+    """Those of ``int_params`` that are switches: 0 or 1."""
 
     def __init__(self, spec: FaultSpec, ctx: FaultContext) -> None:
         unknown = set(spec.params) - set(self.int_params)
@@ -114,7 +119,9 @@ class Fault:
             allowed = ", ".join(("rank",) + self.int_params)
             raise FaultSpecError(f"fault {self.name!r} has no parameter(s) {sorted(unknown)}; it takes: {allowed}")
         for key in spec.params:
-            _int_param(spec.params, key, 0, spec.text)  # checked here, before any rank starts
+            value = _int_param(spec.params, key, 0, spec.text)  # checked here, before any rank starts
+            if key in self.switch_params and value not in (0, 1):
+                raise FaultSpecError(f"fault spec {spec.text!r}: {key} is a switch, 0 or 1, got {value}")
         self.spec = spec
         self.ctx = ctx
         self.fired_at: float | None = None
@@ -198,7 +205,6 @@ def _int_param(params: dict[str, str], key: str, default: int, text: str) -> int
     value = params.get(key)
     if value is None:
         return default
-    try:
-        return int(value)
-    except ValueError:
-        raise FaultSpecError(f"fault spec {text!r}: {key} must be an integer, got {value!r}") from None
+    if not _DIGITS.fullmatch(value):
+        raise FaultSpecError(f"fault spec {text!r}: {key} must be an integer, got {value!r}")
+    return int(value)

@@ -235,6 +235,7 @@ class StallRank(_StepFault):
     summary = "a rank freezes inside a call: SIGSTOP, or an endless sleep with sleep=1"
     default_ranks = "1"
     int_params = ("call", "sleep")
+    switch_params = ("sleep",)
 
     def act(self) -> None:
         if self.int_param("sleep", 0):

@@ -29,7 +29,12 @@ from hardening.cli import ExitCode
 pytestmark = [pytest.mark.multiproc, pytest.mark.slow]
 
 USAGE = ExitCode.USAGE_ERROR
-QUICK = "timeouts: {setup: 4}\n"  # for targets that hang at import: the setup deadline ends them
+QUICK = "timeouts: {setup: 4}\n"
+FIFO = b"<fifo>"  # a file content that asks run_one for a named pipe instead
+# Billion laughs: 10**8 strings by reference; a message that prints the value must not expand it.
+BOMB = "steps:\n  - &a0 [" + ", ".join(["lol"] * 10) + "]\n" + "".join(
+    f"  - &a{i} [" + ", ".join([f"*a{i - 1}"] * 10) + "]\n" for i in range(1, 8)
+)  # for targets that hang at import: the setup deadline ends them
 
 
 @dataclass(frozen=True)
@@ -79,7 +84,11 @@ CORPUS = [
     Bad("profile-empty", ("suite", "compile", "--profile", ""), ("--profile",)),
     Bad("profile-unknown-name", ("suite", "compile", "--profile", "nope"), ("'nope'", "cpu")),
     Bad("profile-missing-file", ("suite", "compile", "--profile", "missing.yaml"), ("missing.yaml", "not found")),
-    Bad("profile-is-directory", ("suite", "compile", "--profile", "d.yaml"), ("d.yaml",), files={"d.yaml/x": ""}),
+    Bad("profile-is-directory", ("suite", "compile", "--profile", "d.yaml"), ("d.yaml", "not a regular file"), files={"d.yaml/x": ""}),
+    Bad("profile-is-dev-zero", ("suite", "compile", "--profile", "/dev/zero"), ("/dev/zero", "not a regular file")),
+    Bad("json-is-a-fifo", _suite("--json", "fifo"), ("--json", "not a regular file"), files={"fifo": FIFO}),
+    Bad("json-inside-artifacts", _suite("--artifacts", "run", "--json", "run/result.json"), ("--json", "inside the run directory")),
+    Bad("junit-is-artifacts", _suite("--artifacts", "run", "--junit", "run"), ("--junit",)),
     Bad("target-empty", ("suite", "compile", "--target", ""), ("--target", "empty")),
     Bad("target-no-colon", ("suite", "compile", "--target", "mod"), ("--target", "module:function")),
     Bad("target-no-function", ("suite", "compile", "--target", "mod:"), ("--target", "'mod:'")),
@@ -111,6 +120,8 @@ CORPUS = [
     Bad("fault-call-not-int", ("fault", "stall:call=x"), ("stall:call=x", "integer")),
     Bad("fault-unknown-param", ("fault", "stall:speed=3"), ("speed", "it takes")),
     Bad("fault-param-without-value", ("fault", "kill:call="), ("'call='", "key=value")),
+    Bad("fault-negative-switch", ("fault", "stall:sleep=-1"), ("stall:sleep=-1", "switch")),
+    Bad("fault-fullwidth-digit", ("fault", "stall:rank=\uff11"), ("rank must be",)),
     Bad("fault-rank-beyond-ranks-flag", ("fault", "kill:rank=3", "--ranks", "2"), ("kill:rank=3", "2 ranks")),
     # -- profile files --------------------------------------------------------------------
     _profile("timeouts: {setup: .nan}\n", "timeouts.setup", "finite", id="profile-nan-timeout"),
@@ -122,7 +133,7 @@ CORPUS = [
     _profile("gates: {max_graph_breaks: -1}\n", "gates.max_graph_breaks", id="profile-negative-gate"),
     _profile("triage: {timeout: -5}\n", "triage.timeout", id="profile-negative-triage-timeout"),
     _profile("steps: 2\nwarmup_calls: 1\nsteps: 3\n", "'steps'", "twice", "lines 1 and 3", id="profile-duplicate-key"),
-    _profile("timeouts:\n  setup: 5\n  setup: 6\n", "'setup'", "twice", id="profile-duplicate-nested-key"),
+    _profile("timeouts:\n  setup: 5\n  setup: 6\n", "'timeouts.setup'", "twice", id="profile-duplicate-nested-key"),
     _profile("timeouts: {setup: 5\n", "not valid YAML", id="profile-broken-yaml"),
     _profile("- steps: 1\n", "mapping", id="profile-top-level-list"),
     _profile("stepz: 4\n", "'stepz'", id="profile-unknown-key"),
@@ -139,6 +150,17 @@ CORPUS = [
     _profile("parity: {ignore: ['']}\n", "parity.ignore", id="profile-empty-parity-ignore"),
     _profile("steps: !!python/object:os.system ls\n", "not valid YAML", id="profile-python-tag"),
     _profile("world: 2\n", "'world'", "mapping", id="profile-section-not-mapping"),
+    _profile("timeouts: {setup: 5, setup: 6}\n", "'timeouts.setup'", "twice", id="profile-duplicate-key-dotted"),
+    _profile(BOMB, "'steps'", "must be int", id="profile-alias-bomb"),
+    _profile("steps: " + "[" * 100000 + "]" * 100000 + "\n", "nested too deeply", id="profile-deep-nesting"),
+    _profile("{? [a, b] : 1}\n", "p.yaml", id="profile-unhashable-key"),
+    _profile(" " * (2 << 20) + "\nsteps: 4\n", "larger than", id="profile-huge-file"),
+    _profile("compile: {mode: bogus}\n", "compile.mode", id="profile-unknown-compile-mode"),
+    _profile("compile: {backend: eager, mode: max-autotune}\n", "compile.mode", "inductor", id="profile-mode-without-inductor"),
+    _profile("region: {seed: 100000000000000000000000}\n", "region.seed", id="profile-seed-overflow"),
+    _profile("steps: 1000000000000000000000000000000\n", "'steps'", id="profile-absurd-steps"),
+    _profile("region: {dims: {hidden: 1000000000}}\n", "region.dims.hidden", id="profile-absurd-dim"),
+    _profile("timeouts: {pg: 0.000001}\n", "timeouts.pg", "at least", id="profile-tiny-timeout"),
     # -- targets: imported in a bounded child of the fork server, never in the runner ------
     _target("target-hangs-at-import", "import time\ntime.sleep(3600)\ndef build(ctx): pass\n", "did not finish", "mod.py:2"),
     _target("target-exits-0-at-import", "import os\nos._exit(0)\n", "ended the process", "exit code 0"),
@@ -169,7 +191,10 @@ def run_one(bad: Bad, root: Path) -> Ran:
     for name, content in bad.files.items():
         path = cwd / name
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(content if isinstance(content, bytes) else content.encode())
+        if content == FIFO:
+            os.mkfifo(path)
+        else:
+            path.write_bytes(content if isinstance(content, bytes) else content.encode())
     marker = new_marker()
     env = dict(os.environ, CORPUS_MARKER=marker)
     started = time.time()

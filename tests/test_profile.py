@@ -281,7 +281,7 @@ def test_a_non_utf8_file_names_the_byte(tmp_path: Path) -> None:
 def test_a_key_given_twice_names_both_lines(tmp_path: Path) -> None:
     path = _write(tmp_path, "steps: 2\nwarmup_calls: 1\nsteps: 3\n")
     assert _error(path) == f"{path}: key 'steps' is given twice (lines 1 and 3)"
-    assert "'setup' is given twice" in _error(_write(tmp_path, "timeouts:\n  setup: 5\n  setup: 6\n", "nested.yaml"))
+    assert "key 'timeouts.setup' is given twice (lines 2 and 3)" in _error(_write(tmp_path, "timeouts:\n  setup: 5\n  setup: 6\n", "nested.yaml"))
 
 
 def test_python_tags_are_not_constructed(tmp_path: Path) -> None:

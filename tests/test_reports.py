@@ -334,3 +334,19 @@ def test_junit_harness_error_without_cases(tmp_path: Path) -> None:
     assert tc.find("error").get("type") == "harness_error"
     assert tc.find("error").get("message") == "torch not importable"
     assert ts.get("tests") == "1" and ts.get("errors") == "1"
+
+
+def test_report_files_honour_the_umask_and_never_replace_a_device(tmp_path: Path) -> None:
+    import os
+    import stat
+
+    from hardening.reports.json_report import atomic_write_bytes
+
+    old = os.umask(0o022)
+    try:
+        atomic_write_bytes(tmp_path / "r.json", b"{}")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "r.json").stat().st_mode) == 0o644
+    atomic_write_bytes("/dev/null", b"{}")  # written through, not renamed over
+    assert Path("/dev/null").is_char_device()

@@ -123,3 +123,21 @@ def test_a_control_whose_ranks_exit_0_without_working_fails(tmp_path: Path) -> N
         assert rank["exit_code"] == 0 and rank["error_class"] == "no_final_record" and rank["phase"] == "build"
     assert "no_final_record" in out.stdout
     assert not left_behind(marker)
+
+
+@pytest.mark.timeout(240)
+def test_a_target_that_daemonizes_a_child_at_import_leaves_nothing_behind(tmp_path: Path) -> None:
+    # setsid + a parent that goes away: the runner's session kill cannot reach it, so the
+    # fork server adopts it (child subreaper) and ends it with the suite.
+    (tmp_path / "forker.py").write_text(
+        "import os, time\n"
+        "if os.fork() == 0:\n"
+        "    os.setsid()\n"
+        "    time.sleep(300)\n"
+        "    os._exit(0)\n"
+        "from hardening.reference import build\n"
+    )
+    marker = new_marker()
+    out = _run(tmp_path, "suite", "compile", "--only", "control", "--target", "forker.py:build", marker=marker)
+    assert out.returncode == 0
+    assert not left_behind(marker), "a daemonized child outlived the run"

@@ -29,6 +29,12 @@ def write_json(result: SuiteResult, path: str | os.PathLike[str]) -> None:
     atomic_write_bytes(path, (text + "\n").encode("utf-8"))
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def json_safe(value: Any) -> Any:
     """A copy of ``value`` made only of dict/list/str/int/finite float/bool/None."""
     if value is None or isinstance(value, (bool, str)):
@@ -51,11 +57,20 @@ def json_safe(value: Any) -> Any:
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file in the same folder and ``os.replace``."""
+    """Write ``data`` to ``path`` via a temporary file in the same folder and ``os.replace``,
+    with the mode a plain ``open`` would give (umask honoured: a CI uploader running as
+    another user must be able to read it). An existing path that is not a regular file
+    (a device, a FIFO) is written through, never renamed over: replacing ``/dev/null``
+    with a file would break the machine."""
     target = Path(path)
+    if target.exists() and not target.is_file():
+        with open(target, "wb") as fh:
+            fh.write(data)
+        return
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
