@@ -163,9 +163,9 @@ def check_weights(
                 problems.append(f"parameter {name!r} on rank {r} does not match its manifest fingerprint")
     for name in replicated:
         values = [tuple(fps.get(name, ())) for fps in per_rank]
-        if len(set(values)) > 1:
-            ranks = [r for r, v in enumerate(values) if v != values[0]]
-            problems.append(f"replicated parameter {name!r} differs on rank(s) {ranks} from rank 0")
+        problems += [
+            f"replicated parameter {name!r} on rank {r} differs from rank 0" for r, v in enumerate(values) if v != values[0]
+        ]
     if problems:
         more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
         raise DriftError(f"weight fingerprint: {problems[0]}{more}" + "".join(f"\n  {p}" for p in problems[1:]))

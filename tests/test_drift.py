@@ -285,7 +285,7 @@ def test_check_weights_names_a_differing_replicated_parameter(store_port: int) -
     out = run_ranks(side_channels(store_port, 2), lambda s: check_weights(s, blocks[s.rank], manifest=None, replicated=("ada",), tag="ada"))
     for r in (0, 1):
         assert isinstance(out[r], DriftError), out[r]
-        assert "replicated parameter 'ada' differs on rank(s) [1]" in str(out[r])
+        assert "replicated parameter 'ada' on rank 1 differs from rank 0" in str(out[r])
     # With the manifest as well, both findings are named.
     out = run_ranks(
         side_channels(store_port, 2),
@@ -319,3 +319,40 @@ def test_input_digest_in_the_frame_on_two_ranks() -> None:
     assert "at call 5: rank 1 (c) differs from the leader (rank 0)" in follower["digest_tensor"]["message"]
     assert "at call 6: rank 1 (header+meta) differs" in follower["digest_blob"]["message"]
     assert "at call 28: rank 1 (header+meta, x) differs" in follower["digest_both"]["message"]
+
+
+# -- DTensor parameters: the local shard, never a DTensor op (which could be a collective) ----
+
+_DTENSOR_SCRIPT = r"""
+import os, sys, tempfile, json
+import torch, torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+from hardening.drift import checksum, fingerprint, local_shard, replicate_placed
+from hardening.inject.fault import flip_low_bit
+
+store = dist.FileStore(tempfile.mktemp(), 1)
+dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+mesh = init_device_mesh("cpu", (1,))
+m = torch.nn.Module()
+m.rep = torch.nn.Parameter(distribute_tensor(torch.arange(6.0), mesh, [Replicate()]), requires_grad=False)
+m.shard = torch.nn.Parameter(distribute_tensor(torch.arange(8.0).reshape(4, 2), mesh, [Shard(0)]), requires_grad=False)
+m.plain = torch.nn.Parameter(torch.ones(3), requires_grad=False)
+before = fingerprint(m)
+ok = before["shard"] == checksum(m.shard.to_local()).tolist() and before["plain"] == checksum(m.plain).tolist()
+flip_low_bit(local_shard(m.shard), 3)  # must change the parameter itself
+print(json.dumps({"ok": ok, "replicated": list(replicate_placed(m)), "changed": fingerprint(m)["shard"] != before["shard"]}))
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.timeout(120)
+def test_dtensor_parameters_are_fingerprinted_by_their_local_shard() -> None:
+    import json
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _DTENSOR_SCRIPT], capture_output=True, text=True, timeout=100)
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result == {"ok": True, "replicated": ["rep"], "changed": True}

@@ -29,3 +29,27 @@ def test_own_loop_under_torchrun(tmp_path: Path) -> None:
         assert f"rank {rank}: 20 hardened calls" in out.stdout
         record = json.loads((tmp_path / f"own_loop_rank{rank}.json").read_text())
         assert record["ok"] is True and record["phase"] == "steady" and record["last_call_id"] == 19
+
+
+@pytest.mark.multiproc
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+@pytest.mark.parametrize("profile", ["cpu", "premerge"])
+def test_dtensor_block_passes_every_suite(tmp_path: Path, profile: str) -> None:
+    """A region nobody here wrote the internals of: torch's parallelize_module on a DeviceMesh."""
+    out = subprocess.run(
+        [sys.executable, "-m", "hardening", "suite", "all", "--ranks", "2", "--profile", profile,
+         "--target", f"{EXAMPLES / 'dtensor_block.py'}:build", "--json", "r.json"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=380,
+    )  # fmt: skip
+    print(out.stdout, out.stderr)
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
+    cases = {(c["id"], c["fault"]): c for c in json.loads((tmp_path / "r.json").read_text())["cases"]}
+    by_id = {case_id: c for (case_id, _), c in cases.items()}
+    # The expectations named the region's own input and a parameter it really has.
+    assert by_id["OM-11"]["ranks"][1]["touched"] == "hidden_states"
+    assert "(hidden_states)" in by_id["OM-11"]["ranks"][1]["message"]
+    perturbed = by_id["OM-12"]["ranks"][1]["touched"]
+    assert perturbed in ("norm.weight", "norm.bias", "o.bias", "down.bias")
+    assert f"parameter '{perturbed}' on rank 1" in by_id["OM-12"]["ranks"][1]["message"]
+    assert by_id["C-03"]["ranks"][1]["touched"] == "hidden_states"
