@@ -53,3 +53,25 @@ def test_dtensor_block_passes_every_suite(tmp_path: Path, profile: str) -> None:
     assert perturbed in ("norm.weight", "norm.bias", "o.bias", "down.bias")
     assert f"parameter '{perturbed}' on rank 1" in by_id["OM-12"]["ranks"][1]["message"]
     assert by_id["C-03"]["ranks"][1]["touched"] == "hidden_states"
+
+
+@pytest.mark.multiproc
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("profile", ["cpu", "premerge"])
+def test_hf_llama_through_its_own_tp_plan_passes_every_suite(tmp_path: Path, profile: str) -> None:
+    """A transformers model sharded by transformers' own TP plan, token ids (1, T) as input."""
+    out = subprocess.run(
+        [sys.executable, "-m", "hardening", "suite", "all", "--ranks", "2", "--profile", profile,
+         "--target", f"{EXAMPLES / 'hf_llama.py'}:build", "--json", "r.json"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=580,
+    )  # fmt: skip
+    print(out.stdout, out.stderr)
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
+    by_id = {c["id"]: c for c in json.loads((tmp_path / "r.json").read_text())["cases"]}
+    assert all(c["verdict"] == "pass" for c in by_id.values()), {k: c["verdict"] for k, c in by_id.items()}
+    # C-03 restrided the (1, T) token ids; OM-11 and OM-12 name the model's own names.
+    assert by_id["C-03"]["ranks"][1]["touched"] == "input_ids"
+    assert "(input_ids)" in by_id["OM-11"]["ranks"][1]["message"]
+    perturbed = by_id["OM-12"]["ranks"][1]["touched"]
+    assert "norm" in perturbed and f"parameter '{perturbed}' on rank 1" in by_id["OM-12"]["ranks"][1]["message"]
