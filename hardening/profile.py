@@ -154,7 +154,11 @@ class TimeoutConfig:
     """A peer whose heartbeat is older than this is declared lost."""
 
     call_deadline: float = 15.0
-    """Deadline of one steady-state call (0 disables it)."""
+    """Deadline of one steady-state call, and of a call blocked in a collective while no
+    peer makes progress, warmup included (0 disables both)."""
+
+    compile: float = 300.0
+    """Deadline of one warmup call, which may compile (0 disables it)."""
 
     grace: float = 2.0
     """Seconds between SIGTERM and SIGKILL when the runner tears ranks down."""
@@ -168,8 +172,11 @@ class TimeoutConfig:
                 raise ValueError(f"{name}: must be positive")
             if getattr(self, name) < MIN_SECONDS:
                 raise ValueError(f"{name}: must be at least {MIN_SECONDS:g} seconds")
-        if 0 < self.call_deadline < MIN_SECONDS:
-            raise ValueError(f"call_deadline: must be 0 (off) or at least {MIN_SECONDS:g} seconds")
+        for name in ("call_deadline", "compile"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}: must be >= 0 (0 disables it)")
+            if 0 < getattr(self, name) < MIN_SECONDS:
+                raise ValueError(f"{name}: must be 0 (off) or at least {MIN_SECONDS:g} seconds")
         if self.call_deadline < 0:
             raise ValueError("call_deadline: must be >= 0 (0 disables it)")
         if self.peer_lost <= 2 * self.heartbeat:

@@ -6,7 +6,12 @@ outlives any rank), and ends the process when:
 - another rank wrote the job-wide ``abort`` key (fast death propagation) -> PeerError,
 - a peer died (reported by the launcher that hosts the store) or its heartbeat stopped
   changing for ``peer_lost`` seconds (``setup`` while it imports or compiles) -> PeerLost,
-- the main thread's current call ran past ``call_deadline`` -> CallDeadlineExceeded,
+- the main thread's current call ran past its deadline (``call_deadline``; a warmup call,
+  which may compile, gets ``compile``) -> CallDeadlineExceeded,
+- the main thread has been blocked in a collective for ``call_deadline`` while every peer
+  is waiting too (on the side channel, in a collective, or gone) -> CallDeadlineExceeded
+  naming the op and the user's line: a conditional collective, even in the first call,
+  does not wait for the compile bound (a peer that is still compiling holds it off),
 - the launcher died (the parent changed) -> exit code 11.
 
 Every end goes through :meth:`Terminator.end`: write the final record, publish the
@@ -28,6 +33,7 @@ from typing import Any, Callable, NoReturn
 
 import torch.distributed as dist
 
+from hardening import activity
 from hardening.errors import (
     EXIT_OK,
     EXIT_PARENT_GONE,
@@ -55,6 +61,8 @@ class RankState:
     phase: str = "init"
     call_id: int | None = None
     call_started: float | None = None  # monotonic; set only while a deadline-bound call runs
+    call_limit_s: float | None = None
+    """This call's own deadline (a warmup call that may compile), else the watchdog's."""
     fired_at: float | None = None
     fault_touched: str | None = None
     """What the fault changed on this rank (a tensor or parameter name), when it fired."""
@@ -76,8 +84,9 @@ class RankState:
         if self.on_phase is not None:
             self.on_phase(phase)
 
-    def begin_call(self, call_id: int, *, deadline_bound: bool) -> None:
+    def begin_call(self, call_id: int, *, deadline_bound: bool, deadline_s: float | None = None) -> None:
         self.call_id = call_id
+        self.call_limit_s = deadline_s
         self.call_started = time.monotonic() if deadline_bound else None
 
     def end_call(self) -> None:
@@ -217,17 +226,17 @@ def report_exit(store: dist.Store, rank: int, exit_code: int, how: str) -> None:
     store.add(EVENTS_KEY, 1)
 
 
-def follow_abort(info: dict[str, Any], *, surfaced: str | None = None) -> HardeningError:
+def follow_abort(info: dict[str, Any], *, surfaced: str | None = None, here: str | None = None) -> HardeningError:
     """What a rank ends with when another rank published the job-wide abort ``info``.
 
     A peer's own failure is a PeerError naming that peer. A lost peer is a PeerLost naming
     the *lost* rank on every survivor, whichever of them noticed first: the root cause is
     the rank that died or froze, not the one that saw it."""
-    here = f"\n(here it surfaced as {surfaced})" if surfaced else ""
+    tail = (f"\n(here it surfaced as {surfaced})" if surfaced else "") + (f"\n(this rank was {here})" if here else "")
     lost = info.get("root_cause_rank")
     if info.get("error") == "PeerLost" and lost is not None:
-        return PeerLost(f"{info['message']} (noticed first by rank {info['rank']}){here}", root_cause_rank=lost)
-    return PeerError(f"rank {info['rank']} failed first: {info['error']}: {info['message']}{here}", root_cause_rank=info["rank"])
+        return PeerLost(f"{info['message']} (noticed first by rank {info['rank']}){tail}", root_cause_rank=lost)
+    return PeerError(f"rank {info['rank']} failed first: {info['error']}: {info['message']}{tail}", root_cause_rank=info["rank"])
 
 
 def main_thread_where(depth: int = 3) -> str:
@@ -281,6 +290,8 @@ class Watchdog(threading.Thread):
         self._done: set[int] = set()
         self._dead: dict[int, dict[str, Any]] = {}
         self._all_seen = False
+        self._blocked: tuple[Any, float] | None = None  # (call_id, op), since when
+        self._peer_activity: dict[int, str] = {}
 
     def run(self) -> None:
         start = self.clock()
@@ -301,7 +312,9 @@ class Watchdog(threading.Thread):
         if self.parent_pid is not None and os.getppid() != self.parent_pid:
             self.terminator.end(None, exit_code=EXIT_PARENT_GONE, publish_abort=False)
         self._seq += 1
-        self.store.set(f"hb/{s.rank}", json.dumps({"seq": self._seq, "phase": s.phase, "call_id": s.call_id}))
+        act = activity.sample(sys._current_frames().get(threading.main_thread().ident or -1))
+        beat = {"seq": self._seq, "phase": s.phase, "call_id": s.call_id, "activity": act.kind}
+        self.store.set(f"hb/{s.rank}", json.dumps(beat))
         # Abort, clean ends and launcher-reported deaths each bump one counter: unchanged,
         # there is nothing new to read (a constant number of store requests per tick
         # instead of several per peer).
@@ -313,16 +326,18 @@ class Watchdog(threading.Thread):
             # Give this rank's own main thread two beats to raise a collective error
             # (parity, warmup) itself, so that it reports its own cause, not PeerError.
             if now - self._abort_seen >= 2 * self.heartbeat_s:
-                self.terminator.end(follow_abort(self._abort_info), publish_abort=False)
-        if s.call_started is not None and self.call_deadline_s > 0:
+                self.terminator.end(follow_abort(self._abort_info, here=act.describe()), publish_abort=False)
+        limit = s.call_limit_s if s.call_limit_s is not None else self.call_deadline_s
+        if s.call_started is not None and limit > 0:
             running = now - s.call_started
-            if running > self.call_deadline_s:
+            if running > limit:
                 self.terminator.end(
                     CallDeadlineExceeded(
-                        f"call {s.call_id} has run {running:.1f}s, past the {self.call_deadline_s:g}s call deadline; "
-                        f"main thread in {main_thread_where()}"
+                        f"call {s.call_id} has run {running:.1f}s, past the {limit:g}s call deadline; "
+                        f"main thread in {act.describe() if act.kind == activity.COLLECTIVE else main_thread_where()}"
                     )
                 )
+        self._check_blocked(act, now)
         if self._abort_info is not None:
             return  # a peer already named the cause; this rank follows it, not a death it caused
         watched = [r for r in self._peer_value if r not in self._done]
@@ -333,6 +348,37 @@ class Watchdog(threading.Thread):
                 self.terminator.end(PeerLost(f"rank {r} died ({death.get('how')}, reported by the launcher)", root_cause_rank=r))
         for r, value in zip(watched, self._heartbeats(watched)):
             self._check_peer(r, value, now)
+
+    def _check_blocked(self, act: "activity.Activity", now: float) -> None:
+        """A call blocked in a collective while no peer makes progress is a hang, whatever
+        the call's own (compile) bound: end it at ``call_deadline``, naming the op."""
+        s = self.state
+        if act.kind != activity.COLLECTIVE or s.call_started is None or self.call_deadline_s <= 0:
+            self._blocked = None
+            return
+        key = (s.call_id, act.op)
+        if self._blocked is None or self._blocked[0] != key:
+            self._blocked = (key, now)
+            return
+        blocked = now - self._blocked[1]
+        if blocked <= self.call_deadline_s:
+            return
+        peers = {r: self._peer_activity.get(r, "?") for r in self._peer_value}
+        fresh = max(1.0, 3 * self.heartbeat_s)
+        progressing = [
+            r for r, kind in peers.items()
+            if r not in self._done and r not in self._dead
+            and (kind not in (activity.SIDE, activity.COLLECTIVE) or now - self._peer_changed[r] > fresh)
+        ]  # fmt: skip
+        if progressing:
+            return  # a peer still compiling (or silent) may yet join: the call's own bound applies
+        waiting = ", ".join(f"rank {r} {'done' if r in self._done else kind}" for r, kind in sorted(peers.items()))
+        self.terminator.end(
+            CallDeadlineExceeded(
+                f"call {s.call_id} blocked {blocked:.1f}s in {act.describe()} while no peer makes progress "
+                f"({waiting}): past the {self.call_deadline_s:g}s call deadline"
+            )
+        )
 
     def _read_events(self, now: float) -> None:
         if self._abort_info is None and self.store.check([ABORT_KEY]):
@@ -363,6 +409,8 @@ class Watchdog(threading.Thread):
         if value != self._peer_value[r]:
             self._peer_value[r] = value
             self._peer_changed[r] = now
+            if value is not None:
+                self._peer_activity[r] = json.loads(value).get("activity", "?")
             return
         age = now - self._peer_changed[r]
         if value is None:

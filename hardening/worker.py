@@ -212,7 +212,9 @@ def _recipe(spec: RankSpec, profile: Profile, state: RankState, store: dist.Stor
     def step(call_id: int, *, phase: str) -> None:
         """One call: envelope, lifecycle, digest, then the data plane. The call deadline
         covers all of it (the leader making inputs, a follower waiting for them)."""
-        state.begin_call(call_id, deadline_bound=phase == "steady")
+        # Every call has a deadline: a warmup call may compile, so it gets the compile bound
+        # (a hang inside it is still caught at call_deadline: see Watchdog._check_blocked).
+        state.begin_call(call_id, deadline_bound=hardened, deadline_s=timeouts.compile if phase == "warmup" else None)
         try:
             if is_leader:
                 every = profile.drift.digest_every

@@ -75,3 +75,25 @@ def test_hf_llama_through_its_own_tp_plan_passes_every_suite(tmp_path: Path, pro
     assert "(input_ids)" in by_id["OM-11"]["ranks"][1]["message"]
     perturbed = by_id["OM-12"]["ranks"][1]["touched"]
     assert "norm" in perturbed and f"parameter '{perturbed}' on rank 1" in by_id["OM-12"]["ranks"][1]["message"]
+
+
+@pytest.mark.multiproc
+@pytest.mark.timeout(180)
+def test_a_rank_conditional_collective_in_warmup_ends_at_the_call_deadline_naming_op_and_line(tmp_path: Path) -> None:
+    (tmp_path / "d2.yaml").write_text("timeouts: {call_deadline: 2}\n")  # pg timeout stays 30 s
+    out = subprocess.run(
+        [sys.executable, "-m", "hardening", "suite", "compile", "--only", "control", "--profile", "d2.yaml",
+         "--target", f"{EXAMPLES / 'conditional_collective.py'}:build", "--json", "r.json"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=150,
+    )  # fmt: skip
+    print(out.stdout, out.stderr)
+    assert out.returncode == 1
+    r0, r1 = json.loads((tmp_path / "r.json").read_text())["cases"][0]["ranks"]
+    assert r0["error_class"] == "CallDeadlineExceeded" and r0["phase"] == "warmup"
+    # The op it is blocked in, the collective that issued it, and the user's line (not the def line).
+    assert "wait_tensor (all_reduce)" in r0["message"] and "conditional_collective.py:29" in r0["message"]
+    assert r1["error_class"] == "PeerError" and "conditional_collective.py:29" in r1["message"]
+    assert "this rank was waiting for its peers at side-channel step 'warmup/1'" in r1["message"]
+    # Within the call deadline after the first compile, not the 30 s process-group timeout.
+    assert max(r0["exited_at"], r1["exited_at"]) - min(r0["started_at"], r1["started_at"]) < 2 + 1 + 5
+    assert r1["exited_at"] - r0["exited_at"] < 1.0
