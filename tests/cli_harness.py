@@ -7,7 +7,9 @@ import os
 import sys
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any, Callable, Iterable
 
 
 def hardening_command() -> list[str]:
@@ -38,6 +40,13 @@ def marked_processes(marker: str) -> list[int]:
         except OSError:
             continue
     return found
+
+
+def run_each(items: Iterable[Any], run: Callable[[Any, Path], Any], root: Path, *, workers: int) -> dict[str, Any]:
+    """``run(item, root)`` for every item, ``workers`` at a time; results by ``item.id``."""
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        futures = {item.id: pool.submit(run, item, root) for item in items}
+        return {key: f.result() for key, f in futures.items()}
 
 
 def left_behind(marker: str, grace_s: float = 5.0) -> list[int]:

@@ -17,13 +17,12 @@ import os
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
-from cli_harness import hardening_command, left_behind, new_marker
+from cli_harness import hardening_command, left_behind, new_marker, run_each
 from hardening.cli import ExitCode
 
 pytestmark = [pytest.mark.multiproc, pytest.mark.slow]
@@ -214,10 +213,7 @@ def run_one(bad: Bad, root: Path) -> Ran:
 
 @pytest.fixture(scope="module")
 def corpus_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Ran]:
-    root = tmp_path_factory.mktemp("corpus")
-    with ThreadPoolExecutor(max_workers=3) as pool:
-        futures = {bad.id: pool.submit(run_one, bad, root) for bad in CORPUS}
-        return {key: f.result() for key, f in futures.items()}
+    return run_each(CORPUS, run_one, tmp_path_factory.mktemp("corpus"), workers=3)
 
 
 def test_the_corpus_is_large_and_distinct() -> None:

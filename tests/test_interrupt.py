@@ -19,13 +19,12 @@ import subprocess
 import threading
 import time
 import xml.etree.ElementTree as ET
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
-from cli_harness import hardening_command, left_behind, new_marker
+from cli_harness import hardening_command, left_behind, new_marker, run_each
 from hardening.cli import ExitCode
 
 pytestmark = [pytest.mark.multiproc, pytest.mark.slow]
@@ -183,10 +182,7 @@ def drive(sc: Scenario, root: Path) -> Ran:
 
 @pytest.fixture(scope="module")
 def matrix(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Ran]:
-    root = tmp_path_factory.mktemp("signals")
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        futures = {sc.id: pool.submit(drive, sc, root) for sc in SCENARIOS}
-        return {key: f.result() for key, f in futures.items()}
+    return run_each(SCENARIOS, drive, tmp_path_factory.mktemp("signals"), workers=2)
 
 
 @pytest.mark.timeout(900)
