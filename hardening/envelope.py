@@ -67,11 +67,34 @@ class Kind(enum.IntEnum):
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class TensorSpec:
-    """One manifest entry."""
+    """One manifest entry; in a call contract, what every call's entry must match."""
 
     name: str
     shape: tuple[int, ...]
     dtype: str
+    varying: tuple[tuple[int, int, int], ...] = ()
+    """Contract only: ``(dim, low, high)`` for each dimension whose size may change from
+    call to call (token count, sequence length) within ``low..high``; every other
+    dimension, the rank and the dtype are fixed."""
+
+    def mismatch(self, actual: "TensorSpec") -> str | None:
+        """Why ``actual`` (a call's manifest entry) breaks this contract entry, or None."""
+        if actual.dtype != self.dtype or len(actual.shape) != len(self.shape):
+            return f"is {actual.shape}/{actual.dtype}, the contract says {self.describe()}"
+        free = {dim % len(self.shape): (lo, hi) for dim, lo, hi in self.varying}
+        for dim, (size, want) in enumerate(zip(actual.shape, self.shape)):
+            bounds = free.get(dim)
+            if bounds is None and size != want:
+                return f"is {actual.shape}/{actual.dtype}: dim {dim} is {size}, fixed at {want} by the contract {self.describe()}"
+            if bounds is not None and not bounds[0] <= size <= bounds[1]:
+                return f"is {actual.shape}/{actual.dtype}: dim {dim} is {size}, outside its declared {bounds[0]}..{bounds[1]}"
+        return None
+
+    def describe(self) -> str:
+        dims = list(map(str, self.shape))
+        for dim, lo, hi in self.varying:
+            dims[dim % len(self.shape)] = f"{lo}..{hi}"
+        return f"({', '.join(dims)})/{self.dtype}"
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -173,9 +196,9 @@ def preflight(env: Envelope, channel: Channel) -> tuple[bytes, bytes, list[Tenso
     if extra:
         raise ContractError(f"tensor(s) {extra} are not in the call contract {list(expected)}: no ad-hoc broadcasts")
     for spec in specs:
-        want = expected[spec.name]
-        if spec != want:
-            raise PreflightError(f"tensor {spec.name!r} is {spec.shape}/{spec.dtype}, the contract says {want.shape}/{want.dtype}")
+        why = expected[spec.name].mismatch(spec)
+        if why:
+            raise PreflightError(f"tensor {spec.name!r} {why}")
     missing = [n for n in expected if n not in env.tensors]
     if missing:
         raise PreflightError(f"tensor(s) {missing} required by the call contract are missing")
@@ -332,9 +355,9 @@ def _validate_call(env: Envelope, specs: list[TensorSpec], count: int, channel: 
             raise ContractError(f"manifest tensor {spec.name!r} has dtype {spec.dtype}, not allowed")
         if spec.name not in expected:
             raise ContractError(f"manifest tensor {spec.name!r} is not in the call contract {list(expected)}")
-        if spec != expected[spec.name]:
-            want = expected[spec.name]
-            raise ContractError(f"manifest tensor {spec.name!r} is {spec.shape}/{spec.dtype}, the contract says {want.shape}/{want.dtype}")
+        why = expected[spec.name].mismatch(spec)
+        if why:
+            raise ContractError(f"manifest tensor {spec.name!r} {why}")
     if [s.name for s in specs] != [s.name for s in contract.tensors]:
         raise ContractError(f"manifest {[s.name for s in specs]} does not match the contract {[s.name for s in contract.tensors]}")
     if env.plan.get("expected_generator_calls") != contract.expected_generator_calls:

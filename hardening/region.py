@@ -82,6 +82,12 @@ class Region:
     reset_cache: Callable[[], None] | None = None
     """Clears the region's KV cache (called on a ``reset`` envelope, outside the compiled region)."""
 
+    varying_dims: dict[str, dict[int, tuple[int, int]]] = field(default_factory=dict)
+    """Input dimensions whose size may change from call to call, with their bounds:
+    ``{"input_ids": {1: (1, 512)}}`` (tokens). The envelope contract accepts those and
+    refuses every other change (dtype, rank, any undeclared dimension); whether a change
+    recompiles is the compile gate's business (``compile.dynamic``)."""
+
 
 RegionFactory = Callable[[RegionContext], Region]
 
@@ -187,6 +193,20 @@ def build_region(target: str, ctx: RegionContext) -> Region:
 def make_call_inputs(region: Region, call_id: int) -> tuple["torch.Tensor", ...]:
     """Inputs of call ``call_id``, made on the leader only (then sent in the envelope)."""
     return tuple(region.make_inputs(call_id))
+
+
+def varying_of(region: Region, name: str, ndim: int) -> tuple[tuple[int, int, int], ...]:
+    """The contract's ``varying`` entries of input ``name``; ValueError if a declared
+    dimension or bound cannot be one."""
+    out = []
+    for dim, bounds in sorted(region.varying_dims.get(name, {}).items()):
+        if not -ndim <= dim < ndim:
+            raise ValueError(f"Region.varying_dims[{name!r}]: dim {dim} does not exist in a {ndim}-d input")
+        lo, hi = bounds
+        if not 0 <= lo <= hi:
+            raise ValueError(f"Region.varying_dims[{name!r}][{dim}]: bounds {bounds} must be 0 <= low <= high")
+        out.append((dim % ndim, int(lo), int(hi)))
+    return tuple(out)
 
 
 def input_names(region: Region, count: int) -> tuple[str, ...]:

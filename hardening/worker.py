@@ -188,10 +188,18 @@ def _recipe(spec: RankSpec, profile: Profile, state: RankState, store: dist.Stor
     sample = region.make_call_inputs(reg, 0)
     contract = CallContract(
         tensors=tuple(
-            TensorSpec(name=n, shape=tuple(t.shape), dtype=str(t.dtype).removeprefix("torch."))
+            TensorSpec(
+                name=n,
+                shape=tuple(t.shape),
+                dtype=str(t.dtype).removeprefix("torch."),
+                varying=region.varying_of(reg, n, t.dim()),
+            )
             for n, t in zip(region.input_names(reg, len(sample)), sample)
         )
     )
+    undeclared = sorted(set(reg.varying_dims) - {t.name for t in contract.tensors})
+    if undeclared:
+        raise ValueError(f"Region.varying_dims names {undeclared}, which are not inputs {[t.name for t in contract.tensors]}")
     channel = Channel(
         control_group=side.group if hardened else dist.group.WORLD,
         data_group=dist.group.WORLD,

@@ -376,3 +376,31 @@ def test_frames_stay_aligned_after_a_refused_staging(pair: dict[int, dict[str, A
     assert s["ok"] and g["ok"], (s, g)
     assert g["call_id"] == 27
     _same_call(s, g)
+
+
+# -- variable shapes: declared dims vary within bounds, nothing else does -------------------
+
+
+def test_a_declared_dim_varies_within_its_bounds_and_nothing_else_does() -> None:
+    want = TensorSpec(name="input_ids", shape=(1, 8), dtype="int64", varying=((1, 1, 32),))
+    ok = [TensorSpec(name="input_ids", shape=(1, t), dtype="int64") for t in (1, 8, 9, 32)]
+    assert [want.mismatch(s) for s in ok] == [None] * 4
+    assert "dim 1 is 33, outside its declared 1..32" in want.mismatch(TensorSpec(name="input_ids", shape=(1, 33), dtype="int64"))
+    assert "dim 0 is 2, fixed at 1" in want.mismatch(TensorSpec(name="input_ids", shape=(2, 8), dtype="int64"))
+    assert "the contract says (1, 1..32)/int64" in want.mismatch(TensorSpec(name="input_ids", shape=(1, 8), dtype="int32"))
+    assert "the contract says" in want.mismatch(TensorSpec(name="input_ids", shape=(1, 8, 1), dtype="int64"))
+    # Without a declaration the contract is the sample's exact shape, as before.
+    fixed = TensorSpec(name="x", shape=(2, 3), dtype="float32")
+    assert fixed.mismatch(TensorSpec(name="x", shape=(2, 4), dtype="float32")) is not None
+
+
+def test_varying_dims_are_checked_against_the_input() -> None:
+    from hardening.region import Region, varying_of
+
+    reg = Region(module=torch.nn.Identity(), make_inputs=lambda k: (), varying_dims={"ids": {-1: (1, 16)}})
+    assert varying_of(reg, "ids", 2) == ((1, 1, 16),)
+    assert varying_of(reg, "other", 2) == ()
+    with pytest.raises(ValueError, match="dim -1 does not exist"):
+        varying_of(reg, "ids", 0)
+    with pytest.raises(ValueError, match="must be 0 <= low <= high"):
+        varying_of(Region(module=torch.nn.Identity(), make_inputs=lambda k: (), varying_dims={"ids": {0: (9, 2)}}), "ids", 1)

@@ -92,3 +92,25 @@ def test_a_rank_conditional_collective_in_warmup_ends_at_the_call_deadline_namin
     # Within the call deadline after the first compile, not the 30 s process-group timeout.
     assert max(r0["exited_at"], r1["exited_at"]) - min(r0["started_at"], r1["started_at"]) < 2 + 1 + 5
     assert r1["exited_at"] - r0["exited_at"] < 1.0
+
+
+@pytest.mark.multiproc
+@pytest.mark.timeout(240)
+def test_growing_token_ids_are_accepted_and_their_recompiles_gated(tmp_path: Path) -> None:
+    target = f"{EXAMPLES / 'growing_tokens.py'}:build"
+    (tmp_path / "dynamic.yaml").write_text("compile: {dynamic: true}\n")
+    runs = {}
+    for name, extra in (("static", ()), ("dynamic", ("--profile", "dynamic.yaml"))):
+        out = subprocess.run(
+            [sys.executable, "-m", "hardening", "suite", "compile", "--only", "control", "--target", target,
+             "--json", f"{name}.json", *extra],
+            cwd=tmp_path, capture_output=True, text=True, timeout=200,
+        )  # fmt: skip
+        print(out.stdout, out.stderr)
+        runs[name] = (out.returncode, json.loads((tmp_path / f"{name}.json").read_text())["cases"][0])
+    # The contract let every length through; with static shapes the gate names torch's guard.
+    code, case = runs["static"]
+    assert code == 1 and all(r["error_class"] == "CompileGateError" for r in case["ranks"])
+    assert "size mismatch at index 1" in case["ranks"][0]["message"]
+    code, case = runs["dynamic"]
+    assert code == 0 and case["verdict"] == "pass"
