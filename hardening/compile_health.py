@@ -43,7 +43,7 @@ if TYPE_CHECKING:
 INNER_BACKENDS = ("eager", "aot_eager", "inductor")
 """Backends the counting backend can wrap (the values CompileConfig.backend accepts)."""
 
-_MAX_REASON_CHARS = 200
+_MAX_REASON_CHARS = 300
 
 # Compiled-autograd ids look like "!<ca_id>" or "!<ca_id>/<frame>/<compile>"; some versions
 # append an attempt suffix ("0/0_1"), which is why only the leading "frame/compile" is read.
@@ -80,6 +80,33 @@ def normalize_reason(text: str) -> str:
     if len(first) > _MAX_REASON_CHARS:
         first = first[: _MAX_REASON_CHARS - 3] + "..."
     return first
+
+
+_EXPLANATION = re.compile(r"^\s*Explanation:\s*(.+)$", re.MULTILINE)
+_USER_CODE_FILE = re.compile(r'from user code:\s*\n(?:.*\n)*?\s*File "([^"]+)", line (\d+), in (\S+)')
+_CAUSED_BY = re.compile(r"Caused by: .*#\s*(\S+?):(\d+) in (\S+)")
+
+
+def break_text(text: str) -> str:
+    """What a user needs of a graph-break message, as one comparable line: torch's title
+    *and* its explanation, the line that names ``print``, ``time.time`` or a
+    data-dependent branch (the title alone is "Failed to trace builtin operator").
+    Old-style one-line reasons pass through; ``generic_jump`` says what it means."""
+    title = normalize_reason(text)
+    if title.startswith("generic_jump"):
+        return normalize_reason(f"Data-dependent branching ({title})")
+    match = _EXPLANATION.search(str(text))
+    if match is None:
+        return title
+    return normalize_reason(f"{title}: {match.group(1)}")
+
+
+def _exception_location(text: str) -> str:
+    """`` at file.py:LINE in fn`` from the user-code part of a fullgraph error."""
+    match = _USER_CODE_FILE.search(text) or _CAUSED_BY.search(text)
+    if match is None:
+        return ""
+    return f" at {match.group(1).rsplit('/', 1)[-1]}:{match.group(2)} in {match.group(3)}"
 
 
 def _break_location(reason: object) -> str:
@@ -294,18 +321,23 @@ def _exception_chain(exc: BaseException) -> Iterable[BaseException]:
 
 
 def graph_break_from_exception(exc: BaseException) -> str | None:
-    """The normalized reason when ``exc`` is (or was caused by) a Dynamo ``Unsupported``.
+    """The reason and the user's file:line when ``exc`` is (or was caused by) a graph break.
 
-    That is what ``fullgraph=True`` raises on any graph break, including data-dependent
-    branches and loop skips. Returns None for any other exception.
+    ``fullgraph=True`` raises Dynamo's ``Unsupported`` on any graph break, including
+    data-dependent branches and loop skips; ``.item()`` in a branch raises ``UserError``
+    ("Could not guard on data-dependent expression") instead, a break all the same.
+    Returns None for any other exception.
     """
     try:
-        from torch._dynamo.exc import Unsupported
+        from torch._dynamo.exc import Unsupported, UserError
     except Exception:  # torch missing or reorganised: nothing here can be a Dynamo break
         return None
     for link in _exception_chain(exc):
+        text = str(link)
         if isinstance(link, Unsupported):
-            return normalize_reason(str(link))
+            return break_text(text) + _exception_location(text)
+        if isinstance(link, UserError) and "data-dependent" in text:
+            return normalize_reason(f"Data-dependent guard: {normalize_reason(text)}") + _exception_location(text)
     return None
 
 
@@ -507,9 +539,11 @@ class CompileProbe:
                     self._note("graph_break_reasons was cleared after install() (torch._dynamo.reset()?): re-based")
                     self._gbr_seen = 0
                 for reason in gbr[self._gbr_seen :]:
-                    self._break_reasons.append(
-                        normalize_reason(getattr(reason, "reason", reason)) + _break_location(reason)
-                    )
+                    # One per site: a frame traced again (warmup's second call after a
+                    # recompile, a resume function) records the same break once more.
+                    site = break_text(getattr(reason, "reason", reason)) + _break_location(reason)
+                    if site not in self._break_reasons:
+                        self._break_reasons.append(site)
                 self._gbr_seen = len(gbr)
                 self._gbr_last = gbr[-1] if gbr else None
             guard_failures = getattr(utils, "guard_failures", None)
