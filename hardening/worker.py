@@ -266,7 +266,7 @@ def _recipe(spec: RankSpec, profile: Profile, state: RankState, store: dist.Stor
             raise
         raise CompileGateError(f"graph break in the region (fullgraph=True): {reason}") from exc
     after_warmup = probe.counters()
-    state.counters = _summary(after_warmup, None)
+    state.counters = _summary(after_warmup, None, warmup=after_warmup)
 
     # 6. Gates after warmup: local health of every rank and symmetry across ranks,
     #    decided on gathered counters so that every rank raises the same error.
@@ -297,7 +297,7 @@ def _recipe(spec: RankSpec, profile: Profile, state: RankState, store: dist.Stor
                     raise
                 total = probe.counters()
                 steady = compile_health.RecompileGuard.count_stopped(total.delta(after_warmup), reason)
-                state.counters = _summary(total, steady)
+                state.counters = _summary(total, steady, warmup=after_warmup)
                 raise CompileGateError(f"rank {spec.rank} recompiled at call {call_id}, after warmup: {reason}") from exc
     if is_leader:
         envelope.send(Envelope(kind=Kind.SHUTDOWN, call_id=next_call + profile.steps), channel)
@@ -309,7 +309,7 @@ def _recipe(spec: RankSpec, profile: Profile, state: RankState, store: dist.Stor
     # 8. Final symmetric gate on steady-state compiles; the exchange is also the barrier
     #    that keeps every rank alive until all are done.
     steady = probe.counters().delta(after_warmup)
-    state.counters = _summary(probe.counters(), steady)
+    state.counters = _summary(probe.counters(), steady, warmup=after_warmup)
     finals = [compile_health.CompileCounters.from_json(c) for c in side.exchange("counters/steady", steady.to_json())]
     problems = [
         f"rank {r}: {c.recompiles} recompile(s) after warmup > max {profile.gates.max_recompiles}"
@@ -347,7 +347,12 @@ def _gate_message(when: str, problems: list[str]) -> str:
     return f"compile gate failed {when}: {problems[0]}{more}" + "".join(f"\n  {p}" for p in problems[1:])
 
 
-def _summary(total: "compile_health.CompileCounters", steady: "compile_health.CompileCounters | None") -> dict[str, Any]:
+def _summary(
+    total: "compile_health.CompileCounters",
+    steady: "compile_health.CompileCounters | None",
+    *,
+    warmup: "compile_health.CompileCounters",
+) -> dict[str, Any]:
     """Counters in the final record: top-level numbers the reports show, details nested."""
     return {
         "graphs": total.graphs,
@@ -356,6 +361,9 @@ def _summary(total: "compile_health.CompileCounters", steady: "compile_health.Co
         "recompiles": steady.recompiles if steady is not None else 0,
         "break_reasons": total.break_reasons,
         "recompile_reasons": (steady.recompile_reasons if steady is not None else []),
+        # Warmup may recompile (a new shape, a new branch): allowed, but never silent.
+        "warmup_recompiles": warmup.recompiles,
+        "warmup_recompile_reasons": warmup.recompile_reasons,
         "total": total.to_json(),
         "steady": steady.to_json() if steady is not None else None,
     }

@@ -112,5 +112,8 @@ def test_growing_token_ids_are_accepted_and_their_recompiles_gated(tmp_path: Pat
     code, case = runs["static"]
     assert code == 1 and all(r["error_class"] == "CompileGateError" for r in case["ranks"])
     assert "size mismatch at index 1" in case["ranks"][0]["message"]
+    # Warmup saw two lengths (8, 9): its recompile is allowed, and reported with torch's reason.
+    counters = case["ranks"][0]["counters"]
+    assert counters["warmup_recompiles"] == 1 and "expected 8, actual 9" in counters["warmup_recompile_reasons"][0]
     code, case = runs["dynamic"]
     assert code == 0 and case["verdict"] == "pass"

@@ -130,7 +130,11 @@ def rank_detail_lines(rank: RankResult) -> list[str]:
     message = trim(rank.message)
     lines = [head + (f": {message}" if message else "")]
     counters = rank.counters or {}
-    for key, label in (("break_reasons", "break reasons"), ("recompile_reasons", "recompile reasons")):
+    for key, label in (
+        ("break_reasons", "break reasons"),
+        ("recompile_reasons", "recompile reasons"),
+        ("warmup_recompile_reasons", "recompiles in warmup (allowed)"),
+    ):
         reasons = _reasons(counters.get(key))
         if reasons:
             lines.append(f"  {label}:")
