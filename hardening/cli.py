@@ -118,6 +118,9 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as exc:
         print(f"hardening: usage error: {exc}", file=sys.stderr)
         return ExitCode.USAGE_ERROR
+    except BrokenPipeError:  # `hardening list | head`: the reader left; that is not an error
+        _silence_stdout()
+        return ExitCode.OK
     except KeyboardInterrupt:  # SIGINT ignored at start and raised by hand, or a subcommand without a runner
         print("hardening: interrupted", file=sys.stderr)
         return ExitCode.INTERRUPTED
@@ -131,6 +134,13 @@ def run() -> NoReturn:
     code = main()
     StopRequest.ignore_from_now()
     sys.exit(code)
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so that the interpreter's last flush cannot fail again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
 
 
 def _save_traceback(run_dir: Path | None) -> str:
@@ -359,7 +369,10 @@ def _suite(args: argparse.Namespace, stop: StopRequest) -> int:
     #    the table, then the files the user asked for.
     write_json(result, run_dir / "result.json")
     _link_latest(run_dir)
-    print(render_table(result))
+    try:
+        print(render_table(result), flush=True)
+    except BrokenPipeError:  # `hardening suite ... | head`: the reports below still get written
+        _silence_stdout()
     lost = False
     for flag, path in outputs.items():  # each one tried, whatever happened to the other
         try:

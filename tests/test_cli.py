@@ -198,3 +198,15 @@ def test_skipped_cases_do_not_make_a_run_indeterminate() -> None:
     skipped = _case("C-03", Outcome.SKIPPED, Verdict.SKIPPED)
     assert exit_code_for(_suite(PASS, skipped)) is ExitCode.OK
     assert exit_code_for(_suite(PASS, skipped, UNKNOWN)) is ExitCode.INDETERMINATE
+
+
+@pytest.mark.timeout(60)
+def test_a_reader_that_goes_away_is_not_an_internal_error(tmp_path: Path) -> None:
+    # `hardening list | head -1`: the pipe closes before the table is written.
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "hardening", "list"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    proc.stdout.close()  # type: ignore[union-attr]
+    err = proc.stderr.read()  # type: ignore[union-attr]
+    assert proc.wait(timeout=50) == ExitCode.OK, err
+    assert "internal error" not in err and "Traceback" not in err
