@@ -205,8 +205,7 @@ class Runner:
             if not self.stop.requested:
                 where = self._where(pid, out.parent)
             _kill_session(pid)
-            while self._wait_exit(pid, 1.0) is None and not self._server_gone:
-                pass
+            self._wait_exit(pid, 10.0)  # reaped by the server; bounded whatever happens
             if self.stop.requested:
                 return
             raise TargetError(
