@@ -548,6 +548,9 @@ class Runner:
                 rr.where = f"no stacks: {dump.text.splitlines()[0] if dump.text else 'py-spy failed'}"
             if rank in live.hung:
                 rr.phase = rr.phase or _last_phase(self._store, live.prefix, rank)
+                doing = _last_heartbeat(self._store, live.prefix, rank).get("doing")
+                if doing:  # the runtime's own view: the collective and the user's line
+                    rr.where = f"{doing} (py-spy: {rr.where})" if rr.where else doing
                 if triage.proc_state(live.pids.get(rank, -1)) == "T" or "stopped" in rr.where:
                     rr.where = f"[stopped] {rr.where}"
             ranks.append(rr)
@@ -610,6 +613,14 @@ def _tail(path: Path, lines: int = 3) -> str:
         return "\n".join(path.read_text(errors="replace").strip().splitlines()[-lines:])
     except OSError:
         return ""
+
+
+def _last_heartbeat(store: Any, prefix: str, rank: int) -> dict[str, Any]:
+    key = f"{prefix}/hb/{rank}"
+    try:
+        return json.loads(store.get(key)) if store.check([key]) else {}
+    except Exception:
+        return {}
 
 
 def _last_phase(store: Any, prefix: str, rank: int) -> str:

@@ -314,6 +314,8 @@ class Watchdog(threading.Thread):
         self._seq += 1
         act = activity.sample(sys._current_frames().get(threading.main_thread().ident or -1))
         beat = {"seq": self._seq, "phase": s.phase, "call_id": s.call_id, "activity": act.kind}
+        if act.kind in (activity.COLLECTIVE, activity.SIDE):
+            beat["doing"] = act.describe()  # what the runner's hang report shows: py-spy only sees the def line
         self.store.set(f"hb/{s.rank}", json.dumps(beat))
         # Abort, clean ends and launcher-reported deaths each bump one counter: unchanged,
         # there is nothing new to read (a constant number of store requests per tick

@@ -117,3 +117,22 @@ def test_growing_token_ids_are_accepted_and_their_recompiles_gated(tmp_path: Pat
     assert counters["warmup_recompiles"] == 1 and "expected 8, actual 9" in counters["warmup_recompile_reasons"][0]
     code, case = runs["dynamic"]
     assert code == 0 and case["verdict"] == "pass"
+
+
+@pytest.mark.multiproc
+@pytest.mark.timeout(180)
+def test_a_hang_the_watchdog_may_not_end_is_reported_with_the_collective_and_line(tmp_path: Path) -> None:
+    # Deadlines off: the runner's case deadline ends it. py-spy sees the compiled frame's
+    # def line only; the runtime's own heartbeat says which collective and which line.
+    (tmp_path / "off.yaml").write_text("timeouts: {call_deadline: 0, compile: 0, case: 12, setup: 10}\n")
+    out = subprocess.run(
+        [sys.executable, "-m", "hardening", "suite", "compile", "--only", "control", "--profile", "off.yaml",
+         "--target", f"{EXAMPLES / 'conditional_collective.py'}:build", "--json", "r.json"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=150,
+    )  # fmt: skip
+    print(out.stdout, out.stderr)
+    case = json.loads((tmp_path / "r.json").read_text())["cases"][0]
+    assert case["outcome"] == "hung"
+    r0, r1 = case["ranks"]
+    assert r0["where"].startswith("wait_tensor (all_reduce)") and "conditional_collective.py:29" in r0["where"]
+    assert r1["where"].startswith("waiting for its peers at side-channel step 'warmup/1'")
