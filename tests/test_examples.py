@@ -31,17 +31,23 @@ def test_own_loop_under_torchrun(tmp_path: Path) -> None:
         assert record["ok"] is True and record["phase"] == "steady" and record["last_call_id"] == 19
 
 
+def _run_on(tmp_path: Path, example: str, *args: str, timeout: float, report: str = "r.json") -> tuple[int, dict]:
+    """``hardening ARGS --target examples/EXAMPLE:build --json REPORT`` as a user runs it:
+    the exit code and the JSON report."""
+    out = subprocess.run(
+        [sys.executable, "-m", "hardening", *args, "--target", f"{EXAMPLES / example}:build", "--json", report],
+        cwd=tmp_path, capture_output=True, text=True, timeout=timeout,
+    )
+    print(out.stdout[-8000:], out.stderr[-8000:])
+    return out.returncode, json.loads((tmp_path / report).read_text())
+
+
 def _suite_all_passes(tmp_path: Path, profile: str, example: str, *, timeout: float) -> dict[str, dict]:
     """``hardening suite all`` on an example region: exit 0, every case a pass; cases by id
     (under ``all`` the two controls share an id: the operator one is kept)."""
-    out = subprocess.run(
-        [sys.executable, "-m", "hardening", "suite", "all", "--ranks", "2", "--profile", profile,
-         "--target", f"{EXAMPLES / example}:build", "--json", "r.json"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=timeout,
-    )  # fmt: skip
-    print(out.stdout, out.stderr)
-    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
-    cases = json.loads((tmp_path / "r.json").read_text())["cases"]
+    code, result = _run_on(tmp_path, example, "suite", "all", "--ranks", "2", "--profile", profile, timeout=timeout)
+    assert code == 0
+    cases = result["cases"]
     assert len(cases) == 19 and all(c["verdict"] == "pass" for c in cases), [(c["id"], c["verdict"]) for c in cases]
     return {c["id"]: c for c in cases}
 
@@ -76,14 +82,11 @@ def test_a_region_nobody_here_wrote_passes_every_suite(
 @pytest.mark.timeout(180)
 def test_a_rank_conditional_collective_in_warmup_ends_at_the_call_deadline_naming_op_and_line(tmp_path: Path) -> None:
     (tmp_path / "d2.yaml").write_text("timeouts: {call_deadline: 2}\n")  # pg timeout stays 30 s
-    out = subprocess.run(
-        [sys.executable, "-m", "hardening", "suite", "compile", "--only", "control", "--profile", "d2.yaml",
-         "--target", f"{EXAMPLES / 'conditional_collective.py'}:build", "--json", "r.json"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=150,
-    )  # fmt: skip
-    print(out.stdout, out.stderr)
-    assert out.returncode == 1
-    r0, r1 = json.loads((tmp_path / "r.json").read_text())["cases"][0]["ranks"]
+    code, result = _run_on(
+        tmp_path, "conditional_collective.py", "suite", "compile", "--only", "control", "--profile", "d2.yaml", timeout=150
+    )
+    assert code == 1
+    r0, r1 = result["cases"][0]["ranks"]
     assert r0["error_class"] == "CallDeadlineExceeded" and r0["phase"] == "warmup"
     # The op it is blocked in, the collective that issued it, and the user's line (not the def line).
     assert "wait_tensor (all_reduce)" in r0["message"] and "conditional_collective.py:29" in r0["message"]
@@ -97,17 +100,13 @@ def test_a_rank_conditional_collective_in_warmup_ends_at_the_call_deadline_namin
 @pytest.mark.multiproc
 @pytest.mark.timeout(240)
 def test_growing_token_ids_are_accepted_and_their_recompiles_gated(tmp_path: Path) -> None:
-    target = f"{EXAMPLES / 'growing_tokens.py'}:build"
     (tmp_path / "dynamic.yaml").write_text("compile: {dynamic: true}\n")
     runs = {}
     for name, extra in (("static", ()), ("dynamic", ("--profile", "dynamic.yaml"))):
-        out = subprocess.run(
-            [sys.executable, "-m", "hardening", "suite", "compile", "--only", "control", "--target", target,
-             "--json", f"{name}.json", *extra],
-            cwd=tmp_path, capture_output=True, text=True, timeout=200,
-        )  # fmt: skip
-        print(out.stdout, out.stderr)
-        runs[name] = (out.returncode, json.loads((tmp_path / f"{name}.json").read_text())["cases"][0])
+        code, result = _run_on(
+            tmp_path, "growing_tokens.py", "suite", "compile", "--only", "control", *extra, timeout=200, report=f"{name}.json"
+        )
+        runs[name] = (code, result["cases"][0])
     # The contract let every length through; with static shapes the gate names torch's guard.
     code, case = runs["static"]
     assert code == 1 and all(r["error_class"] == "CompileGateError" for r in case["ranks"])
@@ -125,13 +124,10 @@ def test_a_hang_the_watchdog_may_not_end_is_reported_with_the_collective_and_lin
     # Deadlines off: the runner's case deadline ends it. py-spy sees the compiled frame's
     # def line only; the runtime's own heartbeat says which collective and which line.
     (tmp_path / "off.yaml").write_text("timeouts: {call_deadline: 0, compile: 0, case: 12, setup: 10}\n")
-    out = subprocess.run(
-        [sys.executable, "-m", "hardening", "suite", "compile", "--only", "control", "--profile", "off.yaml",
-         "--target", f"{EXAMPLES / 'conditional_collective.py'}:build", "--json", "r.json"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=150,
-    )  # fmt: skip
-    print(out.stdout, out.stderr)
-    case = json.loads((tmp_path / "r.json").read_text())["cases"][0]
+    _, result = _run_on(
+        tmp_path, "conditional_collective.py", "suite", "compile", "--only", "control", "--profile", "off.yaml", timeout=150
+    )
+    case = result["cases"][0]
     assert case["outcome"] == "hung"
     r0, r1 = case["ranks"]
     assert r0["where"].startswith("wait_tensor (all_reduce)") and "conditional_collective.py:29" in r0["where"]
