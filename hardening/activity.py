@@ -14,6 +14,12 @@ that every rank knows whether its peers are making progress:
 
 Reading frames needs no cooperation from the main thread and works while it sits in C
 with the GIL released, which is exactly when it is stuck.
+
+A rank that is *not* blocked also matters in a hang: which collective it issued last in
+the current call (or that it issued none, the classic rank-conditional collective).
+:data:`ISSUED` is that record: every compiled graph that contains collectives notes them
+when it finishes (:func:`record_graph`), and the watchdog adds the collectives it sampled,
+which covers eager code the record cannot see.
 """
 
 from __future__ import annotations
@@ -61,6 +67,81 @@ class Activity:
             return self.kind + (f" at {self.where}" if self.where else "")
         detail = f" ({self.detail})" if self.detail else ""
         return f"{self.op}{detail} at {self.where or '?'}"
+
+
+class IssuedRecord:
+    """The collectives this process issued in its current call, newest last.
+
+    One per process (a rank is a process; a compiled graph outlives any object that
+    could own it). The main thread writes, the watchdog reads: each write replaces one
+    reference, so a reader sees either the old or the new value, never a torn one."""
+
+    def __init__(self) -> None:
+        self.call_id: int | None = None
+        self.last: Activity | None = None
+        self.compiled = False
+        """Compiled graphs report here: that they issued none is then a finding."""
+
+    def new_call(self, call_id: int) -> None:
+        self.call_id, self.last = call_id, None
+
+    def note(self, act: Activity) -> None:
+        self.last = act
+
+    def describe(self) -> str:
+        """``last issued all_reduce (...) at f.py:9 in call 3``, or ``""`` when unknown
+        (an eager region whose collectives were too quick to be sampled)."""
+        if self.call_id is None:
+            return ""
+        if self.last is not None:
+            return f"last issued {self.last.describe()} in call {self.call_id}"
+        return f"its compiled graphs issued no collective in call {self.call_id}" if self.compiled else ""
+
+
+ISSUED = IssuedRecord()
+
+
+def graph_collectives(gm: Any) -> list[Activity]:
+    """The collectives an FX graph issues, in order, each with its user line."""
+    found = []
+    for node in getattr(getattr(gm, "graph", None), "nodes", ()):
+        if node.op != "call_function":
+            continue
+        op = _OP_IN_LINE.search(str(node.target))
+        if op is None or op.group(1) in ("wait_tensor", "wait"):
+            continue
+        where = _user_line(node.meta.get("stack_trace") or "")
+        found.append(Activity(COLLECTIVE, op=op.group(1), detail=_node_detail(node), where=where))
+    return found
+
+
+def record_graph(gm: Any, compiled: Any, record: IssuedRecord = ISSUED) -> Any:
+    """``compiled`` (a backend's output for ``gm``) noting its collectives in ``record``
+    each time it returns. Graphs without collectives are returned as they are: the
+    record costs nothing where there is nothing to record, and a rank whose graphs
+    issued nothing is said to have issued nothing."""
+    record.compiled = True
+    issued = graph_collectives(gm)
+    if not issued:
+        return compiled
+    last = issued[-1]
+
+    if getattr(compiled, "_boxed_call", False):  # inductor's convention: one list, consumed
+
+        def run_boxed(args: Any) -> Any:
+            out = compiled(args)
+            record.note(last)
+            return out
+
+        run_boxed._boxed_call = True  # type: ignore[attr-defined]
+        return run_boxed
+
+    def run(*args: Any) -> Any:
+        out = compiled(*args)
+        record.note(last)
+        return out
+
+    return run
 
 
 def sample(frame: FrameType | None) -> Activity:

@@ -37,6 +37,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from hardening import activity
+
 if TYPE_CHECKING:
     from hardening.profile import CompileConfig, GateConfig
 
@@ -601,7 +603,7 @@ class CompileProbe:
             with self._lock:
                 self._graph_sigs.append(signature)
             self._sync()
-            return compile_fn(gm, example_inputs, **kwargs)
+            return activity.record_graph(gm, compile_fn(gm, example_inputs, **kwargs))
 
         counting_backend.__name__ = f"counting_{inner}"
         return counting_backend

@@ -86,6 +86,7 @@ class RankState:
 
     def begin_call(self, call_id: int, *, deadline_bound: bool, deadline_s: float | None = None) -> None:
         self.call_id = call_id
+        activity.ISSUED.new_call(call_id)
         self.call_limit_s = deadline_s
         self.call_started = time.monotonic() if deadline_bound else None
 
@@ -291,7 +292,7 @@ class Watchdog(threading.Thread):
         self._dead: dict[int, dict[str, Any]] = {}
         self._all_seen = False
         self._blocked: tuple[Any, float] | None = None  # (call_id, op), since when
-        self._peer_activity: dict[int, str] = {}
+        self._peer_activity: dict[int, tuple[str, str]] = {}  # rank -> (kind, doing)
 
     def run(self) -> None:
         start = self.clock()
@@ -313,9 +314,12 @@ class Watchdog(threading.Thread):
             self.terminator.end(None, exit_code=EXIT_PARENT_GONE, publish_abort=False)
         self._seq += 1
         act = activity.sample(sys._current_frames().get(threading.main_thread().ident or -1))
+        if act.kind == activity.COLLECTIVE:
+            activity.ISSUED.note(act)  # covers eager collectives, which no compiled graph records
         beat = {"seq": self._seq, "phase": s.phase, "call_id": s.call_id, "activity": act.kind}
+        doing = self._doing(act)
         if act.kind in (activity.COLLECTIVE, activity.SIDE):
-            beat["doing"] = act.describe()  # what the runner's hang report shows: py-spy only sees the def line
+            beat["doing"] = doing  # what the runner's hang report shows: py-spy only sees the def line
         self.store.set(f"hb/{s.rank}", json.dumps(beat))
         # Abort, clean ends and launcher-reported deaths each bump one counter: unchanged,
         # there is nothing new to read (a constant number of store requests per tick
@@ -328,7 +332,7 @@ class Watchdog(threading.Thread):
             # Give this rank's own main thread two beats to raise a collective error
             # (parity, warmup) itself, so that it reports its own cause, not PeerError.
             if now - self._abort_seen >= 2 * self.heartbeat_s:
-                self.terminator.end(follow_abort(self._abort_info, here=act.describe()), publish_abort=False)
+                self.terminator.end(follow_abort(self._abort_info, here=doing), publish_abort=False)
         limit = s.call_limit_s if s.call_limit_s is not None else self.call_deadline_s
         if s.call_started is not None and limit > 0:
             running = now - s.call_started
@@ -337,6 +341,7 @@ class Watchdog(threading.Thread):
                     CallDeadlineExceeded(
                         f"call {s.call_id} has run {running:.1f}s, past the {limit:g}s call deadline; "
                         f"main thread in {act.describe() if act.kind == activity.COLLECTIVE else main_thread_where()}"
+                        + (f"; {issued}" if act.kind != activity.COLLECTIVE and (issued := activity.ISSUED.describe()) else "")
                     )
                 )
         self._check_blocked(act, now)
@@ -350,6 +355,19 @@ class Watchdog(threading.Thread):
                 self.terminator.end(PeerLost(f"rank {r} died ({death.get('how')}, reported by the launcher)", root_cause_rank=r))
         for r, value in zip(watched, self._heartbeats(watched)):
             self._check_peer(r, value, now)
+
+    @staticmethod
+    def _doing(act: "activity.Activity") -> str:
+        """This rank's activity, and the collective it issued last in this call when that
+        is not the one it is in: a peer's hang report needs both."""
+        issued = activity.ISSUED.describe()
+        if act.kind == activity.COLLECTIVE or not issued:
+            return act.describe()
+        return f"{act.describe()}; {issued}"
+
+    def _peer_text(self, r: int) -> str:
+        kind, doing = self._peer_activity.get(r, ("?", ""))
+        return f"{kind} ({doing})" if doing else kind
 
     def _check_blocked(self, act: "activity.Activity", now: float) -> None:
         """A call blocked in a collective while no peer makes progress is a hang, whatever
@@ -365,7 +383,7 @@ class Watchdog(threading.Thread):
         blocked = now - self._blocked[1]
         if blocked <= self.call_deadline_s:
             return
-        peers = {r: self._peer_activity.get(r, "?") for r in self._peer_value}
+        peers = {r: self._peer_activity.get(r, ("?", ""))[0] for r in self._peer_value}
         fresh = max(1.0, 3 * self.heartbeat_s)
         progressing = [
             r for r, kind in peers.items()
@@ -374,7 +392,7 @@ class Watchdog(threading.Thread):
         ]  # fmt: skip
         if progressing:
             return  # a peer still compiling (or silent) may yet join: the call's own bound applies
-        waiting = ", ".join(f"rank {r} {'done' if r in self._done else kind}" for r, kind in sorted(peers.items()))
+        waiting = "; ".join(f"rank {r} {'done' if r in self._done else self._peer_text(r)}" for r in sorted(peers))
         self.terminator.end(
             CallDeadlineExceeded(
                 f"call {s.call_id} blocked {blocked:.1f}s in {act.describe()} while no peer makes progress "
@@ -412,7 +430,8 @@ class Watchdog(threading.Thread):
             self._peer_value[r] = value
             self._peer_changed[r] = now
             if value is not None:
-                self._peer_activity[r] = json.loads(value).get("activity", "?")
+                beat = json.loads(value)
+                self._peer_activity[r] = (beat.get("activity", "?"), beat.get("doing", ""))
             return
         age = now - self._peer_changed[r]
         if value is None:

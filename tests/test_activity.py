@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from hardening.activity import COMPILING, RUNNING, SIDE, sample
+from hardening.activity import COMPILING, RUNNING, SIDE, IssuedRecord, graph_collectives, record_graph, sample
 from store_harness import side_channels
 
 
@@ -56,3 +56,52 @@ def test_user_code_called_from_the_runtime_is_running_not_waiting() -> None:
 
 def test_no_frame_is_running() -> None:
     assert sample(None).kind == RUNNING
+
+
+def _graph_with_all_reduce():
+    import torch
+    import torch.fx
+
+    g = torch.fx.Graph()
+    x = g.placeholder("x")
+    issued = g.call_function(torch.ops._c10d_functional.all_reduce.default, (x, "sum", "0"))
+    issued.meta["stack_trace"] = 'File "/srv/app/serve.py", line 12, in forward\n    y = funcol.all_reduce(y)\n'
+    issued.meta["val"] = torch.empty(4, 8)
+    g.output(g.call_function(torch.ops._c10d_functional.wait_tensor.default, (issued,)))
+    return torch.fx.GraphModule(torch.nn.Module(), g)
+
+
+def test_a_graph_lists_the_collectives_it_issues_with_the_users_line_and_not_their_waits() -> None:
+    (found,) = graph_collectives(_graph_with_all_reduce())
+    assert found.describe() == "all_reduce (group '0', shape (4, 8)) at serve.py:12"
+
+
+@pytest.mark.parametrize("boxed", [False, True])
+def test_a_recorded_graph_notes_its_last_collective_when_it_returns(boxed: bool) -> None:
+    record = IssuedRecord()
+    calls = []
+    if boxed:  # inductor's convention: one list argument, kept by the wrapper
+        compiled = lambda args: calls.append(list(args)) or "out"  # noqa: E731
+        compiled._boxed_call = True  # type: ignore[attr-defined]
+    else:
+        compiled = lambda *args: calls.append(list(args)) or "out"  # noqa: E731
+    run = record_graph(_graph_with_all_reduce(), compiled, record)
+    assert getattr(run, "_boxed_call", False) is boxed
+    record.new_call(3)
+    assert record.describe() == "its compiled graphs issued no collective in call 3"
+    assert (run([1, 2]) if boxed else run(1, 2)) == "out" and calls == [[1, 2]]
+    assert record.describe() == "last issued all_reduce (group '0', shape (4, 8)) at serve.py:12 in call 3"
+    record.new_call(4)
+    assert record.describe() == "its compiled graphs issued no collective in call 4"
+
+
+def test_a_graph_without_collectives_is_returned_as_it_is_and_an_eager_region_claims_nothing() -> None:
+    import torch.fx
+
+    record = IssuedRecord()
+    record.new_call(0)
+    assert record.describe() == ""  # nothing compiled reports here: no claim either way
+    gm = torch.fx.symbolic_trace(torch.nn.Tanh())
+    compiled = object()
+    assert record_graph(gm, compiled, record) is compiled
+    assert record.describe() == "its compiled graphs issued no collective in call 0"

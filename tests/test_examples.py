@@ -92,6 +92,9 @@ def test_a_rank_conditional_collective_in_warmup_ends_at_the_call_deadline_namin
     assert "wait_tensor (all_reduce)" in r0["message"] and "conditional_collective.py:29" in r0["message"]
     assert r1["error_class"] == "PeerError" and "conditional_collective.py:29" in r1["message"]
     assert "this rank was waiting for its peers at side-channel step 'warmup/1'" in r1["message"]
+    # What each side issued: rank 1's own graphs never issued the collective rank 0 waits in.
+    assert "its compiled graphs issued no collective in call 0" in r0["message"]
+    assert "its compiled graphs issued no collective in call 0" in r1["message"]
     # Within the call deadline after the first compile, not the 30 s process-group timeout.
     assert max(r0["exited_at"], r1["exited_at"]) - min(r0["started_at"], r1["started_at"]) < 2 + 1 + 5
     assert r1["exited_at"] - r0["exited_at"] < 1.0
@@ -132,3 +135,4 @@ def test_a_hang_the_watchdog_may_not_end_is_reported_with_the_collective_and_lin
     r0, r1 = case["ranks"]
     assert r0["where"].startswith("wait_tensor (all_reduce)") and "conditional_collective.py:29" in r0["where"]
     assert r1["where"].startswith("waiting for its peers at side-channel step 'warmup/1'")
+    assert "; its compiled graphs issued no collective in call 0 (py-spy: " in r1["where"]
