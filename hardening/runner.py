@@ -460,7 +460,9 @@ class Runner:
         )
         for label, dump in dumps.items():
             live.dumps[int(label[len("rank"):])] = dump
-        (live.case_dir / "stacks_summary.txt").write_text(triage.side_by_side(dumps) + "\n")
+        said = {label: _last_heartbeat(self._store, live.prefix, int(label[len("rank"):])).get("doing", "") for label in dumps}
+        summary = triage.side_by_side(dumps, {k: v for k, v in said.items() if v})
+        (live.case_dir / "stacks_summary.txt").write_text(summary + "\n")
 
     def _teardown(self, live: _Live, *, reason: str) -> None:
         """SIGTERM -> grace -> SIGKILL of every live rank's session; bounded, never raises.

@@ -506,17 +506,24 @@ def _one_line_error(text: str) -> str:
     return first
 
 
-def side_by_side(dumps: dict[str, StackDump]) -> str:
-    """One row per process: where it is, what it waits on, and where its stacks are."""
+def side_by_side(dumps: dict[str, StackDump], runtime: dict[str, str] | None = None) -> str:
+    """One row per process: where it is, what it waits on, and where its stacks are.
+
+    ``runtime`` is each process's own last word on what it was doing (the collective and
+    the user's line it was issued from, what it issued last): py-spy only sees a compiled
+    graph's ``def`` line, so that column comes first when there is one."""
+    runtime = runtime or {}
     rows = []
     for label in sorted(dumps, key=_natural):
         d = dumps[label]
         if d.ok:
-            rows.append([label, d.pid, d.where or "(no user frame)", d.innermost or "-", d.path or "-"])
+            row = [label, d.pid, d.where or "(no user frame)", d.innermost or "-", d.path or "-"]
         else:
             err = _one_line_error(d.text)
             err = err if len(err) <= 100 else err[:97] + "..."
-            rows.append([label, d.pid, "-", "-", f"error: {err}"])
-    return tabulate(
-        rows, headers=["label", "pid", "where", "innermost", "stacks"], tablefmt="simple", disable_numparse=True
-    )
+            row = [label, d.pid, "-", "-", f"error: {err}"]
+        rows.append(row[:2] + [runtime.get(label, "-")] + row[2:] if runtime else row)
+    headers = ["label", "pid", "where", "innermost", "stacks"]
+    if runtime:
+        headers.insert(2, "runtime says")
+    return tabulate(rows, headers=headers, tablefmt="simple", disable_numparse=True)

@@ -136,3 +136,5 @@ def test_a_hang_the_watchdog_may_not_end_is_reported_with_the_collective_and_lin
     assert r0["where"].startswith("wait_tensor (all_reduce)") and "conditional_collective.py:29" in r0["where"]
     assert r1["where"].startswith("waiting for its peers at side-channel step 'warmup/1'")
     assert "; its compiled graphs issued no collective in call 0 (py-spy: " in r1["where"]
+    summary = (Path(r0["stacks_path"]).parent / "stacks_summary.txt").read_text()
+    assert "runtime says" in summary.splitlines()[0] and "conditional_collective.py:29" in summary
