@@ -22,10 +22,10 @@ from pathlib import Path
 
 from tabulate import tabulate
 
-from hardening.cases import Case
-from hardening.profile import load_profile
-from hardening.results import CaseResult, Outcome
-from hardening.runner import Runner
+from hardening.harness.cases import Case
+from hardening.harness.profile import load_profile
+from hardening.harness.results import CaseResult, Outcome
+from hardening.harness.runner import Runner
 from hardening.suites import get_suite
 
 

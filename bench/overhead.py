@@ -1,8 +1,8 @@
 """Benchmark: steady-state overhead of the hardening runtime on the compiled reference region.
 
 Starts the ranks once (real processes, gloo on 127.0.0.1, the c10d store hosted by this
-process as the runner hosts it), builds the reference region (``hardening.reference``,
-tensor-parallel over the ranks) and compiles it through ``compile_health.compile_region``
+process as the runner hosts it), builds the reference region (``hardening.harness.reference``,
+tensor-parallel over the ranks) and compiles it through ``compile_region``
 with a ``CompileProbe``, as the worker does. Then every rank times interleaved blocks of
 ``--calls`` calls of the loops below, ``--repeats`` times (their order is rotated from one
 repeat to the next, so drift and position effects fall on all of them alike):
@@ -24,7 +24,7 @@ B  hardened, what ``worker.step`` does in steady state, inside the recompile gua
    loop, not per call): ``RankState.begin_call``/``end_call``, the leader's
    ``worker.make_envelope`` and ``envelope.send(..., digest=True)`` on every call
    (``digest_every=1``: preflight, canonical JSON, staging, the input digest
-   ``drift.input_digest`` -- CRC-32 of header+meta and two words per tensor -- computed
+   ``digest.input_digest`` -- CRC-32 of header+meta and two words per tensor -- computed
    before the commit, then the ``uint8[1024]`` control frame -- prefix + digest + header
    + meta -- broadcast on the gloo side group, plus one more broadcast only when the
    payload exceeds the frame; then the tensors on the data group), the followers'
@@ -108,7 +108,7 @@ PIECE_TITLES = {
     "region": "compiled region call",
     "bookkeeping": "begin_call/end_call (B, C: the recompile guard is entered once per block, not here)",
     "make_envelope": "worker.make_envelope (leader: schedule plan + inputs)",
-    "envelope": "envelope.send (leader: preflight, staging, B: + drift.input_digest; control frame + tensors) "
+    "envelope": "envelope.send (leader: preflight, staging, B: + digest.input_digest; control frame + tensors) "
     "/ envelope.receive (followers: control frame, validation, tensors)",
     "stock_envelope": "stock envelope.send / receive: header object (size + bytes) + tensors",
     "check_input": "drift.check_input (followers: digest what arrived, compare; C and leader: ~0, no-op)",
@@ -118,7 +118,7 @@ PIECE_TITLES = {
 }
 LOCAL_TITLES = {
     "preflight": "envelope.preflight + canonical JSON (leader, no collective)",
-    "input_digest": "drift.input_digest: CRC-32 of header+meta + 2 words per tensor (no collective)",
+    "input_digest": "digest.input_digest: CRC-32 of header+meta + 2 words per tensor (no collective)",
     "check_input": "drift.check_input on an equal digest (follower: digest + compare, no collective)",
     "guard": "RecompileGuard enter + exit (once per steady loop in the worker, once per block here)",
     "lifecycle": "lifecycle.apply_transition (advance, no reset)",
@@ -146,13 +146,18 @@ def rank_main(spec: dict[str, Any]) -> None:
     import torch
     import torch.distributed as dist
 
-    from hardening import compile_health, drift, envelope, reference, region, worker
-    from hardening.envelope import CallContract, Channel, TensorSpec
-    from hardening.lifecycle import CacheSchedule, KVCacheLifecycle
-    from hardening.profile import load_profile
-    from hardening.region import RegionContext
-    from hardening.sidechannel import SideChannel
-    from hardening.watchdog import RankState, Terminator, Watchdog
+    from hardening.runtime.compile.backend import compile_region
+    from hardening.runtime.compile.guard import RecompileGuard
+    from hardening.runtime.compile.probe import CompileProbe
+    from hardening.runtime import digest, drift, envelope
+    from hardening.harness import reference, region, worker
+    from hardening.runtime.envelope import CallContract, Channel, TensorSpec
+    from hardening.runtime.kv_cache import CacheSchedule, KVCacheLifecycle
+    from hardening.harness.profile import load_profile
+    from hardening.harness.region import RegionContext
+    from hardening.runtime.sidechannel import SideChannel
+    from hardening.runtime.record import RankState, Terminator
+    from hardening.runtime.watchdog import Watchdog
 
     rank, world = spec["rank"], spec["world"]
     leader = rank == worker.LEADER
@@ -208,15 +213,15 @@ def rank_main(spec: dict[str, Any]) -> None:
     stock_lc = KVCacheLifecycle(reset_fn=reg.reset_cache)
     stock_schedule = CacheSchedule(reset_every=profile.drift.reset_every)
     reset_every = profile.drift.reset_every
-    probe = compile_health.CompileProbe()
+    probe = CompileProbe()
     probe.install()
-    compiled = compile_health.compile_region(reg.module, profile.compile, probe)
+    compiled = compile_region(reg.module, profile.compile, probe)
 
     out_dir = Path(spec["out"])
     state = RankState(rank=rank, world_size=world, record_path=out_dir / f"record{rank}.json")
     state.on_phase = lambda phase: store.set(f"phase/{rank}", phase)
     terminator = Terminator(state, connect())  # a real end (record, abort, exit code) if the watchdog fires
-    guard = compile_health.RecompileGuard() if profile.compile.enabled and profile.gates.max_recompiles == 0 else None
+    guard = RecompileGuard() if profile.compile.enabled and profile.gates.max_recompiles == 0 else None
     pc = time.perf_counter
 
     # -- the loops; each returns its pieces' seconds ---------------------------------------
@@ -409,10 +414,10 @@ def rank_main(spec: dict[str, Any]) -> None:
     scratch = Channel(control_group=None, data_group=None, device=device, leader=0, rank=rank, contract=contract, last_call_id=0)
     local_time("preflight", lambda: envelope.preflight(probe_env, scratch))
     blob = header + meta
-    local_time("input_digest", lambda: drift.input_digest(blob, probe_env.tensors))
+    local_time("input_digest", lambda: digest.input_digest(blob, probe_env.tensors))
     arrived = envelope.Envelope(
         kind=probe_env.kind, call_id=1, cache_epoch=probe_env.cache_epoch, plan=probe_env.plan, meta=probe_env.meta,
-        tensors=dict(probe_env.tensors), blob=blob, digest=drift.input_digest(blob, probe_env.tensors),
+        tensors=dict(probe_env.tensors), blob=blob, digest=digest.input_digest(blob, probe_env.tensors),
     )
     local_time("check_input", lambda: drift.check_input(arrived, rank=rank, leader=worker.LEADER))
     if guard is not None:

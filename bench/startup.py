@@ -22,7 +22,7 @@ from tabulate import tabulate
 
 RANK_IMPORTS = (
     "import torch, torch._dynamo, torch.distributed, torch.distributed._functional_collectives, "
-    "hardening.worker, hardening.reference"
+    "hardening.harness.worker, hardening.harness.reference"
 )
 
 
@@ -41,8 +41,8 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
 
-    from hardening.profile import load_profile
-    from hardening.runner import Runner
+    from hardening.harness.profile import load_profile
+    from hardening.harness.runner import Runner
     from hardening.suites import get_suite
 
     profile = load_profile("cpu", {"world.ranks": args.ranks})

@@ -6,7 +6,7 @@ for the process-group timeout (30 s here, 1800 s with gloo's default, 600 s NCCL
 With it, the first warmup call ends at ``timeouts.call_deadline`` on every rank: rank 0
 names the collective it is blocked in and the line of this file that issued it.
 
-    hardening suite compile --only control --target examples/conditional_collective.py:build
+    hardening suite compile --only C-00 --target examples/conditional_collective.py:build
 """
 
 import torch

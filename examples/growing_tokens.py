@@ -6,7 +6,7 @@ each call and wrapping around. The region declares the token dimension as varyin
 still refuses a dtype, rank or batch change. Whether a new ``T`` recompiles is the
 compile gate's call:
 
-    hardening suite compile --only control --target examples/growing_tokens.py:build
+    hardening suite compile --only C-00 --target examples/growing_tokens.py:build
         -> fails: "recompiled ... size mismatch at index 1" (compile.dynamic: false)
     with a profile saying  compile: {dynamic: true}
         -> passes: one graph with a symbolic T, no recompiles

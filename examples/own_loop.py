@@ -19,12 +19,13 @@ import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 import torch.nn.functional as F
 
-from hardening import drift, envelope, lifecycle
-from hardening.envelope import CallContract, Channel, Envelope, Kind, TensorSpec
-from hardening.parity import build_fingerprint, check_parity
-from hardening.profile import load_profile
-from hardening.sidechannel import SideChannel
-from hardening.watchdog import RankState, Terminator, Watchdog
+from hardening.runtime import drift, envelope, kv_cache as lifecycle
+from hardening.runtime.envelope import CallContract, Channel, Envelope, Kind, TensorSpec
+from hardening.runtime.parity import build_fingerprint, check_parity
+from hardening.harness.profile import load_profile
+from hardening.runtime.sidechannel import SideChannel
+from hardening.runtime.record import RankState, Terminator
+from hardening.runtime.watchdog import Watchdog
 
 HIDDEN, TOKENS, CALLS = 64, 8, 20
 
@@ -53,8 +54,8 @@ def main() -> None:
         dist.init_process_group("gloo", timeout=timedelta(seconds=t.pg))
         side = SideChannel(store, rank=rank, world_size=world, timeout_s=t.pg)
         state.enter("parity")
-        fp = build_fingerprint(profile=profile, compile_cfg=profile.compile, world_size=world,
-                               device=torch.device("cpu"), dtype=torch.float32)  # fmt: skip
+        fp = build_fingerprint(compile_cfg=profile.compile, gates=profile.gates, parity=profile.parity, world_size=world,
+                               backend="gloo", device=torch.device("cpu"), dtype=torch.float32)  # fmt: skip
         check_parity(side, fp)
         side.create_group()
 

@@ -1,7 +1,9 @@
 """hardening: make TP/PP torch.compile inference crash fast with a named cause, and prove it.
 
-Start here: ``hardening.worker`` is the in-rank recipe (init, parity, compile, warmup,
-gates), ``hardening.runner`` launches and judges cases, ``hardening.cli`` is the CLI.
+Two halves: ``hardening.runtime`` is the library a rank imports (parity, compile probe and
+gates, envelope, drift tripwires, watchdog, final record); ``hardening.harness`` launches
+ranks, injects faults, judges cases and reports them, and uses the runtime like any
+other program. ``hardening.errors`` holds the named causes both share.
 """
 
 from pathlib import Path as _Path

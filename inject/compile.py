@@ -14,7 +14,7 @@ class CompileOnOneRank(Fault):
     name = "compile_one_rank"
     matrix_id = "C-01"
     summary = "flip compile.enabled on one rank (compile on, eager elsewhere)"
-    target = "hardening.worker:resolve_compile_config"
+    target = "hardening.harness.worker:resolve_compile_config"
 
     def wrap(self, original: Callable[..., Any]) -> Callable[..., Any]:
         def resolve_compile_config(profile):
@@ -31,7 +31,7 @@ class GraphBreak(Fault):
     name = "graph_break"
     matrix_id = "C-02"
     summary = "insert torch._dynamo.graph_break() into the region's forward"
-    target = "hardening.region:build_region"
+    target = "hardening.harness.region:build_region"
     default_ranks = "all"
 
     def wrap(self, original: Callable[..., Any]) -> Callable[..., Any]:
@@ -57,7 +57,7 @@ class RecompileAfterWarmup(Fault):
     name = "recompile"
     matrix_id = "C-03"
     summary = "feed one rank a same-shape, different-stride input after warmup (guard failure)"
-    target = "hardening.region:inputs_of"
+    target = "hardening.harness.region:inputs_of"
     int_params = ("call",)
 
     def wrap(self, original: Callable[..., Any]) -> Callable[..., Any]:
@@ -102,7 +102,7 @@ class BackendDivergence(Fault):
     name = "backend_divergence"
     matrix_id = "C-04"
     summary = "disable the flash SDPA kernel on one rank (attention resolves to another kernel)"
-    target = "hardening.worker:apply_backend_settings"
+    target = "hardening.harness.worker:apply_backend_settings"
 
     def wrap(self, original: Callable[..., Any]) -> Callable[..., Any]:
         def apply_backend_settings(profile):
@@ -124,11 +124,11 @@ class ShortWarmup(Fault):
     name = "short_warmup"
     matrix_id = "W-01"
     summary = "one rank plans one warmup call fewer than the others"
-    target = "hardening.warmup:planned_warmup_calls"
+    target = "hardening.runtime.warmup:planned_warmup_calls"
 
     def wrap(self, original: Callable[..., Any]) -> Callable[..., Any]:
-        def planned_warmup_calls(profile):
-            n = original(profile)
+        def planned_warmup_calls(calls: int) -> int:
+            n = original(calls)
             if not self.acts_here:
                 return n
             self.fire()

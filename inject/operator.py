@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 import torch
 
-from hardening.drift import local_shard, replicate_placed
+from hardening.runtime.drift import local_shard, replicate_placed
 from hardening.inject.fault import Fault, flip_low_bit
 
 
@@ -34,7 +34,7 @@ class _AtCall(Fault):
 class _EnvelopeFault(_AtCall):
     """Breaks the envelope the leader is about to send."""
 
-    target = "hardening.worker:make_envelope"
+    target = "hardening.harness.worker:make_envelope"
 
     def wrap(self, original: Callable[..., Any]) -> Callable[..., Any]:
         def make_envelope(reg, call_id, schedule, *, phase):
@@ -101,7 +101,7 @@ class ConfigSkew(Fault):
     name = "config_skew"
     matrix_id = "OM-04"
     summary = "one rank's region config differs (region.seed + 1)"
-    target = "hardening.worker:apply_backend_settings"
+    target = "hardening.harness.worker:apply_backend_settings"
 
     def wrap(self, original: Callable[..., Any]) -> Callable[..., Any]:
         def apply_backend_settings(profile):
@@ -117,7 +117,7 @@ class CollectiveGatingFlag(Fault):
     name = "collective_gating_flag"
     matrix_id = "OM-05"
     summary = "one rank flips HARDENING_NAN_CHECK_ALLREDUCE (a flag that adds a collective)"
-    target = "hardening.worker:apply_backend_settings"
+    target = "hardening.harness.worker:apply_backend_settings"
     variable = "HARDENING_NAN_CHECK_ALLREDUCE"
 
     def wrap(self, original: Callable[..., Any]) -> Callable[..., Any]:
@@ -145,7 +145,7 @@ class InputMutation(_AtCall):
     name = "input_mutation"
     matrix_id = "OM-11"
     summary = "a receiver changes one element of its received input"
-    target = "hardening.envelope:receive"
+    target = "hardening.runtime.envelope:receive"
     default_ranks = "1"
 
     def wrap(self, original: Callable[..., Any]) -> Callable[..., Any]:
@@ -167,7 +167,7 @@ class WeightPerturbation(Fault):
     name = "weight_perturbation"
     matrix_id = "OM-12"
     summary = "one element of one rank's weight shard is changed after load"
-    target = "hardening.region:build_region"
+    target = "hardening.harness.region:build_region"
 
     @staticmethod
     def checkable(region: Any) -> str | None:
@@ -205,7 +205,7 @@ class WeightPerturbation(Fault):
 class _StepFault(_AtCall):
     """Acts inside a step, after the envelope arrived, before the data plane."""
 
-    target = "hardening.region:inputs_of"
+    target = "hardening.harness.region:inputs_of"
 
     def wrap(self, original: Callable[..., Any]) -> Callable[..., Any]:
         def inputs_of(region, tensors, call_id):
@@ -248,7 +248,7 @@ class SkipCacheReset(Fault):
     name = "skip_cache_reset"
     matrix_id = "K-01"
     summary = "one rank skips the first KV-cache reset after warmup"
-    target = "hardening.lifecycle:apply_transition"
+    target = "hardening.runtime.kv_cache:apply_transition"
 
     def wrap(self, original: Callable[..., Any]) -> Callable[..., Any]:
         def apply_transition(lifecycle, *, op, epoch, tokens, call_id, **kwargs):

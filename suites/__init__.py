@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from hardening.cases import Case
+from hardening.harness.cases import Case
 from hardening.suites import compile as _compile
 from hardening.suites import operator as _operator
 

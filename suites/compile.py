@@ -8,7 +8,7 @@ where the fault fires at build time and detection needs the first compile (C-02)
 
 from __future__ import annotations
 
-from hardening.cases import Case, completes, crashes, first_fails
+from hardening.harness.cases import Case, completes, crashes, first_fails
 
 SUITE = "compile"
 
@@ -16,7 +16,7 @@ SUITE = "compile"
 def build_cases() -> list[Case]:
     return [
         Case(
-            id="control",
+            id="C-00",
             suite=SUITE,
             title="clean region: completes, 0 breaks, 0 recompiles, symmetric",
             expect=completes(),

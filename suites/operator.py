@@ -7,7 +7,7 @@ faults within the watchdog window (``timeouts.peer_lost``, 3 s on the CPU profil
 
 from __future__ import annotations
 
-from hardening.cases import Case, RankExpect, completes, crashes, first_fails
+from hardening.harness.cases import Case, RankExpect, completes, crashes, first_fails
 
 SUITE = "operator"
 
@@ -32,7 +32,7 @@ def _leader_refuses(case_id: str, title: str, fault: str, error: str, match: str
 def build_cases() -> list[Case]:
     return [
         Case(
-            id="control",
+            id="OM-00",
             suite=SUITE,
             title="served envelopes, digests, cache resets/recomputes: completes",
             expect=completes(),

@@ -16,7 +16,7 @@ from typing import Any, Callable, Sequence
 
 import torch.distributed as dist
 
-from hardening.sidechannel import SideChannel
+from hardening.runtime.sidechannel import SideChannel
 
 
 def side_channel(port: int, rank: int, world_size: int, timeout_s: float = 5) -> SideChannel:

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from hardening.activity import COMPILING, RUNNING, SIDE, IssuedRecord, graph_collectives, record_graph, sample
+from hardening.runtime.activity import COMPILING, RUNNING, SIDE, IssuedRecord, graph_collectives, record_graph, sample
 from store_harness import side_channels
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from cli_harness import hardening_command, left_behind, new_marker, run_each
-from hardening.cli import ExitCode
+from hardening.harness.cli import ExitCode
 
 pytestmark = [pytest.mark.multiproc, pytest.mark.slow]
 
@@ -49,7 +49,7 @@ class Bad:
 
 
 def _suite(*extra: str) -> tuple[str, ...]:
-    return ("suite", "compile", "--only", "control", *extra)
+    return ("suite", "compile", "--only", "C-00", *extra)
 
 
 def _profile(text: str | bytes, *names: str, id: str) -> Bad:
@@ -79,7 +79,7 @@ CORPUS = [
     Bad("ranks-negative", ("suite", "compile", "--ranks", "-2"), ("--ranks", "world.ranks")),
     Bad("ranks-huge", ("suite", "compile", "--ranks", "100000"), ("--ranks", "at most")),
     Bad("ranks-not-dividing-dims", ("suite", "compile", "--ranks", "3"), ("--ranks 3", "region.dims", "heads (4)")),
-    Bad("ranks-one-runs-nothing", ("suite", "compile", "--ranks", "1"), ("no cases selected", "control (needs 2)"), code=ExitCode.NO_CASES),
+    Bad("ranks-one-runs-nothing", ("suite", "compile", "--ranks", "1"), ("no cases selected", "C-00 (needs 2)"), code=ExitCode.NO_CASES),
     Bad("profile-empty", ("suite", "compile", "--profile", ""), ("--profile",)),
     Bad("profile-unknown-name", ("suite", "compile", "--profile", "nope"), ("'nope'", "cpu")),
     Bad("profile-missing-file", ("suite", "compile", "--profile", "missing.yaml"), ("missing.yaml", "not found")),

@@ -7,18 +7,12 @@ import torch
 import torch._dynamo
 from torch._dynamo.utils import counters as dynamo_counters
 
-from hardening.compile_health import (
-    CompileCounters,
-    CompileProbe,
-    RecompileGuard,
-    compile_region,
-    graph_break_from_exception,
-    local_gate_problems,
-    normalize_reason,
-    start_torch_trace,
-    symmetry_problems,
-)
-from hardening.profile import CompileConfig, GateConfig
+from hardening.runtime.compile.backend import compile_region, counting_backend
+from hardening.runtime.compile.counters import CompileCounters, local_gate_problems, normalize_reason, symmetry_problems
+from hardening.runtime.compile.guard import RecompileGuard
+from hardening.runtime.compile.probe import CompileProbe, graph_break_from_exception
+from hardening.runtime.compile.trace import start_torch_trace
+from hardening.runtime.config import CompileConfig, GateConfig
 
 EAGER = CompileConfig(backend="eager")
 GATES = GateConfig()
@@ -233,11 +227,11 @@ def test_compile_region_disabled_and_backend_validation(probe):
 
     assert compile_region(fn, CompileConfig(enabled=False), probe) is fn
     with pytest.raises(ValueError):
-        probe.backend("cudagraphs")
+        counting_backend(probe, "cudagraphs")
     with pytest.raises(ValueError):
-        probe.backend("inductor", mode="no-such-mode")
-    assert callable(probe.backend("inductor", mode="max-autotune-no-cudagraphs"))
-    probe.backend("eager", mode="max-autotune-no-cudagraphs")
+        counting_backend(probe, "inductor", mode="no-such-mode")
+    assert callable(counting_backend(probe, "inductor", mode="max-autotune-no-cudagraphs"))
+    counting_backend(probe, "eager", mode="max-autotune-no-cudagraphs")
     assert any("ignored" in n for n in probe.counters().notes)
 
 

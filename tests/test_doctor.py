@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from hardening.doctor import run_doctor
+from hardening.harness.doctor import run_doctor
 
 
 def test_doctor_is_ok_here_and_names_the_essentials():

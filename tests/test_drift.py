@@ -9,11 +9,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hardening.drift import check_input, check_weights, checksum, digest_len, fingerprint, input_digest
-from hardening.envelope import Envelope, Kind
+from hardening.runtime.digest import checksum, digest_len, input_digest
+from hardening.runtime.drift import check_input, check_weights, fingerprint
+from hardening.runtime.envelope import Envelope, Kind
 from hardening.errors import DriftError
-from hardening.reference import TPDiTBlock
-from hardening.region import RegionContext
+from hardening.harness.reference import TPDiTBlock
+from hardening.harness.region import RegionContext
 
 from store_harness import pairlib, run_ranks, side_channels
 
@@ -328,7 +329,8 @@ import os, sys, tempfile, json
 import torch, torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import Replicate, Shard, distribute_tensor
-from hardening.drift import checksum, fingerprint, local_shard, replicate_placed
+from hardening.runtime.digest import checksum
+from hardening.runtime.drift import fingerprint, local_shard, replicate_placed
 from hardening.inject.fault import flip_low_bit
 
 store = dist.FileStore(tempfile.mktemp(), 1)

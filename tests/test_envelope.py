@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 import torch
 
-from hardening import envelope
-from hardening.envelope import (
+from hardening.runtime import envelope
+from hardening.runtime.envelope import (
     CallContract,
     Channel,
     Envelope,
@@ -395,7 +395,7 @@ def test_a_declared_dim_varies_within_its_bounds_and_nothing_else_does() -> None
 
 
 def test_varying_dims_are_checked_against_the_input() -> None:
-    from hardening.region import Region, varying_of
+    from hardening.harness.region import Region, varying_of
 
     reg = Region(module=torch.nn.Identity(), make_inputs=lambda k: (), varying_dims={"ids": {-1: (1, 16)}})
     assert varying_of(reg, "ids", 2) == ((1, 1, 16),)

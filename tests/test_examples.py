@@ -83,7 +83,7 @@ def test_a_region_nobody_here_wrote_passes_every_suite(
 def test_a_rank_conditional_collective_in_warmup_ends_at_the_call_deadline_naming_op_and_line(tmp_path: Path) -> None:
     (tmp_path / "d2.yaml").write_text("timeouts: {call_deadline: 2}\n")  # pg timeout stays 30 s
     code, result = _run_on(
-        tmp_path, "conditional_collective.py", "suite", "compile", "--only", "control", "--profile", "d2.yaml", timeout=150
+        tmp_path, "conditional_collective.py", "suite", "compile", "--only", "C-00", "--profile", "d2.yaml", timeout=150
     )
     assert code == 1
     r0, r1 = result["cases"][0]["ranks"]
@@ -107,7 +107,7 @@ def test_growing_token_ids_are_accepted_and_their_recompiles_gated(tmp_path: Pat
     runs = {}
     for name, extra in (("static", ()), ("dynamic", ("--profile", "dynamic.yaml"))):
         code, result = _run_on(
-            tmp_path, "growing_tokens.py", "suite", "compile", "--only", "control", *extra, timeout=200, report=f"{name}.json"
+            tmp_path, "growing_tokens.py", "suite", "compile", "--only", "C-00", *extra, timeout=200, report=f"{name}.json"
         )
         runs[name] = (code, result["cases"][0])
     # The contract let every length through; with static shapes the gate names torch's guard.
@@ -128,7 +128,7 @@ def test_a_hang_the_watchdog_may_not_end_is_reported_with_the_collective_and_lin
     # def line only; the runtime's own heartbeat says which collective and which line.
     (tmp_path / "off.yaml").write_text("timeouts: {call_deadline: 0, compile: 0, case: 12, setup: 10}\n")
     _, result = _run_on(
-        tmp_path, "conditional_collective.py", "suite", "compile", "--only", "control", "--profile", "off.yaml", timeout=150
+        tmp_path, "conditional_collective.py", "suite", "compile", "--only", "C-00", "--profile", "off.yaml", timeout=150
     )
     case = result["cases"][0]
     assert case["outcome"] == "hung"

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-import hardening.worker
-from hardening import forkserver
+import hardening.harness.worker
+from hardening.harness import forkserver
 
 
 @pytest.mark.timeout(30)
@@ -23,12 +23,12 @@ def test_forked_rank_ignores_sigpipe_and_restores_termination_signals(tmp_path: 
     # the dispositions _child left in place.
     out = tmp_path / "dispositions.json"
 
-    def probe(spec: hardening.worker.RankSpec) -> None:
+    def probe(spec: hardening.harness.worker.RankSpec) -> None:
         seen = {name: str(signal.getsignal(getattr(signal, name))) for name in ("SIGPIPE", "SIGTERM", "SIGCHLD")}
         out.write_text(json.dumps({"signals": seen, "rank": spec.rank}))
         os._exit(0)
 
-    monkeypatch.setattr(hardening.worker, "run_rank", probe)
+    monkeypatch.setattr(hardening.harness.worker, "run_rank", probe)
     previous = signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # what the server must not pass on
     try:
         pid = os.fork()

@@ -10,9 +10,9 @@ import pytest
 import torch
 from torch import nn
 
-import hardening.region
-import hardening.warmup
-import hardening.worker
+import hardening.harness.region
+import hardening.runtime.warmup
+import hardening.harness.worker
 from hardening.inject import (
     ENV_VAR,
     FAULTS,
@@ -24,8 +24,8 @@ from hardening.inject import (
     parse_spec,
     validate_spec,
 )
-from hardening.profile import load_profile
-from hardening.region import Region
+from hardening.harness.profile import load_profile
+from hardening.harness.region import Region
 
 # -- parse_spec -------------------------------------------------------------------------
 
@@ -182,21 +182,21 @@ def _install(installed: list[Fault], text: str, *, rank: int, world_size: int = 
 
 
 def test_install_replaces_the_function_and_uninstall_restores_the_same_object(installed: list[Fault]) -> None:
-    original = hardening.warmup.planned_warmup_calls
+    original = hardening.runtime.warmup.planned_warmup_calls
     fault, _ = _install(installed, "short_warmup:rank=1", rank=1)
-    assert hardening.warmup.planned_warmup_calls is not original
+    assert hardening.runtime.warmup.planned_warmup_calls is not original
     fault.uninstall()
-    assert hardening.warmup.planned_warmup_calls is original
+    assert hardening.runtime.warmup.planned_warmup_calls is original
     fault.uninstall()  # a second uninstall is harmless
-    assert hardening.warmup.planned_warmup_calls is original
+    assert hardening.runtime.warmup.planned_warmup_calls is original
 
 
 def test_short_warmup_acts_on_its_rank_and_fires_once(installed: list[Fault]) -> None:
     profile = load_profile("premerge")
     fault, fired = _install(installed, "short_warmup:rank=1", rank=1, warmup_calls=profile.warmup_calls)
     assert fault.fired_at is None
-    assert hardening.warmup.planned_warmup_calls(profile) == profile.warmup_calls - 1
-    assert hardening.warmup.planned_warmup_calls(profile) == profile.warmup_calls - 1
+    assert hardening.runtime.warmup.planned_warmup_calls(profile.warmup_calls) == profile.warmup_calls - 1
+    assert hardening.runtime.warmup.planned_warmup_calls(profile.warmup_calls) == profile.warmup_calls - 1
     assert len(fired.calls) == 1
     who, at = fired.calls[0]
     assert who is fault and isinstance(at, float) and at > 0
@@ -206,7 +206,7 @@ def test_short_warmup_acts_on_its_rank_and_fires_once(installed: list[Fault]) ->
 def test_short_warmup_leaves_other_ranks_alone(installed: list[Fault]) -> None:
     profile = load_profile("premerge")
     fault, fired = _install(installed, "short_warmup:rank=1", rank=0, warmup_calls=profile.warmup_calls)
-    assert hardening.warmup.planned_warmup_calls(profile) == profile.warmup_calls
+    assert hardening.runtime.warmup.planned_warmup_calls(profile.warmup_calls) == profile.warmup_calls
     assert fired.calls == [] and fault.fired_at is None
 
 
@@ -214,19 +214,19 @@ def test_compile_one_rank_flips_enabled_only_on_its_rank(installed: list[Fault])
     profile = load_profile("cpu")
     assert profile.compile.enabled is True
     fault, fired = _install(installed, "compile_one_rank:rank=1", rank=1)
-    cfg = hardening.worker.resolve_compile_config(profile)
+    cfg = hardening.harness.worker.resolve_compile_config(profile)
     assert cfg.enabled is False
     assert (cfg.backend, cfg.fullgraph) == (profile.compile.backend, profile.compile.fullgraph)
     assert profile.compile.enabled is True  # the profile itself is not mutated
     assert len(fired.calls) == 1 and fault.fired_at is not None
     fault.uninstall()
-    assert hardening.worker.resolve_compile_config(profile).enabled is True
+    assert hardening.harness.worker.resolve_compile_config(profile).enabled is True
 
 
 def test_compile_one_rank_on_another_rank_is_the_original(installed: list[Fault]) -> None:
     profile = load_profile("cpu")
     fault, fired = _install(installed, "compile_one_rank:rank=1", rank=0)
-    assert hardening.worker.resolve_compile_config(profile) == profile.compile
+    assert hardening.harness.worker.resolve_compile_config(profile) == profile.compile
     assert fired.calls == [] and fault.fired_at is None
 
 
@@ -240,7 +240,7 @@ def _tiny_region() -> Region:
 def _received(region, call_id: int):
     """What every rank hands the region after an envelope arrived (the C-03 hook)."""
     tensors = {"input0": region.make_inputs(call_id)[0]}
-    return hardening.region.inputs_of(region, tensors, call_id)
+    return hardening.harness.region.inputs_of(region, tensors, call_id)
 
 
 def test_recompile_changes_strides_at_the_chosen_call_only(installed: list[Fault]) -> None:
@@ -283,7 +283,7 @@ def test_backend_divergence_disables_flash_and_restores_it(installed: list[Fault
     try:
         torch.backends.cuda.enable_flash_sdp(True)
         fault, fired = _install(installed, "backend_divergence:rank=1", rank=1)
-        hardening.worker.apply_backend_settings(profile)
+        hardening.harness.worker.apply_backend_settings(profile)
         assert torch.backends.cuda.flash_sdp_enabled() is False
         assert len(fired.calls) == 1
         fault.uninstall()
@@ -297,7 +297,7 @@ def test_backend_divergence_on_another_rank_keeps_flash(installed: list[Fault]) 
     try:
         torch.backends.cuda.enable_flash_sdp(True)
         fault, fired = _install(installed, "backend_divergence:rank=1", rank=0)
-        hardening.worker.apply_backend_settings(load_profile("cpu"))
+        hardening.harness.worker.apply_backend_settings(load_profile("cpu"))
         assert torch.backends.cuda.flash_sdp_enabled() is True
         assert fired.calls == []
     finally:
@@ -308,21 +308,21 @@ def test_graph_break_wraps_the_built_region(installed: list[Fault], tmp_path) ->
     factory = tmp_path / "tiny_region.py"
     factory.write_text(
         "import torch\n"
-        "from hardening.region import Region\n"
+        "from hardening.harness.region import Region\n"
         "def build(ctx):\n"
         "    torch.manual_seed(0)\n"
         "    return Region(module=torch.nn.Linear(4, 4), make_inputs=lambda k: (torch.ones(2, 4),))\n"
     )
     target = f"{factory}:build"
     fault, fired = _install(installed, "graph_break:rank=all", rank=0)
-    region = hardening.region.build_region(target, ctx=None)
+    region = hardening.harness.region.build_region(target, ctx=None)
     assert len(fired.calls) == 1
     # The instance forward is the wrapper; the class forward is untouched and gives the same result.
     assert "forward" in vars(region.module)
     x = torch.ones(2, 4)
     assert torch.equal(region.module(x), nn.Linear.forward(region.module, x))
     fault.uninstall()
-    clean = hardening.region.build_region(target, ctx=None)
+    clean = hardening.harness.region.build_region(target, ctx=None)
     assert "forward" not in vars(clean.module)
 
 
@@ -330,13 +330,13 @@ def test_install_from_env(installed: list[Fault], monkeypatch: pytest.MonkeyPatc
     monkeypatch.delenv(ENV_VAR, raising=False)
     assert install_from_env(FaultContext(rank=1, world_size=2, warmup_calls=2)) is None
     monkeypatch.setenv(ENV_VAR, "short_warmup:rank=1")
-    original = hardening.warmup.planned_warmup_calls
+    original = hardening.runtime.warmup.planned_warmup_calls
     fault = install_from_env(FaultContext(rank=1, world_size=2, warmup_calls=2))
     assert fault is not None
     installed.append(fault)
     assert fault.name == "short_warmup"
-    assert hardening.warmup.planned_warmup_calls is not original
-    assert hardening.warmup.planned_warmup_calls(load_profile("cpu")) == 1
+    assert hardening.runtime.warmup.planned_warmup_calls is not original
+    assert hardening.runtime.warmup.planned_warmup_calls(load_profile("cpu").warmup_calls) == 1
 
 
 # -- strict specs: every key once, distinct ranks, a call that happens ---------------------
@@ -376,7 +376,7 @@ def test_the_gating_flag_differs_from_what_the_rank_inherited(
     else:
         monkeypatch.setenv(variable, inherited)
     fault, fired = _install(installed, "collective_gating_flag:rank=1", rank=1)
-    hardening.worker.apply_backend_settings(load_profile("cpu"))
+    hardening.harness.worker.apply_backend_settings(load_profile("cpu"))
     assert os.environ.get(variable) != inherited and len(fired.calls) == 1
     fault.uninstall()
     assert os.environ.get(variable) == inherited
@@ -396,13 +396,13 @@ def test_restrided_works_for_token_ids_and_refuses_all_ones() -> None:
 
 def test_recompile_names_the_tensor_it_restrided_and_skips_when_none_can_be(installed: list[Fault]) -> None:
     fault, fired = _install(installed, "recompile:rank=1", rank=1, warmup_calls=1)
-    hardening.region.inputs_of(None, {"input_ids": torch.arange(5).reshape(1, 5)}, 1)
+    hardening.harness.region.inputs_of(None, {"input_ids": torch.arange(5).reshape(1, 5)}, 1)
     assert fault.touched == "input_ids" and len(fired.calls) == 1
     fault.uninstall()
     skipped = []
     fault, _ = _install(installed, "recompile:rank=1", rank=1, warmup_calls=1)
     fault.ctx.on_skip = skipped.append
-    hardening.region.inputs_of(None, {"scale": torch.ones(1)}, 1)
+    hardening.harness.region.inputs_of(None, {"scale": torch.ones(1)}, 1)
     assert fault.fired_at is None and fault.skipped and skipped == [fault]
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from cli_harness import hardening_command, left_behind, new_marker, run_each
-from hardening.cli import ExitCode
+from hardening.harness.cli import ExitCode
 
 pytestmark = [pytest.mark.multiproc, pytest.mark.slow]
 
@@ -66,7 +66,7 @@ class Scenario:
 
 
 COMPILE = ("suite", "compile", "--json", "r.json", "--junit", "r.xml")
-MID = ("suite", "operator", "--only", "control,OM-01,H-01", "--profile", "stall.yaml", "--json", "r.json", "--junit", "r.xml")
+MID = ("suite", "operator", "--only", "OM-00,OM-01,H-01", "--profile", "stall.yaml", "--json", "r.json", "--junit", "r.xml")
 IN_H01 = r"^\[3/3\] H-01 .*\.\.\.$"
 
 SCENARIOS = [
@@ -82,11 +82,11 @@ SCENARIOS = [
     Scenario("SIGTERM-then-SIGINT-early", COMPILE, (Act(BANNER, "SIGTERM"), Act(BANNER, "SIGINT", 0.1)), ExitCode.INTERRUPTED, 0),
     Scenario("SIGINT-ignored-then-SIGTERM", COMPILE, (Act(done(2), "SIGINT"), Act(done(4), "SIGTERM")), ExitCode.INTERRUPTED, 4,
              exact=False, ignore_sigint=True),
-    Scenario("SIGKILL-fork-server-mid-case", ("suite", "compile", "--only", "control,C-01", "--profile", "long.yaml", "--json", "r.json"),
-             (Act(r"^\[1/2\] control .*\.\.\.$", "kill-server", 2.0),), ExitCode.INTERNAL_ERROR, 0, tail=("harness_error",),
+    Scenario("SIGKILL-fork-server-mid-case", ("suite", "compile", "--only", "C-00,C-01", "--profile", "long.yaml", "--json", "r.json"),
+             (Act(r"^\[1/2\] C-00 .*\.\.\.$", "kill-server", 2.0),), ExitCode.INTERNAL_ERROR, 0, tail=("harness_error",),
              files={"long.yaml": LONG}),
-    Scenario("SIGKILL-rank-mid-case", ("suite", "compile", "--only", "control,C-01", "--profile", "long.yaml", "--json", "r.json"),
-             (Act(r"^\[1/2\] control .*\.\.\.$", "kill-rank", 2.0),), ExitCode.FAILED, 2, files={"long.yaml": LONG}),
+    Scenario("SIGKILL-rank-mid-case", ("suite", "compile", "--only", "C-00,C-01", "--profile", "long.yaml", "--json", "r.json"),
+             (Act(r"^\[1/2\] C-00 .*\.\.\.$", "kill-rank", 2.0),), ExitCode.FAILED, 2, files={"long.yaml": LONG}),
 ]  # fmt: skip
 
 
@@ -112,7 +112,7 @@ def _server_and_ranks(pid: int) -> tuple[int | None, list[int]]:
             children.setdefault(ppid, []).append(int(entry))
     for child in children.get(pid, []):
         try:
-            if b"hardening.forkserver" in Path(f"/proc/{child}/cmdline").read_bytes():
+            if b"hardening.harness.forkserver" in Path(f"/proc/{child}/cmdline").read_bytes():
                 return child, sorted(children.get(child, []))
         except OSError:
             continue
@@ -229,7 +229,7 @@ def test_sigkill_of_the_fork_server_ends_the_suite_at_once(matrix: dict[str, Ran
     assert ran.run_dir is not None
     report = json.loads((ran.run_dir / "result.json").read_text())
     assert "fork server died" in report["harness_error"]
-    assert [c["id"] for c in report["cases"]] == ["control"]  # C-01 is not tried against a dead server
+    assert [c["id"] for c in report["cases"]] == ["C-00"]  # C-01 is not tried against a dead server
     assert "[2/2]" not in ran.stderr
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from hardening.errors import LifecycleError
-from hardening.lifecycle import CacheSchedule, KVCacheLifecycle, apply_transition
+from hardening.runtime.kv_cache import CacheSchedule, KVCacheLifecycle, apply_transition
 
 
 def _plan(reset_every: int, calls: int) -> list[tuple[str, int, dict]]:

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from hardening.errors import ParityError
-from hardening.parity import build_fingerprint, check_parity, format_mismatch
-from hardening.profile import load_profile
+from hardening.runtime.parity import build_fingerprint, check_parity, format_mismatch
+from hardening.harness.profile import load_profile
 
 from store_harness import run_ranks, side_channels
 
@@ -20,11 +20,14 @@ CPU = torch.device("cpu")
 def _fingerprint(**kw: Any) -> dict[str, str]:
     profile = kw.pop("profile", None) or load_profile("cpu")
     return build_fingerprint(
-        profile=profile,
         compile_cfg=kw.pop("compile_cfg", profile.compile),
+        gates=profile.gates,
+        parity=profile.parity,
         world_size=kw.pop("world_size", 2),
+        backend=profile.world.backend,
         device=CPU,
         dtype=torch.float32,
+        user_keys={**profile.fingerprint_keys(), **kw.pop("user_keys", {})},
         **kw,
     )
 
@@ -82,7 +85,7 @@ def test_settings_change_the_fingerprint() -> None:
     eager = load_profile("cpu", {"compile.enabled": False})
     assert _fingerprint(compile_cfg=eager.compile)["compile.enabled"] == "false"
     assert _fingerprint(world_size=4)["world.size"] == "4"
-    assert _fingerprint(extra={"region.x": 1})["region.x"] == "1"
+    assert _fingerprint(user_keys={"model.id": 1})["model.id"] == "1"
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from hardening.profile import (
+from hardening.harness.profile import (
     CompileConfig,
     Profile,
     ProfileError,

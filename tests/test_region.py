@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from hardening.region import describe_import_error, load_factory, parse_target
+from hardening.harness.region import describe_import_error, load_factory, parse_target
 
 
 @pytest.mark.parametrize("target", ["mod", "mod:", ":build", "a b:build", "mod:not-ident", "x.py:build"])

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from hardening.reports import render_table, write_json, write_junit
-from hardening.results import SCHEMA_VERSION, CaseResult, Outcome, RankResult, SuiteResult, Verdict
+from hardening.harness.reports import render_table, write_json, write_junit
+from hardening.harness.results import SCHEMA_VERSION, CaseResult, Outcome, RankResult, SuiteResult, Verdict
 
 STACK_TEXT = (
     "Thread 4242 (idle): \"MainThread\"\n"
@@ -340,7 +340,7 @@ def test_report_files_honour_the_umask_and_never_replace_a_device(tmp_path: Path
     import os
     import stat
 
-    from hardening.reports.json_report import atomic_write_bytes
+    from hardening.harness.reports.json_report import atomic_write_bytes
 
     old = os.umask(0o022)
     try:

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from hardening.cases import Case, RankExpect, crashes
-from hardening.results import (
+from hardening.harness.cases import Case, RankExpect, crashes
+from hardening.harness.results import (
     SCHEMA_VERSION,
     CaseResult,
     Outcome,
@@ -59,7 +59,7 @@ PARITY_MSG = "ranks disagree on 1 fingerprint key(s): compile.enabled\nkey  rank
 
 
 def test_control_completed_passes() -> None:
-    outcome, t_detect, verdict, reason = _run(CASES["control"], [_ok(0), _ok(1)])
+    outcome, t_detect, verdict, reason = _run(CASES["C-00"], [_ok(0), _ok(1)])
     assert (outcome, verdict, reason, t_detect) == (Outcome.COMPLETED, Verdict.PASS, "", None)
 
 
@@ -69,7 +69,7 @@ def test_control_crashed_fails_naming_the_first_failing_rank() -> None:
         _crashed(1, "CompileGateError", "compile gate failed after warmup: rank 1: 2 graph breaks\nmore",
                  exited=T0 + 3.5, code=25),
     ]
-    outcome, _, verdict, reason = _run(CASES["control"], ranks)
+    outcome, _, verdict, reason = _run(CASES["C-00"], ranks)
     assert outcome is Outcome.CRASHED and verdict is Verdict.FAIL
     assert reason.startswith("rank 1: CompileGateError")
     assert "2 graph breaks" in reason and "more" not in reason  # first line of the message only
@@ -77,13 +77,13 @@ def test_control_crashed_fails_naming_the_first_failing_rank() -> None:
 
 def test_control_killed_by_signal_names_the_signal() -> None:
     rank1 = RankResult(rank=1, exit_code=-9, signal="SIGKILL", exited_at=T0 + 1.0)
-    outcome, _, verdict, reason = _run(CASES["control"], [_ok(0), rank1])
+    outcome, _, verdict, reason = _run(CASES["C-00"], [_ok(0), rank1])
     assert outcome is Outcome.CRASHED and verdict is Verdict.FAIL
     assert reason == "rank 1: signal SIGKILL"
 
 
 def test_control_hung_fails() -> None:
-    outcome, _, verdict, reason = _run(CASES["control"], [_ok(0), _hung(1)])
+    outcome, _, verdict, reason = _run(CASES["C-00"], [_ok(0), _hung(1)])
     assert outcome is Outcome.HUNG and verdict is Verdict.FAIL and "hung" in reason
 
 
@@ -260,7 +260,7 @@ def test_harness_error_and_interrupted_are_unknown(kw: dict, outcome: Outcome) -
     got, t_detect, verdict, reason = _run(CASES["C-01"], ranks, **kw)
     assert got is outcome and t_detect is None
     assert verdict is Verdict.UNKNOWN and outcome.value in reason
-    got, _, verdict, _ = _run(CASES["control"], [_ok(0), _ok(1)], **kw)
+    got, _, verdict, _ = _run(CASES["C-00"], [_ok(0), _ok(1)], **kw)
     assert got is outcome and verdict is Verdict.UNKNOWN
 
 
@@ -363,7 +363,7 @@ def test_exit_0_without_a_final_record_is_not_a_completion() -> None:
     quitter = RankResult(rank=1, pid=1001, exit_code=0, exited_at=T0 + 1, has_record=False, error_class="no_final_record",
                          message="exited 0 without its final record, in phase build")  # fmt: skip
     assert _ok(0).completed and not quitter.completed and quitter.failed
-    outcome, _, verdict, reason = _run(CASES["control"], [_ok(0), quitter])
+    outcome, _, verdict, reason = _run(CASES["C-00"], [_ok(0), quitter])
     assert (outcome, verdict) == (Outcome.CRASHED, Verdict.FAIL)
     assert reason.startswith("rank 1: no_final_record: exited 0 without its final record")
     assert root_cause_rank([_ok(0), quitter]) == 1

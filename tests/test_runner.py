@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from hardening.triage import ptrace_problem
+from hardening.harness.triage import ptrace_problem
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO / "examples"
@@ -82,9 +82,9 @@ def test_compile_suite_end_to_end(tmp_path: Path) -> None:
     assert out.returncode == 0, out.stdout + out.stderr
     report = json.loads((tmp_path / "r.json").read_text())
     cases = {c["id"]: c for c in report["cases"]}
-    assert set(cases) == {"control", "C-01", "C-02", "C-03", "C-04", "W-01"}
+    assert set(cases) == {"C-00", "C-01", "C-02", "C-03", "C-04", "W-01"}
 
-    control = cases["control"]
+    control = cases["C-00"]
     assert (control["outcome"], control["verdict"]) == ("completed", "pass")
     for rank in control["ranks"]:
         assert rank["exit_code"] == 0
@@ -122,7 +122,7 @@ def test_compile_suite_end_to_end(tmp_path: Path) -> None:
 @pytest.mark.timeout(180)
 def test_user_target_with_graph_break_fails_the_gate(tmp_path: Path) -> None:
     target = f"{EXAMPLES / 'break_region.py'}:build"
-    out = hardening("suite", "compile", "--only", "control", "--target", target, "--json", "r.json", cwd=tmp_path)
+    out = hardening("suite", "compile", "--only", "C-00", "--target", target, "--json", "r.json", cwd=tmp_path)
     assert out.returncode == 1, out.stdout + out.stderr
     case = json.loads((tmp_path / "r.json").read_text())["cases"][0]
     assert (case["outcome"], case["verdict"]) == ("crashed", "fail")
@@ -148,7 +148,7 @@ def test_hung_rank_is_reported_hung_with_stacks_of_every_rank(tmp_path: Path) ->
     target = f"{EXAMPLES / 'hang_region.py'}:build"
     profile = _hang_profile(tmp_path, 10)
     out = hardening(
-        "suite", "compile", "--only", "control", "--target", target, "--profile", str(profile),
+        "suite", "compile", "--only", "C-00", "--target", target, "--profile", str(profile),
         "--json", "r.json", "--artifacts", "run", cwd=tmp_path,
     )  # fmt: skip
     assert out.returncode == 1, out.stdout + out.stderr
@@ -164,7 +164,7 @@ def test_hung_rank_is_reported_hung_with_stacks_of_every_rank(tmp_path: Path) ->
     where = {r["rank"]: r["where"] for r in case["ranks"]}
     assert "wait_for_a_message_that_never_comes" in where[0]  # the leader, making inputs
     assert "receive" in where[1]  # the follower, waiting for the envelope
-    assert (tmp_path / "run" / "control" / "stacks_summary.txt").is_file()
+    assert (tmp_path / "run" / "C-00" / "stacks_summary.txt").is_file()
     assert not wait_gone(rank_pids(report), 5), "a rank outlived the run"
 
 
@@ -172,7 +172,7 @@ def _start_hang_run(tmp_path: Path) -> subprocess.Popen[str]:
     target = f"{EXAMPLES / 'hang_region.py'}:build"
     profile = _hang_profile(tmp_path, 120)
     return subprocess.Popen(
-        [sys.executable, "-m", "hardening", "suite", "compile", "--only", "control", "--target", target,
+        [sys.executable, "-m", "hardening", "suite", "compile", "--only", "C-00", "--target", target,
          "--profile", str(profile), "--json", "r.json", "--artifacts", "run"],
         cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
@@ -183,7 +183,7 @@ def _wait_for_ranks(proc: subprocess.Popen[str], tmp_path: Path, timeout: float 
     end = time.time() + timeout
     while time.time() < end:
         ranks = {p for p in descendants(proc.pid) if "forkserver" in Path(f"/proc/{p}/cmdline").read_text(errors="replace")}
-        logs = [tmp_path / "run" / "control" / f"rank{r}" / "stdout.log" for r in (0, 1)]
+        logs = [tmp_path / "run" / "C-00" / f"rank{r}" / "stdout.log" for r in (0, 1)]
         if len(ranks) >= 3 and all(log.exists() for log in logs):
             time.sleep(4)  # past warmup: both ranks are now inside the stalled step
             return descendants(proc.pid)
@@ -227,7 +227,7 @@ def test_operator_suite_end_to_end(tmp_path: Path) -> None:
     assert out.returncode == 0, out.stdout + out.stderr
     report = json.loads((tmp_path / "r.json").read_text())
     cases = {c["id"]: c for c in report["cases"]}
-    assert cases["control"]["outcome"] == "completed"
+    assert cases["OM-00"]["outcome"] == "completed"
     expected = {
         "OM-01": ["PreflightError", "PeerError"],
         "OM-02": ["PreflightError", "PeerError"],
@@ -275,14 +275,14 @@ def test_kill_minus_9_of_rank_0_by_hand_makes_workers_exit_peer_lost(tmp_path: P
     profile = tmp_path / "long.yaml"
     profile.write_text("steps: 100000\ntimeouts: {case: 120}\n")  # runs until someone kills it
     proc = subprocess.Popen(
-        [sys.executable, "-m", "hardening", "suite", "operator", "--only", "control", "--profile", str(profile),
+        [sys.executable, "-m", "hardening", "suite", "operator", "--only", "OM-00", "--profile", str(profile),
          "--json", "r.json", "--artifacts", "run"],
         cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
         leader, worker = _leader_pid(proc)
         deadline = time.time() + 60
-        while time.time() < deadline and not (tmp_path / "run" / "control" / "rank1" / "stdout.log").exists():
+        while time.time() < deadline and not (tmp_path / "run" / "OM-00" / "rank1" / "stdout.log").exists():
             time.sleep(0.1)
         time.sleep(3)  # well into the steady-state loop
         killed_at = time.time()
@@ -306,12 +306,12 @@ def test_stock_baseline_runs_and_lets_drift_through(tmp_path: Path) -> None:
     # case survives the fault, which fails its expectation, so the suite exits FAILED.
     (tmp_path / "stock.yaml").write_text("hardened: false\n")
     out = hardening(
-        "suite", "operator", "--profile", "stock.yaml", "--only", "control,OM-11", "--json", "r.json",
+        "suite", "operator", "--profile", "stock.yaml", "--only", "OM-00,OM-11", "--json", "r.json",
         "--artifacts", "run", cwd=tmp_path,
     )  # fmt: skip
     report = json.loads((tmp_path / "r.json").read_text())
     cases = {c["id"]: c for c in report["cases"]}
-    assert cases["control"]["outcome"] == "completed" and cases["control"]["verdict"] == "pass"
+    assert cases["OM-00"]["outcome"] == "completed" and cases["OM-00"]["verdict"] == "pass"
     assert cases["OM-11"]["outcome"] == "survived" and cases["OM-11"]["verdict"] == "fail"
     assert all(r["fired_at"] for r in cases["OM-11"]["ranks"] if r["rank"] == 1)  # the fault did act
     assert out.returncode == 1, out.stdout + out.stderr

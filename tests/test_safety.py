@@ -76,7 +76,7 @@ def test_nothing_listens_beyond_loopback_during_a_run(tmp_path: Path) -> None:
 
     watcher = threading.Thread(target=watch, daemon=True)
     proc = subprocess.Popen(
-        [*hardening_command(), "suite", "compile", "--only", "control", "--profile", "long.yaml"],
+        [*hardening_command(), "suite", "compile", "--only", "C-00", "--profile", "long.yaml"],
         cwd=tmp_path, env=dict(os.environ, CORPUS_MARKER=marker), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     watcher.start()
@@ -100,9 +100,9 @@ def test_nothing_listens_beyond_loopback_during_a_run(tmp_path: Path) -> None:
 def test_files_in_the_cwd_never_run_in_place_of_modules_but_a_module_target_there_does(tmp_path: Path) -> None:
     for name in SHADOWS:
         (tmp_path / f"{name}.py").write_text(f"open({str(tmp_path / ('RAN_' + name))!r}, 'w').close()\n")
-    (tmp_path / "my_region.py").write_text("from hardening.reference import build\n")
+    (tmp_path / "my_region.py").write_text("from hardening.harness.reference import build\n")
     marker = new_marker()
-    out = _run(tmp_path, "suite", "compile", "--only", "control", "--target", "my_region:build", "--json", "r.json", marker=marker)
+    out = _run(tmp_path, "suite", "compile", "--only", "C-00", "--target", "my_region:build", "--json", "r.json", marker=marker)
     assert out.returncode == 0
     ran = sorted(p.name for p in tmp_path.glob("RAN_*"))
     assert ran == [], f"files in the cwd ran inside the harness: {ran}"
@@ -115,7 +115,7 @@ def test_files_in_the_cwd_never_run_in_place_of_modules_but_a_module_target_ther
 def test_a_control_whose_ranks_exit_0_without_working_fails(tmp_path: Path) -> None:
     (tmp_path / "quitter.py").write_text("import os\n\ndef build(ctx):\n    os._exit(0)\n")
     marker = new_marker()
-    out = _run(tmp_path, "suite", "compile", "--only", "control", "--target", "quitter:build", "--json", "r.json", marker=marker)
+    out = _run(tmp_path, "suite", "compile", "--only", "C-00", "--target", "quitter:build", "--json", "r.json", marker=marker)
     assert out.returncode == 1
     case = json.loads((tmp_path / "r.json").read_text())["cases"][0]
     assert (case["outcome"], case["verdict"]) == ("crashed", "fail")
@@ -135,9 +135,9 @@ def test_a_target_that_daemonizes_a_child_at_import_leaves_nothing_behind(tmp_pa
         "    os.setsid()\n"
         "    time.sleep(300)\n"
         "    os._exit(0)\n"
-        "from hardening.reference import build\n"
+        "from hardening.harness.reference import build\n"
     )
     marker = new_marker()
-    out = _run(tmp_path, "suite", "compile", "--only", "control", "--target", "forker.py:build", marker=marker)
+    out = _run(tmp_path, "suite", "compile", "--only", "C-00", "--target", "forker.py:build", marker=marker)
     assert out.returncode == 0
     assert not left_behind(marker), "a daemonized child outlived the run"

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from hardening.errors import PeerLost
-from hardening.sidechannel import SideChannel
+from hardening.runtime.sidechannel import SideChannel
 
 from store_harness import run_ranks, side_channel, side_channels
 

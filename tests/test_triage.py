@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 import hardening
-from hardening.triage import StackDump, dump_all, dump_stack, ptrace_problem, side_by_side, summarize_frames
+from hardening.harness.triage import StackDump, dump_all, dump_stack, ptrace_problem, side_by_side, summarize_frames
 
 _PROBLEM = ptrace_problem()
 live = pytest.mark.skipif(_PROBLEM is not None, reason=_PROBLEM or "")
@@ -187,7 +187,7 @@ def test_dead_pid_is_a_failed_dump_not_an_exception(tmp_path):
 # default (package-relative names). The heartbeat thread comes first on purpose: the
 # summary must read the MainThread, not the first thread.
 _SHORT_SAMPLE = """\
-Process 4242: /usr/bin/python3.11 -m hardening.worker --rank 1
+Process 4242: /usr/bin/python3.11 -m hardening.harness.worker --rank 1
 Python v3.11.7 (/usr/bin/python3.11)
 
 Thread 4301 (idle): "Thread-1 (beat)"

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from hardening.errors import WarmupError
-from hardening.profile import load_profile
-from hardening.sidechannel import SideChannel
-from hardening.warmup import planned_warmup_calls, run_lockstep, shape_signature
+from hardening.harness.profile import load_profile
+from hardening.runtime.sidechannel import SideChannel
+from hardening.runtime.warmup import planned_warmup_calls, run_lockstep, shape_signature
 
 from store_harness import run_ranks, side_channels
 
@@ -96,4 +96,4 @@ def test_shapes_diverging_at_a_later_call_stop_there(store_port: int) -> None:
 def test_shape_signature_and_planned_calls() -> None:
     assert shape_signature([torch.zeros(2, 3, dtype=torch.bfloat16), 7]) == ["(2, 3):torch.bfloat16", "int"]
     profile = load_profile("premerge")
-    assert planned_warmup_calls(profile) == profile.warmup_calls == 3
+    assert planned_warmup_calls(profile.warmup_calls) == profile.warmup_calls == 3

@@ -24,7 +24,7 @@ import pytest
 import torch.distributed as dist
 
 from hardening.errors import EXIT_PARENT_GONE, CallDeadlineExceeded, ParityError, PeerError, PeerLost
-from hardening.watchdog import report_exit
+from hardening.runtime.store import report_exit
 
 pytestmark = [pytest.mark.multiproc, pytest.mark.timeout(60)]
 
@@ -418,7 +418,8 @@ class _CountingStore:
 
 
 def test_steady_ticks_cost_three_store_requests_at_any_world_size(tmp_path: Path) -> None:
-    from hardening.watchdog import RankState, Terminator, Watchdog
+    from hardening.runtime.record import RankState, Terminator
+    from hardening.runtime.watchdog import Watchdog
 
     master = dist.TCPStore("127.0.0.1", 0, None, True, timeout=timedelta(seconds=10), wait_for_workers=False)
     for world in (2, 8):

@@ -27,10 +27,11 @@ faulthandler.dump_traceback_later(50, exit=True)
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from hardening import drift, envelope  # noqa: E402
-from hardening.envelope import CallContract, Channel, Envelope, Kind, TensorSpec  # noqa: E402
+from hardening.runtime import drift, envelope  # noqa: E402
+from hardening.runtime.digest import checksum, input_digest  # noqa: E402
+from hardening.runtime.envelope import CallContract, Channel, Envelope, Kind, TensorSpec  # noqa: E402
 from hardening.errors import HardeningError  # noqa: E402
-from hardening.sidechannel import SideChannel  # noqa: E402
+from hardening.runtime.sidechannel import SideChannel  # noqa: E402
 
 RANK = int(sys.argv[1])
 PORT = int(sys.argv[2])
@@ -116,7 +117,7 @@ def describe(env: Envelope) -> dict[str, Any]:
         "dtypes": {n: str(t.dtype) for n, t in env.tensors.items()},
         "shapes": {n: list(t.shape) for n, t in env.tensors.items()},
         "bits": {n: bits(t) for n, t in env.tensors.items()},
-        "checksums": {n: drift.checksum(t).tolist() for n, t in env.tensors.items()},
+        "checksums": {n: checksum(t).tolist() for n, t in env.tensors.items()},
     }
 
 
@@ -210,7 +211,7 @@ def main() -> None:
                 env = envelope.send(make_call(k), channel, digest=True)
                 return {"call_id": env.call_id, "digest_in_frame": env.digest}
             env = envelope.receive(channel)
-            out = {"call_id": env.call_id, "digest_in_frame": env.digest, "mine_before": drift.input_digest(env.blob, env.tensors)}
+            out = {"call_id": env.call_id, "digest_in_frame": env.digest, "mine_before": input_digest(env.blob, env.tensors)}
             results[name_of[k] + "_seen"] = out
             if mutate in ("tensor",):
                 env.tensors["c"][2] += 1

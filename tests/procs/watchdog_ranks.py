@@ -46,7 +46,8 @@ from pathlib import Path  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from hardening.errors import ParityError  # noqa: E402
-from hardening.watchdog import RankState, Terminator, Watchdog  # noqa: E402
+from hardening.runtime.record import RankState, Terminator  # noqa: E402
+from hardening.runtime.watchdog import Watchdog  # noqa: E402
 
 
 def _connect(cfg: dict[str, Any]) -> dist.Store:

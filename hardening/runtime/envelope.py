@@ -19,9 +19,9 @@ stages every tensor on the device and computes its digest *before* broadcasting 
 control frame (the commitment point). Anything that fails there sends an ``ERROR`` frame
 instead, so peers end with a named error instead of waiting. After the commit only the
 data-plane broadcasts run; if one of them fails the data plane itself is broken, and the
-job-wide abort key (see :mod:`hardening.watchdog`) carries the cause to every peer.
+job-wide abort key (see :mod:`hardening.runtime.watchdog`) carries the cause to every peer.
 Receivers check version, kind, call_id monotonicity, the manifest against the call
-contract and the digest's length; :func:`hardening.drift.check_input` then compares what
+contract and the digest's length; :func:`hardening.runtime.drift.check_input` then compares what
 arrived with the leader's digest.
 
 ``send`` and ``receive`` are runtime functions faults patch by name: call them through
@@ -40,7 +40,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from hardening import drift
+from hardening.runtime.digest import digest_len as digest_words
+from hardening.runtime.digest import host_bytes, input_digest
 from hardening.errors import ContractError, PeerError, PreflightError
 
 PROTOCOL_VERSION = 2
@@ -239,7 +240,7 @@ def _bcast_control(prefix: list[int] | None, payload: bytes, channel: Channel) -
         head = struct.pack(_PREFIX_FORMAT, *prefix) + payload[: CONTROL_FRAME - _PREFIX_BYTES]
         frame[: len(head)] = torch.frombuffer(bytearray(head), dtype=torch.uint8)
     dist.broadcast(frame, src=channel.leader, group=channel.control_group)
-    raw = drift.host_bytes(frame)
+    raw = host_bytes(frame)
     values = list(struct.unpack_from(_PREFIX_FORMAT, raw))
     length = 8 * values[6] + values[3] + values[4] if values[0] == MAGIC else 0
     received = bytes(raw[_PREFIX_BYTES : _PREFIX_BYTES + min(length, CONTROL_FRAME - _PREFIX_BYTES)])
@@ -249,7 +250,7 @@ def _bcast_control(prefix: list[int] | None, payload: bytes, channel: Channel) -
         if prefix is not None:
             more.copy_(torch.frombuffer(bytearray(payload[len(received) :]), dtype=torch.uint8))
         dist.broadcast(more, src=channel.leader, group=channel.control_group)
-        received += bytes(drift.host_bytes(more))
+        received += bytes(host_bytes(more))
     return values, received
 
 
@@ -257,7 +258,7 @@ def send(env: Envelope, channel: Channel, *, digest: bool = False) -> Envelope:
     """Leader side: preflight, staging and digest, then commit and the tensors.
 
     ``digest=True`` puts the leader's input digest into the frame, so that every follower
-    checks what it received against it (:func:`hardening.drift.check_input`).
+    checks what it received against it (:func:`hardening.runtime.drift.check_input`).
     """
     if channel.stock:
         return _send_stock(env, channel)
@@ -268,7 +269,7 @@ def send(env: Envelope, channel: Channel, *, digest: bool = False) -> Envelope:
         for spec in specs:
             env.tensors[spec.name] = env.tensors[spec.name].to(channel.device).contiguous()
         env.blob = header + meta
-        env.digest = drift.input_digest(env.blob, env.tensors) if digest and env.kind is Kind.CALL else None
+        env.digest = input_digest(env.blob, env.tensors) if digest and env.kind is Kind.CALL else None
     except Exception as exc:
         send_error(f"{type(exc).__name__}: {exc}", channel, call_id=env.call_id)
         raise
@@ -325,8 +326,8 @@ def receive(channel: Channel) -> Envelope:
     specs = [TensorSpec(name=n, shape=tuple(s), dtype=d) for n, s, d in header.get("tensor_specs", [])]
     if kind_ is Kind.CALL:
         _validate_call(env, specs, count, channel)
-    if digest_len not in (0, drift.digest_len(count)):
-        raise ContractError(f"the frame carries a {digest_len}-word input digest, {count} tensor(s) need {drift.digest_len(count)}")
+    if digest_len not in (0, digest_words(count)):
+        raise ContractError(f"the frame carries a {digest_len}-word input digest, {count} tensor(s) need {digest_words(count)}")
     for spec in specs:
         tensor = torch.empty(spec.shape, dtype=ALLOWED_DTYPES[spec.dtype], device=channel.device)
         dist.broadcast(tensor, src=channel.leader, group=channel.data_group)
@@ -378,7 +379,7 @@ def broadcast_object(obj: Any, channel: Channel) -> Any:
     dist.broadcast(size, src=channel.leader, group=channel.control_group)
     payload = torch.frombuffer(bytearray(data), dtype=torch.uint8) if is_leader else torch.empty(int(size), dtype=torch.uint8)
     dist.broadcast(payload, src=channel.leader, group=channel.control_group)
-    return obj if is_leader else json.loads(bytes(drift.host_bytes(payload)))
+    return obj if is_leader else json.loads(bytes(host_bytes(payload)))
 
 
 def _send_stock(env: Envelope, channel: Channel) -> Envelope:

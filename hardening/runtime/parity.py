@@ -19,8 +19,8 @@ from typing import Any
 import torch
 
 from hardening.errors import ParityError
-from hardening.profile import CompileConfig, Profile
-from hardening.sidechannel import SideChannel
+from hardening.runtime.config import CompileConfig, GateConfig, ParityConfig
+from hardening.runtime.sidechannel import SideChannel
 
 # Variables that legitimately differ per rank or per run and must not be compared.
 PER_RANK_VARIABLES = frozenset(
@@ -88,28 +88,28 @@ def compile_stance() -> str:
 
 def build_fingerprint(
     *,
-    profile: Profile,
     compile_cfg: CompileConfig,
+    gates: GateConfig,
+    parity: ParityConfig,
     world_size: int,
+    backend: str,
     device: torch.device,
     dtype: torch.dtype,
-    extra: dict[str, Any] | None = None,
+    user_keys: dict[str, Any] | None = None,
 ) -> dict[str, str]:
-    """The canonical, flat fingerprint of this rank (values rendered as strings)."""
-    region_cfg = {"target": profile.region.target, "dims": profile.region.dims, "seed": profile.region.seed}
+    """The canonical, flat fingerprint of this rank (values rendered as strings).
+
+    Runtime settings, versions, effective backends and the environment, plus
+    ``user_keys``: the caller's own settings every rank must agree on (a model id, a
+    checkpoint hash; the harness puts its region and step counts there)."""
     fp: dict[str, Any] = {
         "python.version": platform.python_version(),
         "torch.version": torch.__version__,
         "torch.cuda": torch.version.cuda,
         "torch.nccl": _nccl_version(),
         "world.size": world_size,
-        "world.backend": profile.world.backend,
-        "tp.degree": world_size,
-        "region.target": profile.region.target,
-        "region.dtype": str(dtype),
-        "region.config_hash": _digest(region_cfg)[:16],
-        "region.seed": profile.region.seed,
-        "region.dims": profile.region.dims,
+        "world.backend": backend,
+        "dtype": str(dtype),
         "compile.enabled": compile_cfg.enabled,
         "compile.backend": compile_cfg.backend,
         "compile.mode": compile_cfg.mode,
@@ -117,17 +117,15 @@ def build_fingerprint(
         "compile.dynamic": compile_cfg.dynamic,
         "compile.stance": compile_stance(),
         "dynamo.disable": bool(getattr(torch._dynamo.config, "disable", False)),
-        "gates.max_graph_breaks": profile.gates.max_graph_breaks,
-        "gates.max_recompiles": profile.gates.max_recompiles,
-        "warmup_calls": profile.warmup_calls,
-        "steps": profile.steps,
+        "gates.max_graph_breaks": gates.max_graph_breaks,
+        "gates.max_recompiles": gates.max_recompiles,
     }
     fp.update({f"effective.{k}": v for k, v in effective_backends(device, dtype).items()})
     for name, value in os.environ.items():
         if name.startswith(ENV_PREFIXES) and name not in PER_RANK_VARIABLES:
             fp[f"env.{name}"] = value
-    fp.update(extra or {})
-    ignored = profile.parity.ignore
+    fp.update(user_keys or {})
+    ignored = parity.ignore
     fp = {k: v for k, v in fp.items() if not any(fnmatch.fnmatchcase(k, pattern) for pattern in ignored)}
     fp["parity.ignore"] = sorted(ignored)
     return {key: json.dumps(value, sort_keys=True, default=str) for key, value in sorted(fp.items())}

@@ -17,8 +17,8 @@ import torch.distributed._functional_collectives as funcol
 import torch.nn.functional as F
 from torch import nn
 
-from hardening.drift import checksum
-from hardening.region import Region, RegionContext
+from hardening.runtime.digest import checksum
+from hardening.harness.region import Region, RegionContext
 
 
 DIMS = ("hidden", "heads", "tokens", "cache", "mlp", "batch")
@@ -112,7 +112,7 @@ class TPDiTBlock(nn.Module):
 
 
 def build(ctx: RegionContext) -> Region:
-    """Factory of the reference region (``hardening.reference:build``)."""
+    """Factory of the reference region (``hardening.harness.reference:build``)."""
     block = TPDiTBlock(ctx)
     hidden = ctx.dims["hidden"]
 

@@ -12,7 +12,7 @@ from typing import Any
 
 from tabulate import tabulate
 
-from hardening.results import CaseResult, Outcome, RankResult, SuiteResult, Verdict, summarize
+from hardening.harness.results import CaseResult, Outcome, RankResult, SuiteResult, Verdict, summarize
 
 DASH = "—"
 MESSAGE_WIDTH = 160

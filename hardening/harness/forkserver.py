@@ -93,7 +93,7 @@ def _check_target(request: dict[str, Any], server_pid: int) -> None:
     """Runs in a forked child: import the target and say whether it is usable; never returns."""
     try:
         _detach(server_pid, request["log"], request["log"])
-        from hardening.region import describe_import_error, load_factory
+        from hardening.harness.region import describe_import_error, load_factory
 
         try:
             load_factory(request["target"])
@@ -120,7 +120,7 @@ def _child(spec_data: dict[str, Any], env: dict[str, str], server_pid: int) -> N
         os.makedirs(rank_dir, exist_ok=True)
         _detach(server_pid, os.path.join(rank_dir, "stdout.log"), os.path.join(rank_dir, "stderr.log"))
         os.environ.update(env)
-        from hardening.worker import RankSpec, run_rank
+        from hardening.harness.worker import RankSpec, run_rank
 
         spec_data = dict(spec_data, parent_pid=server_pid)
         run_rank(RankSpec.from_json(spec_data))
@@ -148,8 +148,8 @@ def serve() -> None:
     import torch.distributed  # noqa: F401
     import torch.distributed._functional_collectives  # noqa: F401
 
-    import hardening.worker  # noqa: F401
-    import hardening.reference  # noqa: F401
+    import hardening.harness.worker  # noqa: F401
+    import hardening.harness.reference  # noqa: F401
 
     # What the first compile imports lazily: cold, these imports hold the GIL for
     # seconds inside every rank of every case (and starve its watchdog thread).

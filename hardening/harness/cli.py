@@ -13,10 +13,10 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
-from hardening.interrupt import StopRequest
+from hardening.harness.interrupt import StopRequest
 
 if TYPE_CHECKING:
-    from hardening.results import SuiteResult
+    from hardening.harness.results import SuiteResult
 
 
 class ExitCode(enum.IntEnum):
@@ -30,7 +30,7 @@ class ExitCode(enum.IntEnum):
 
 
 def exit_code_for(result: "SuiteResult") -> ExitCode:
-    from hardening.results import Outcome, Verdict
+    from hardening.harness.results import Outcome, Verdict
 
     if result.interrupted:
         return ExitCode.INTERRUPTED
@@ -65,12 +65,19 @@ def _parser() -> argparse.ArgumentParser:
     from hardening import __version__
 
     p.add_argument("--version", action="version", version=f"hardening {__version__}")
+    from hardening.harness.profile import DEFAULT_PROFILE, available_profiles
+    from hardening.suites import SUITES
+
+    suites = ", ".join([*SUITES, "all"])  # generated: help never falls behind the suites
     sub = p.add_subparsers(dest="command", required=True)
-    s = sub.add_parser("suite", help="run a suite of cases (compile, operator, all)")
-    s.add_argument("name", help="suite name: compile, operator, or all")
+    s = sub.add_parser("suite", help=f"run a suite of cases ({suites})")
+    s.add_argument("name", help=f"suite name: {suites}")
     s.add_argument("--ranks", type=int, help="number of ranks (overrides world.ranks)")
-    s.add_argument("--profile", help="shipped profile name (cpu, premerge, h200) or a YAML file; default cpu")
-    s.add_argument("--only", help="comma-separated case ids, e.g. control,C-01")
+    s.add_argument(
+        "--profile",
+        help=f"shipped profile name ({', '.join(available_profiles())}) or a YAML file; default {DEFAULT_PROFILE}",
+    )
+    s.add_argument("--only", help="comma-separated case ids, e.g. C-00,C-01 (see hardening list)")
     s.add_argument("--target", help="region factory module:function or file.py:function (overrides region.target)")
     s.add_argument(
         "--torch-trace", action="store_true",
@@ -170,7 +177,7 @@ def _select_cases(name: str, only: str | None, world_size: int) -> list:
     if only is not None:
         wanted = [i.strip() for i in only.split(",") if i.strip()]
         if not wanted:
-            raise UsageError(f"--only {only!r} names no case; give ids such as control,C-01 (see hardening list)")
+            raise UsageError(f"--only {only!r} names no case; give ids such as C-00,C-01 (see hardening list)")
         known = {c.id for c in cases}
         unknown = [i for i in wanted if i not in known]
         if unknown:
@@ -187,7 +194,7 @@ def _select_cases(name: str, only: str | None, world_size: int) -> list:
 
 def _load_profile(args: argparse.Namespace):
     """The profile with the command line's overrides; a bad value names its flag."""
-    from hardening.profile import ProfileError, load_profile
+    from hardening.harness.profile import ProfileError, load_profile
 
     if args.profile is not None and not args.profile.strip():
         raise UsageError("--profile: empty value")
@@ -211,8 +218,8 @@ def _validate(profile, cases, args: argparse.Namespace) -> str:
     """Everything that can be wrong with the request, found before a process starts and
     without running user code; returns how to name the target in later messages."""
     from hardening.inject import FaultSpecError, validate_spec
-    from hardening.reference import validate_dims
-    from hardening.region import parse_target
+    from hardening.harness.reference import validate_dims
+    from hardening.harness.region import parse_target
 
     calls = profile.warmup_calls + profile.steps
     for case in cases:
@@ -226,7 +233,7 @@ def _validate(profile, cases, args: argparse.Namespace) -> str:
         parse_target(profile.region.target)
     except ValueError as exc:
         raise UsageError(f"{target_source}: {exc}") from None
-    if profile.region.target == "hardening.reference:build":
+    if profile.region.target == "hardening.harness.reference:build":
         try:
             validate_dims(profile.region.dims, profile.world.ranks)
         except ValueError as exc:
@@ -332,9 +339,9 @@ def _suite(args: argparse.Namespace, stop: StopRequest) -> int:
             run_dir.rmdir()  # ours, new and empty
         raise
 
-    from hardening.reports import render_table, write_json, write_junit
-    from hardening.results import SuiteResult
-    from hardening.runner import HarnessError, Runner, TargetError
+    from hardening.harness.reports import render_table, write_json, write_junit
+    from hardening.harness.results import SuiteResult
+    from hardening.harness.runner import HarnessError, Runner, TargetError
 
     print(
         f"hardening: suite {args.name}, {len(cases)} case(s), {profile.world.ranks} ranks, "
@@ -433,7 +440,7 @@ def _fault(args: argparse.Namespace) -> int:
 
 
 def _triage(args: argparse.Namespace) -> int:
-    from hardening import triage
+    from hardening.harness import triage
 
     gone = [pid for pid in args.pids if not os.path.exists(f"/proc/{pid}")]
     if gone:
@@ -450,7 +457,7 @@ def _triage(args: argparse.Namespace) -> int:
 
 
 def _doctor() -> int:
-    from hardening.doctor import run_doctor
+    from hardening.harness.doctor import run_doctor
 
     ok, text = run_doctor()
     print(text)

@@ -1,7 +1,7 @@
 """The JSON report: ``SuiteResult.to_json()`` as a strict, atomically written file.
 
 This module owns the on-disk JSON format that dashboards read (its shape and
-``schema_version`` come from :mod:`hardening.results`) and the atomic-write helper the
+``schema_version`` come from :mod:`hardening.harness.results`) and the atomic-write helper the
 file writers share: a reader never sees a half-written report.
 """
 
@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from hardening.results import SuiteResult
+from hardening.harness.results import SuiteResult
 
 
 def write_json(result: SuiteResult, path: str | os.PathLike[str]) -> None:

@@ -12,7 +12,7 @@ import enum
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from hardening.cases import Case, Expectation, RankExpect
+from hardening.harness.cases import Case, Expectation, RankExpect
 
 SCHEMA_VERSION = 1
 

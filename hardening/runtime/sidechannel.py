@@ -20,6 +20,7 @@ from typing import Any
 import torch.distributed as dist
 
 from hardening.errors import PeerLost
+from hardening.runtime.store import SIDE_PREFIX
 
 
 class SideChannel:
@@ -38,7 +39,7 @@ class SideChannel:
 
     def exchange(self, tag: str, value: Any) -> list[Any]:
         """All-gather ``value`` (JSON-serializable) under a tag unique to this exchange."""
-        keys = [f"x/{tag}/{r}" for r in range(self.world_size)]
+        keys = [f"{SIDE_PREFIX}/{tag}/{r}" for r in range(self.world_size)]
         self.store.set(keys[self.rank], json.dumps(value, sort_keys=True))
         try:
             self.store.wait(keys, timedelta(seconds=self.timeout_s))

@@ -8,8 +8,9 @@ naming the file and the dotted key, which the CLI turns into exit code 4.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import math
-import reprlib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -19,28 +20,25 @@ from typing import Any
 
 import yaml
 
+from hardening.runtime.config import (
+    MAX_COUNT,
+    MAX_SECONDS,
+    MIN_SECONDS,
+    CompileConfig,
+    DriftConfig,
+    GateConfig,
+    ParityConfig,
+    Timeouts,
+    short,
+)
+
 DEFAULT_PROFILE = "cpu"
 MAX_RANKS = 64
 """Most ranks the one-host ``process`` launcher starts: beyond that, a typo."""
-MAX_SECONDS = 7 * 24 * 3600.0
-"""Longest timeout a profile may set (a process-group timeout must fit a timedelta)."""
-MIN_SECONDS = 0.01
-"""Shortest timeout a profile may set: below it nothing can succeed."""
-MAX_COUNT = 10**9
-"""Largest count (steps, calls, intervals) a profile may set."""
 MAX_DIM = 2**24
 """Largest size in ``region.dims``."""
 MAX_PROFILE_BYTES = 1 << 20
 """A profile is a few hundred bytes; a larger file is not one (and PyYAML is slow)."""
-
-_short = reprlib.Repr()
-_short.maxstring, _short.maxother, _short.maxlist, _short.maxdict, _short.maxlevel = 60, 60, 4, 4, 2
-
-
-def short(value: Any) -> str:
-    """A bounded repr for messages: a YAML alias bomb must not become a 800 MB line."""
-    return _short.repr(value)
-
 
 class ProfileError(ValueError):
     """A profile (or a flag overriding it) is unusable; the message names file and key."""
@@ -77,7 +75,7 @@ class WorldConfig:
 
 @dataclass(kw_only=True, slots=True)
 class RegionConfig:
-    target: str = "hardening.reference:build"
+    target: str = "hardening.harness.reference:build"
     """Region factory ``module:function`` (or ``path/to/file.py:function``) returning a Region."""
 
     dtype: str = "float32"
@@ -103,40 +101,9 @@ class RegionConfig:
             raise ValueError(f"seed: must be from 0 to 2**63-1 (it seeds torch generators), got {short(self.seed)}")
 
 
-INDUCTOR_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-
-
 @dataclass(kw_only=True, slots=True)
-class CompileConfig:
-    enabled: bool = True
-    """Compile the region with torch.compile (False runs it eagerly; the gates then only check parity)."""
-
-    backend: str = "eager"
-    """torch.compile backend wrapped by the counting backend: eager, aot_eager or inductor."""
-
-    mode: str | None = None
-    """torch.compile mode (inductor only), e.g. max-autotune-no-cudagraphs."""
-
-    fullgraph: bool = False
-    """Compile with fullgraph=True: any graph break raises at the first call."""
-
-    dynamic: bool | None = False
-    """torch.compile ``dynamic`` argument."""
-
-    def validate(self) -> None:
-        if self.backend not in ("eager", "aot_eager", "inductor"):
-            raise ValueError(f"backend: must be eager, aot_eager or inductor, got {short(self.backend)}")
-        if self.mode is not None and self.mode not in INDUCTOR_MODES:
-            raise ValueError(f"mode: must be null or one of {', '.join(INDUCTOR_MODES)}, got {short(self.mode)}")
-        if self.mode is not None and self.backend != "inductor":
-            raise ValueError(f"mode: {self.mode!r} applies to the inductor backend only, not {self.backend!r}")
-
-
-@dataclass(kw_only=True, slots=True)
-class TimeoutConfig:
-    setup: float = 60.0
-    """Seconds from launch until every rank must have finished init, parity and building
-    its region (and, once, for importing the region target)."""
+class TimeoutConfig(Timeouts):
+    """The runtime's timeouts plus the harness's own bounds on a case."""
 
     detect: float = 20.0
     """Seconds after a fault fires before a rank still alive is declared hung."""
@@ -144,87 +111,18 @@ class TimeoutConfig:
     case: float = 180.0
     """Hard cap on one case, from launch to the last rank's exit."""
 
-    pg: float = 30.0
-    """Timeout of every process group and store wait (never the 600 s / 1800 s defaults)."""
-
-    heartbeat: float = 0.2
-    """Seconds between heartbeats (and abort-key polls) of each rank's watchdog."""
-
-    peer_lost: float = 3.0
-    """A peer whose heartbeat is older than this is declared lost."""
-
-    call_deadline: float = 15.0
-    """Deadline of one steady-state call, and of a call blocked in a collective while no
-    peer makes progress, warmup included (0 disables both)."""
-
-    compile: float = 300.0
-    """Deadline of one warmup call, which may compile (0 disables it)."""
-
     grace: float = 2.0
     """Seconds between SIGTERM and SIGKILL when the runner tears ranks down."""
 
     def validate(self) -> None:
-        for f in dataclasses.fields(self):
-            if getattr(self, f.name) > MAX_SECONDS:
-                raise ValueError(f"{f.name}: must be at most {MAX_SECONDS:g} seconds (7 days)")
-        for name in ("setup", "detect", "case", "pg", "heartbeat", "peer_lost", "grace"):
+        Timeouts.validate(self)  # slots dataclasses break zero-argument super() before 3.14
+        for name in ("detect", "case", "grace"):
+            if getattr(self, name) > MAX_SECONDS:
+                raise ValueError(f"{name}: must be at most {MAX_SECONDS:g} seconds (7 days)")
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}: must be positive")
             if getattr(self, name) < MIN_SECONDS:
                 raise ValueError(f"{name}: must be at least {MIN_SECONDS:g} seconds")
-        for name in ("call_deadline", "compile"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name}: must be >= 0 (0 disables it)")
-            if 0 < getattr(self, name) < MIN_SECONDS:
-                raise ValueError(f"{name}: must be 0 (off) or at least {MIN_SECONDS:g} seconds")
-        if self.call_deadline < 0:
-            raise ValueError("call_deadline: must be >= 0 (0 disables it)")
-        if self.peer_lost <= 2 * self.heartbeat:
-            raise ValueError("peer_lost: must exceed two heartbeats")
-
-
-@dataclass(kw_only=True, slots=True)
-class GateConfig:
-    max_graph_breaks: int = 0
-    """Graph breaks allowed in the region (counted from graph_break_reasons, not counters)."""
-
-    max_recompiles: int = 0
-    """Recompiles allowed after warmup; 0 also arms the recompile guard."""
-
-    def validate(self) -> None:
-        for f in dataclasses.fields(self):
-            if not 0 <= getattr(self, f.name) <= MAX_COUNT:
-                raise ValueError(f"{f.name}: must be from 0 to {MAX_COUNT}")
-
-
-@dataclass(kw_only=True, slots=True)
-class ParityConfig:
-    ignore: list[str] = field(default_factory=list)
-    """Fingerprint keys not compared across ranks: exact keys (``env.NCCL_SOCKET_IFNAME``)
-    or shell patterns (``env.MY_JOB_*``), for values that legitimately differ per rank or
-    host. The list itself is compared."""
-
-    def validate(self) -> None:
-        for pattern in self.ignore:
-            if not pattern.strip():
-                raise ValueError("ignore: entries must be non-empty fingerprint keys or patterns")
-
-
-@dataclass(kw_only=True, slots=True)
-class DriftConfig:
-    digest_every: int = 1
-    """Check the input digest every N steady-state calls (0 disables; warmup is never checked)."""
-
-    weights: bool = True
-    """Check weight fingerprints (manifest and replicated parameters) after build."""
-
-    reset_every: int = 4
-    """The leader resets the KV cache every N calls (a new cache_epoch); 0: only at call 0."""
-
-    def validate(self) -> None:
-        for name in ("digest_every", "reset_every"):
-            if not 0 <= getattr(self, name) <= MAX_COUNT:
-                raise ValueError(f"{name}: must be from 0 to {MAX_COUNT}")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -275,6 +173,20 @@ class Profile:
     parity: ParityConfig = field(default_factory=ParityConfig)
     drift: DriftConfig = field(default_factory=DriftConfig)
     triage: TriageConfig = field(default_factory=TriageConfig)
+
+    def fingerprint_keys(self) -> dict[str, Any]:
+        """The harness's own settings every rank must agree on, for the runtime's parity
+        fingerprint (the harness is a user of it like any other)."""
+        region = {"target": self.region.target, "dims": self.region.dims, "seed": self.region.seed}
+        digest = hashlib.sha256(json.dumps(region, sort_keys=True, default=str).encode()).hexdigest()
+        return {
+            "region.target": self.region.target,
+            "region.config_hash": digest[:16],
+            "region.seed": self.region.seed,
+            "region.dims": self.region.dims,
+            "warmup_calls": self.warmup_calls,
+            "steps": self.steps,
+        }
 
     def validate(self) -> None:
         if not 1 <= self.warmup_calls <= 1000:

@@ -11,13 +11,14 @@ from __future__ import annotations
 from typing import Any, Callable, Sequence
 
 from hardening.errors import WarmupError
-from hardening.profile import Profile
-from hardening.sidechannel import SideChannel
+
+from hardening.runtime.sidechannel import SideChannel
 
 
-def planned_warmup_calls(profile: Profile) -> int:
-    """How many warmup calls this rank will run (fault hook: W-01 shortens it on one rank)."""
-    return profile.warmup_calls
+def planned_warmup_calls(calls: int) -> int:
+    """How many warmup calls this rank will run, of the ``calls`` configured (fault hook:
+    W-01 shortens it on one rank)."""
+    return calls
 
 
 def shape_signature(inputs: Sequence[Any]) -> list[str]:

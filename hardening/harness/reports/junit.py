@@ -17,7 +17,7 @@ import xml.etree.ElementTree as ET
 from datetime import datetime, timezone
 from pathlib import Path
 
-from hardening.results import CaseResult, Outcome, SuiteResult, Verdict
+from hardening.harness.results import CaseResult, Outcome, SuiteResult, Verdict
 
 from .json_report import atomic_write_bytes
 from .table import rank_detail_lines

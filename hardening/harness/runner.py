@@ -5,7 +5,7 @@ rank), starts one fork server (so ``import torch`` is paid once), and runs cases
 after another. Per case it waits on every rank under three deadlines (setup, detect,
 case); at a deadline it dumps every live rank with py-spy, then SIGTERM -> grace ->
 SIGKILL of each rank's whole session. A timeout is data (outcome ``hung``), never an
-exception. A stop request (Ctrl-C, SIGTERM, SIGHUP: :mod:`hardening.interrupt`) is
+exception. A stop request (Ctrl-C, SIGTERM, SIGHUP: :mod:`hardening.harness.interrupt`) is
 polled at each tick and tears the ranks down the same way; the suite result the caller
 holds keeps every finished case.
 
@@ -33,12 +33,14 @@ from typing import Any, Callable
 
 import yaml
 
-from hardening import results, triage
-from hardening.cases import Case
+from hardening.harness import results, triage
+from hardening.harness.cases import Case
 from hardening.errors import CAUSE_BY_EXIT_CODE
-from hardening.interrupt import StopRequest
-from hardening.profile import Profile, profile_to_dict
-from hardening.results import NO_RECORD, TORN_DOWN, CaseResult, Outcome, RankResult, SuiteResult
+from hardening.harness.interrupt import StopRequest
+from hardening.runtime import store as store_keys
+from hardening.runtime.record import RankRecord
+from hardening.harness.profile import Profile, profile_to_dict
+from hardening.harness.results import NO_RECORD, TORN_DOWN, CaseResult, Outcome, RankResult, SuiteResult
 
 # How the fork server starts: ``python -c`` puts '' (the cwd) first on sys.path, as
 # ``-m`` puts the cwd; drop it before the first import, so that a numpy.py or yaml.py
@@ -48,7 +50,7 @@ _SERVER_BOOT = (
     "import sys\n"
     "if sys.path and sys.path[0] == '':\n"
     "    del sys.path[0]\n"
-    "from hardening.forkserver import serve\n"
+    "from hardening.harness.forkserver import serve\n"
     "serve()\n"
 )
 
@@ -213,7 +215,7 @@ class Runner:
                 f"deadline{where}; it was killed (its output: {log})"
             )
         code = os.waitstatus_to_exitcode(status)
-        verdict = _read_record(out)
+        verdict = _read_json(out)
         if verdict is not None and verdict.get("ok") and code == 0:
             return
         if verdict is not None and not verdict.get("ok"):
@@ -387,19 +389,18 @@ class Runner:
         """Tell the surviving ranks at once; their heartbeat check is the slow path."""
         import torch.distributed as dist  # loaded with the store, in the background
 
-        from hardening.watchdog import report_exit
 
         code = os.waitstatus_to_exitcode(status)
         how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
         try:
-            report_exit(dist.PrefixStore(live.prefix, self._store), rank, code, how)
+            store_keys.report_exit(dist.PrefixStore(live.prefix, self._store), rank, code, how)
         except Exception:  # the store is in this process; failing here means we are shutting down
             pass
 
     def _keys(self, live: _Live, kind: str) -> dict[int, str]:
         found = {}
         for rank in range(self.world_size):
-            key = f"{live.prefix}/{kind}/{rank}"
+            key = f"{live.prefix}/{store_keys.key(kind, rank)}"
             if self._store.check([key]):
                 found[rank] = self._store.get(key).decode()
         return found
@@ -496,12 +497,12 @@ class Runner:
         skipped_keys = self._keys(live, "skipped") if self._store is not None else {}
         for rank in range(self.world_size):
             rank_dir = live.case_dir / f"rank{rank}"
-            record = _read_record(rank_dir / "record.json")
+            record = RankRecord.read(rank_dir / "record.json")
             has_record = record is not None
             if record is not None and rank in live.torn_down and rank not in live.hung and live.teardown_at is not None:
                 # A rank that ended while the runner tore the case down (a peer it saw
                 # die to our SIGTERM: PeerLost) reports our doing, not a finding.
-                if float(record.get("exited_at") or 0) >= live.teardown_at:
+                if record.exited_at >= live.teardown_at:
                     record = None
             rr = RankResult(rank=rank, pid=live.pids.get(rank), log_dir=str(rank_dir), has_record=has_record)
             if rank in live.exits and rank not in live.hung:
@@ -511,17 +512,10 @@ class Runner:
                 if code < 0:
                     rr.signal = signal.Signals(-code).name
             if record is not None:
-                rr.error_class = record.get("error_class")
-                rr.message = record.get("message") or ""
-                rr.root_cause_rank = record.get("root_cause_rank")
-                rr.phase = record.get("phase") or ""
-                rr.last_call_id = record.get("last_call_id")
-                rr.counters = record.get("counters") or {}
-                rr.artifacts = record.get("artifacts") or {}
-                rr.started_at = record.get("started_at")
-                rr.fired_at = record.get("fired_at")
-                rr.touched = record.get("fault_touched")
-                rr.skipped = record.get("fault_skipped")
+                rr.error_class, rr.message, rr.root_cause_rank = record.error_class, record.message, record.root_cause_rank
+                rr.phase, rr.last_call_id, rr.started_at = record.phase, record.last_call_id, record.started_at
+                rr.counters, rr.artifacts = record.counters, record.artifacts
+                rr.fired_at, rr.touched, rr.skipped = record.fired_at, record.fault_touched, record.fault_skipped
             elif rank in live.torn_down and rank not in live.hung:
                 rr.signal = None  # the runner's own signal says nothing about the rank
                 rr.error_class = TORN_DOWN
@@ -603,7 +597,7 @@ def _fire_time(value: str) -> float:
     return float(json.loads(value)["t"])
 
 
-def _read_record(path: Path) -> dict[str, Any] | None:
+def _read_json(path: Path) -> dict[str, Any] | None:
     try:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
@@ -618,7 +612,7 @@ def _tail(path: Path, lines: int = 3) -> str:
 
 
 def _last_heartbeat(store: Any, prefix: str, rank: int) -> dict[str, Any]:
-    key = f"{prefix}/hb/{rank}"
+    key = f"{prefix}/{store_keys.key('hb', rank)}"
     try:
         return json.loads(store.get(key)) if store.check([key]) else {}
     except Exception:
@@ -626,7 +620,7 @@ def _last_heartbeat(store: Any, prefix: str, rank: int) -> dict[str, Any]:
 
 
 def _last_phase(store: Any, prefix: str, rank: int) -> str:
-    key = f"{prefix}/phase/{rank}"
+    key = f"{prefix}/{store_keys.key('phase', rank)}"
     try:
         return store.get(key).decode() if store.check([key]) else ""
     except Exception:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from tabulate import tabulate
 
-from hardening.triage import find_py_spy, ptrace_problem
+from hardening.harness.triage import find_py_spy, ptrace_problem
 
 __all__ = ["Check", "run_doctor"]
 

@@ -1,4 +1,4 @@
-"""Report writers: turn one :class:`hardening.results.SuiteResult` into what people read.
+"""Report writers: turn one :class:`hardening.harness.results.SuiteResult` into what people read.
 
 Every writer consumes the same typed ``SuiteResult`` and nothing else:
 

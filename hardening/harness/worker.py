@@ -20,16 +20,25 @@ from typing import Any, NoReturn
 import torch
 import torch.distributed as dist
 
-from hardening import compile_health, drift, envelope, lifecycle, region, warmup
-from hardening.envelope import CallContract, Channel, Envelope, Kind, TensorSpec
+from hardening.runtime.compile import gates
+from hardening.runtime.compile.backend import compile_region
+from hardening.runtime.compile.counters import CompileCounters
+from hardening.runtime.compile.guard import RecompileGuard
+from hardening.runtime.compile.probe import CompileProbe, graph_break_from_exception
+from hardening.runtime.compile.trace import start_torch_trace
+from hardening.runtime import drift, envelope, kv_cache as lifecycle, warmup
+from hardening.harness import region
+from hardening.runtime.envelope import CallContract, Channel, Envelope, Kind, TensorSpec
 from hardening.errors import CompileGateError, ContractError, HardeningError
-from hardening.lifecycle import CacheSchedule, KVCacheLifecycle
+from hardening.runtime.kv_cache import CacheSchedule, KVCacheLifecycle
 from hardening.inject import FaultContext, install_from_env
-from hardening.parity import build_fingerprint, check_parity
-from hardening.profile import CompileConfig, Profile, load_profile
-from hardening.region import Region, RegionContext
-from hardening.sidechannel import SideChannel
-from hardening.watchdog import RankState, Terminator, Watchdog
+from hardening.runtime.parity import build_fingerprint, check_parity
+from hardening.harness.profile import CompileConfig, Profile, load_profile
+from hardening.harness.region import Region, RegionContext
+from hardening.runtime import store as store_keys
+from hardening.runtime.sidechannel import SideChannel
+from hardening.runtime.record import RankState, Terminator
+from hardening.runtime.watchdog import Watchdog
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -68,10 +77,7 @@ def resolve_compile_config(profile: Profile) -> CompileConfig:
 
 
 def connect_store(spec: RankSpec, timeout_s: float) -> dist.Store:
-    store = dist.TCPStore(
-        spec.store_host, spec.store_port, is_master=False, timeout=timedelta(seconds=timeout_s)
-    )
-    return dist.PrefixStore(spec.store_prefix, store)
+    return store_keys.connect(spec.store_host, spec.store_port, prefix=spec.store_prefix, timeout_s=timeout_s)
 
 
 def run_rank(spec: RankSpec) -> NoReturn:
@@ -87,15 +93,15 @@ def run_rank(spec: RankSpec) -> NoReturn:
 
         def on_fire(fault: Any) -> None:
             state.fired_at, state.fault_touched = fault.fired_at, fault.touched
-            store.set(f"fired/{spec.rank}", json.dumps({"t": fault.fired_at, "touched": fault.touched}))
+            store.set(store_keys.key("fired", spec.rank), json.dumps({"t": fault.fired_at, "touched": fault.touched}))
 
         def on_skip(fault: Any) -> None:
             state.fault_skipped = fault.skipped
-            store.set(f"skipped/{spec.rank}", fault.skipped)
+            store.set(store_keys.key("skipped", spec.rank), fault.skipped)
 
-        state.on_phase = lambda phase: store.set(f"phase/{spec.rank}", phase)
+        state.on_phase = lambda phase: store.set(store_keys.key("phase", spec.rank), phase)
         if profile.triage.torch_trace:  # before anything compiles
-            state.artifacts["torch_trace"] = compile_health.start_torch_trace(str(Path(spec.rank_dir) / "torch_trace"))
+            state.artifacts["torch_trace"] = start_torch_trace(str(Path(spec.rank_dir) / "torch_trace"))
         # The fault goes in before anything it may patch runs; it acts only on its ranks.
         install_from_env(
             FaultContext(
@@ -148,7 +154,7 @@ def _recipe(spec: RankSpec, profile: Profile, state: RankState, store: dist.Stor
     apply_backend_settings(profile)
     dist.init_process_group(
         profile.world.backend,
-        store=dist.PrefixStore("pg", store),
+        store=dist.PrefixStore(store_keys.PG_PREFIX, store),
         rank=spec.rank,
         world_size=spec.world_size,
         timeout=timedelta(seconds=timeouts.pg) if hardened else None,  # stock: torch's 600/1800 s
@@ -160,7 +166,14 @@ def _recipe(spec: RankSpec, profile: Profile, state: RankState, store: dist.Stor
     state.enter("parity")
     compile_cfg = resolve_compile_config(profile)
     fingerprint = build_fingerprint(
-        profile=profile, compile_cfg=compile_cfg, world_size=spec.world_size, device=device, dtype=dtype
+        compile_cfg=compile_cfg,
+        gates=profile.gates,
+        parity=profile.parity,
+        world_size=spec.world_size,
+        backend=profile.world.backend,
+        device=device,
+        dtype=dtype,
+        user_keys=profile.fingerprint_keys(),
     )
     if hardened:
         check_parity(side, fingerprint)
@@ -184,7 +197,7 @@ def _recipe(spec: RankSpec, profile: Profile, state: RankState, store: dist.Stor
         check_parity(side, {f"region.{k}": json.dumps(v, default=str) for k, v in sorted(reg.parity_keys.items())}, tag="region-parity")
     if profile.drift.weights and hardened:
         drift.check_weights(side, reg.module, manifest=reg.weight_manifest, replicated=reg.replicated_params)
-    store.set(f"ready/{spec.rank}", "1")  # past build: `timeouts.setup` covers a factory that never returns
+    store.set(store_keys.key("ready", spec.rank), "1")  # past build: `timeouts.setup` covers a factory that never returns
     sample = region.make_call_inputs(reg, 0)
     contract = CallContract(
         tensors=tuple(
@@ -213,9 +226,9 @@ def _recipe(spec: RankSpec, profile: Profile, state: RankState, store: dist.Stor
     schedule = CacheSchedule(reset_every=profile.drift.reset_every)
 
     # 4. Compile with the counting probe installed first, so no compile goes uncounted.
-    probe = compile_health.CompileProbe()
+    probe = CompileProbe()
     probe.install()
-    compiled = compile_health.compile_region(reg.module, compile_cfg, probe)
+    compiled = compile_region(reg.module, compile_cfg, probe)
 
     def step(call_id: int, *, phase: str) -> None:
         """One call: envelope, lifecycle, digest, then the data plane. The call deadline
@@ -246,7 +259,7 @@ def _recipe(spec: RankSpec, profile: Profile, state: RankState, store: dist.Stor
     # 5. Warmup in lockstep; a break under fullgraph=True raises here on the first call.
     state.enter("warmup")
     if not hardened:
-        num_warmup = warmup.planned_warmup_calls(profile)
+        num_warmup = warmup.planned_warmup_calls(profile.warmup_calls)
         for k in range(num_warmup):
             step(k, phase="warmup")
         _stock_steady(spec, profile, state, step, channel, first_call=num_warmup)
@@ -254,14 +267,14 @@ def _recipe(spec: RankSpec, profile: Profile, state: RankState, store: dist.Stor
     try:
         next_call = warmup.run_lockstep(
             side,
-            num_calls=warmup.planned_warmup_calls(profile),
+            num_calls=warmup.planned_warmup_calls(profile.warmup_calls),
             first_call_id=0,
             run_call=lambda k: step(k, phase="warmup"),
         )
     except HardeningError:
         raise
     except Exception as exc:
-        reason = compile_health.graph_break_from_exception(exc)
+        reason = graph_break_from_exception(exc)
         if reason is None:
             raise
         raise CompileGateError(f"graph break in the region (fullgraph=True): {reason}") from exc
@@ -270,21 +283,13 @@ def _recipe(spec: RankSpec, profile: Profile, state: RankState, store: dist.Stor
 
     # 6. Gates after warmup: local health of every rank and symmetry across ranks,
     #    decided on gathered counters so that every rank raises the same error.
-    gathered = [
-        compile_health.CompileCounters.from_json(c) for c in side.exchange("counters/warmup", after_warmup.to_json())
-    ]
-    problems = []
-    for r, counters in enumerate(gathered):
-        problems += [f"rank {r}: {p}" for p in compile_health.local_gate_problems(counters, profile.gates, compiled=compile_cfg.enabled)]
-    problems += compile_health.symmetry_problems(gathered)
-    if problems:
-        raise CompileGateError(_gate_message("after warmup", problems))
+    gates.after_warmup(side, after_warmup, profile.gates, compiled=compile_cfg.enabled)
 
     # 7. Steady state under the recompile guard: a recompile on any rank raises at once
     #    with its guard-failure text. Entered once for the loop (not per call: it patches
     #    dynamo's config), on this thread: dynamo config is per thread.
     state.enter("steady")
-    guard = compile_health.RecompileGuard() if (compile_cfg.enabled and profile.gates.max_recompiles == 0) else None
+    guard = RecompileGuard() if (compile_cfg.enabled and profile.gates.max_recompiles == 0) else None
     with guard if guard is not None else contextlib.nullcontext():
         for call_id in range(next_call, next_call + profile.steps):
             try:
@@ -292,11 +297,11 @@ def _recipe(spec: RankSpec, profile: Profile, state: RankState, store: dist.Stor
             except HardeningError:
                 raise
             except Exception as exc:
-                reason = compile_health.RecompileGuard.reason(exc)
+                reason = RecompileGuard.reason(exc)
                 if reason is None:
                     raise
                 total = probe.counters()
-                steady = compile_health.RecompileGuard.count_stopped(total.delta(after_warmup), reason)
+                steady = RecompileGuard.count_stopped(total.delta(after_warmup), reason)
                 state.counters = _summary(total, steady, warmup=after_warmup)
                 raise CompileGateError(f"rank {spec.rank} recompiled at call {call_id}, after warmup: {reason}") from exc
     if is_leader:
@@ -310,16 +315,7 @@ def _recipe(spec: RankSpec, profile: Profile, state: RankState, store: dist.Stor
     #    that keeps every rank alive until all are done.
     steady = probe.counters().delta(after_warmup)
     state.counters = _summary(probe.counters(), steady, warmup=after_warmup)
-    finals = [compile_health.CompileCounters.from_json(c) for c in side.exchange("counters/steady", steady.to_json())]
-    problems = [
-        f"rank {r}: {c.recompiles} recompile(s) after warmup > max {profile.gates.max_recompiles}"
-        + (f" ({'; '.join(c.recompile_reasons)})" if c.recompile_reasons else "")
-        for r, c in enumerate(finals)
-        if c.recompiles > profile.gates.max_recompiles
-    ]
-    problems += compile_health.symmetry_problems(finals)
-    if problems:
-        raise CompileGateError(_gate_message("in steady state", problems))
+    gates.in_steady_state(side, steady, profile.gates)
     state.enter("done")
 
 
@@ -341,17 +337,11 @@ def lifecycle_apply(lc: KVCacheLifecycle, **kwargs: Any) -> None:
     lifecycle.apply_transition(lc, **kwargs)
 
 
-def _gate_message(when: str, problems: list[str]) -> str:
-    """First line carries the first problem: it is what tables and summaries show."""
-    more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
-    return f"compile gate failed {when}: {problems[0]}{more}" + "".join(f"\n  {p}" for p in problems[1:])
-
-
 def _summary(
-    total: "compile_health.CompileCounters",
-    steady: "compile_health.CompileCounters | None",
+    total: "CompileCounters",
+    steady: "CompileCounters | None",
     *,
-    warmup: "compile_health.CompileCounters",
+    warmup: "CompileCounters",
 ) -> dict[str, Any]:
     """Counters in the final record: top-level numbers the reports show, details nested."""
     return {

@@ -1,0 +1,92 @@
+"""The counting backend: torch.compile through the probe, then the real compiler.
+
+Every Dynamo graph is noted by the probe (its signature, then a counter sync) and handed
+to ``eager``, ``aot_eager`` or ``inductor`` (with the inductor mode applied here, since
+torch.compile refuses ``mode=`` together with a callable backend); the compiled graph
+notes the collectives it issued in :data:`hardening.runtime.activity.ISSUED`.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from hardening.runtime import activity
+
+if TYPE_CHECKING:
+    from hardening.runtime.compile.probe import CompileProbe
+    from hardening.runtime.config import CompileConfig
+
+INNER_BACKENDS = ("eager", "aot_eager", "inductor")
+"""Backends the counting backend can wrap (the values CompileConfig.backend accepts)."""
+
+
+def counting_backend(probe: CompileProbe, inner: str, *, mode: str | None = None) -> Callable[..., Any]:
+    """A torch.compile backend that records each Dynamo graph, then compiles it with ``inner``.
+
+    ``mode`` is applied here because torch.compile refuses ``mode=`` with a callable
+    backend; only inductor has modes.
+    """
+    if inner not in INNER_BACKENDS:
+        raise ValueError(f"backend: must be one of {', '.join(INNER_BACKENDS)}, got {inner!r}")
+    compile_fn = _inner_compiler(probe, inner, mode)
+
+    def backend(gm: Any, example_inputs: Any, **kwargs: Any) -> Any:
+        probe.note_graph(gm)
+        return activity.record_graph(gm, compile_fn(gm, example_inputs, **kwargs))
+
+    backend.__name__ = f"counting_{inner}"
+    return backend
+
+def _inner_compiler(probe: CompileProbe, inner: str, mode: str | None) -> Callable[..., Any]:
+    import torch._dynamo
+
+    if mode is None or mode == "default":
+        return torch._dynamo.lookup_backend(inner)
+    if inner != "inductor":
+        probe.note(f"mode {mode!r} ignored: only the inductor backend has modes (backend is {inner!r})")
+        return torch._dynamo.lookup_backend(inner)
+    try:
+        from torch._inductor import list_mode_options
+        from torch._inductor.compile_fx import compile_fx
+    except Exception:
+        probe.note(f"inductor mode options unavailable: mode {mode!r} ignored")
+        return torch._dynamo.lookup_backend(inner)
+    try:
+        options = dict(list_mode_options(mode))
+    except (RuntimeError, KeyError) as exc:
+        raise ValueError(f"mode: unknown inductor mode {mode!r} ({exc})") from None
+    try:
+        accepts_patches = "config_patches" in inspect.signature(compile_fx).parameters
+    except (TypeError, ValueError):
+        accepts_patches = False
+    if not accepts_patches:
+        probe.note(f"compile_fx takes no config_patches: mode {mode!r} ignored")
+        return torch._dynamo.lookup_backend(inner)
+
+    def inductor_with_mode(gm: Any, example_inputs: Any, **kwargs: Any) -> Any:
+        patches = {**options, **(kwargs.pop("config_patches", None) or {})}
+        return compile_fx(gm, example_inputs, config_patches=patches, **kwargs)
+
+    return inductor_with_mode
+
+
+def compile_region(module_or_fn: Any, cfg: CompileConfig, probe: CompileProbe) -> Callable[..., Any]:
+    """``torch.compile`` the region through the probe's counting backend, or return it as is.
+
+    ``mode`` goes to the counting backend, not torch.compile, which refuses a mode together
+    with a callable backend.
+    """
+    if not cfg.enabled:
+        return module_or_fn
+    import torch
+
+    return torch.compile(
+        module_or_fn,
+        backend=counting_backend(probe, cfg.backend, mode=cfg.mode),
+        fullgraph=cfg.fullgraph,
+        dynamic=cfg.dynamic,
+    )
+
+

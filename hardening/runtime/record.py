@@ -1,0 +1,274 @@
+"""How a rank ends: its state, the one way out, and the final record it leaves.
+
+:class:`RankState` is what the main thread is doing (phase, call, fault, counters), shared
+with the watchdog. :class:`Terminator` is the only way a rank ends: write the
+:class:`RankRecord`, publish the job-wide abort (first writer wins), flush, ``os._exit``
+with the cause's exit code. ``os._exit`` because a stuck collective or a poisoned CUDA
+context must not block teardown. The launcher reads the record back with
+:meth:`RankRecord.read`; nothing else parses it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, NoReturn
+
+from hardening.errors import EXIT_OK, HardeningError, PeerError, PeerLost, exit_code_for
+from hardening.runtime import activity
+from hardening.runtime import store as store_keys
+
+
+@dataclass(kw_only=True, slots=True)
+class RankRecord:
+    """The final record of one rank (``record.json``), written once, at its end."""
+
+    rank: int
+    pid: int
+    ok: bool
+    """Ended cleanly: no error and exit code 0."""
+    exit_code: int
+    error_class: str | None = None
+    """The named cause (``PeerError``, ``DriftError``...), or the class of a plain error."""
+    message: str = ""
+    traceback: str = ""
+    root_cause_rank: int | None = None
+    """The rank the cause points at (a lost or failing peer), when it is another."""
+    fired_at: float | None = None
+    """When this rank's injected fault acted (time.time), if it did."""
+    fault_touched: str | None = None
+    fault_skipped: str | None = None
+    started_at: float = 0.0
+    exited_at: float = 0.0
+    phase: str = ""
+    """The phase the rank was in when it ended."""
+    last_call_id: int | None = None
+    counters: dict[str, Any] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+    artifacts: dict[str, str] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> RankRecord:
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    def write(self, path: Path) -> None:
+        """Atomically: a reader never sees half a record."""
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.to_json(), indent=2, default=str))
+        os.replace(tmp, path)
+
+    @classmethod
+    def read(cls, path: Path) -> RankRecord | None:
+        """The record at ``path``, or None when there is none (or it is unreadable)."""
+        try:
+            data = json.loads(path.read_text())
+            return cls.from_json(data) if isinstance(data, dict) else None
+        except (OSError, ValueError, TypeError):
+            return None
+
+
+@dataclass(kw_only=True, slots=True)
+class RankState:
+    """What this rank is doing, shared by the main thread and the watchdog."""
+
+    rank: int
+    world_size: int
+    record_path: Path
+    started_at: float = field(default_factory=time.time)
+    phase: str = "init"
+    call_id: int | None = None
+    call_started: float | None = None  # monotonic; set only while a deadline-bound call runs
+    call_limit_s: float | None = None
+    """This call's own deadline (a warmup call that may compile), else the watchdog's."""
+    fired_at: float | None = None
+    fault_touched: str | None = None
+    """What the fault changed on this rank (a tensor or parameter name), when it fired."""
+    fault_skipped: str | None = None
+    """Why the fault could not apply to this region on this rank, when it could not."""
+    counters: dict[str, Any] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+    """Seconds from process start at which each phase began."""
+    artifacts: dict[str, str] = field(default_factory=dict)
+    """Debug artifacts this rank wrote (name -> path, or ``unavailable: why``)."""
+
+    on_phase: Callable[[str], None] | None = None
+    """Publishes a phase change at once, from the main thread (a heartbeat may never come:
+    a rank frozen right after entering a phase must not be judged by the old one)."""
+
+    def enter(self, phase: str) -> None:
+        self.phase = phase
+        self.timings[phase] = round(time.time() - self.started_at, 3)
+        if self.on_phase is not None:
+            self.on_phase(phase)
+
+    def begin_call(self, call_id: int, *, deadline_bound: bool, deadline_s: float | None = None) -> None:
+        self.call_id = call_id
+        activity.ISSUED.new_call(call_id)
+        self.call_limit_s = deadline_s
+        self.call_started = time.monotonic() if deadline_bound else None
+
+    def end_call(self) -> None:
+        self.call_started = None
+
+
+class Terminator:
+    """The one way out of a rank: record, abort, flush, ``os._exit``."""
+
+    def __init__(
+        self, state: RankState, store: Any | None, *, attribution_window_s: float = 0.5, runtime: bool = True
+    ) -> None:
+        self.state = state
+        self.attribution_window_s = attribution_window_s
+        self.runtime = runtime
+        """False (stock mode): record and exit only; no abort, no attribution."""
+        self.store = store  # a client of its own: the main thread's may be blocked mid-wait
+        self._lock = threading.Lock()
+
+    @property
+    def ending(self) -> bool:
+        return self._lock.locked()
+
+    def end(
+        self,
+        exc: BaseException | None,
+        *,
+        root_cause_rank: int | None = None,
+        exit_code: int | None = None,
+        publish_abort: bool = True,
+    ) -> NoReturn:
+        if not self._lock.acquire(blocking=False):
+            while True:  # another thread is already ending this process
+                time.sleep(3600)
+        if exc is not None and not isinstance(exc, HardeningError) and self.runtime:
+            exc, root_cause_rank = self._attribute(exc, root_cause_rank)
+        if root_cause_rank is None:
+            root_cause_rank = getattr(exc, "root_cause_rank", None)
+        code = exit_code if exit_code is not None else (exit_code_for(exc) if exc else EXIT_OK)
+        s = self.state
+        record = RankRecord(
+            rank=s.rank,
+            pid=os.getpid(),
+            ok=exc is None and code == EXIT_OK,
+            error_class=type(exc).__name__ if exc is not None else None,
+            message=str(exc) if exc is not None else "",
+            traceback="".join(traceback.format_exception(exc)) if exc is not None else "",
+            root_cause_rank=root_cause_rank,
+            fired_at=s.fired_at,
+            fault_touched=s.fault_touched,
+            fault_skipped=s.fault_skipped,
+            started_at=s.started_at,
+            exited_at=time.time(),
+            phase=s.phase,
+            last_call_id=s.call_id,
+            counters=s.counters,
+            timings=s.timings,
+            artifacts=s.artifacts,
+            exit_code=code,
+        )
+        try:
+            record.write(s.record_path)
+        except OSError as err:  # the record is best effort; the exit code still carries the cause
+            print(f"[hardening] rank {s.rank}: could not write final record: {err}", file=sys.stderr)
+        if exc is not None:
+            print(f"[hardening] rank {s.rank} ends: {type(exc).__name__}: {exc}", file=sys.stderr)
+            if publish_abort and self.runtime and self.store is not None:
+                self._publish_abort(exc)
+        elif code == EXIT_OK and self.store is not None:
+            # Only a clean end tells peers to stop watching this rank; any other exit
+            # (a vanished launcher) must still look like a death to them.
+            try:
+                self.store.set(store_keys.key("done", s.rank), "1")
+                self.store.add(store_keys.EVENTS, 1)
+            except Exception:
+                pass
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+    def _attribute(self, exc: BaseException, root_cause_rank: int | None) -> tuple[BaseException, int | None]:
+        """A plain error right after a peer aborted or died is that peer's doing (gloo
+        reports it as "Connection closed/reset by peer"): name the peer, not the symptom."""
+        if self.store is None:
+            return exc, root_cause_rank
+        deadline = time.monotonic() + self.attribution_window_s
+        first_line = (str(exc).splitlines() or [""])[0][:300]
+        while True:
+            try:
+                for r in range(self.state.world_size):
+                    # A peer killed by a signal cannot publish an abort; its launcher reports it.
+                    key = store_keys.key("exit", r)
+                    if r != self.state.rank and self.store.check([key]):
+                        death = json.loads(self.store.get(key))
+                        if death.get("exit_code") != 0 and not self.store.check([store_keys.ABORT]):
+                            lost = PeerLost(
+                                f"rank {r} died ({death.get('how')}, reported by the launcher)\n"
+                                f"(here it surfaced as {type(exc).__name__}: {first_line})",
+                                root_cause_rank=r,
+                            )
+                            lost.__cause__ = exc
+                            return lost, r
+                if self.store.check([store_keys.ABORT]):
+                    info = json.loads(self.store.get(store_keys.ABORT))
+                    if info.get("rank") != self.state.rank:
+                        peer = follow_abort(info, surfaced=f"{type(exc).__name__}: {first_line}")
+                        peer.__cause__ = exc
+                        return peer, peer.root_cause_rank
+            except Exception:  # no store, no attribution: report the error as it is
+                return exc, root_cause_rank
+            if time.monotonic() >= deadline:
+                return exc, root_cause_rank
+            time.sleep(0.02)
+
+    def _publish_abort(self, exc: BaseException) -> None:
+        reason = json.dumps(
+            {
+                "rank": self.state.rank,
+                "error": type(exc).__name__,
+                "message": str(exc)[:2000],
+                "root_cause_rank": getattr(exc, "root_cause_rank", None),
+            }
+        )
+        try:
+            self.store.compare_set(store_keys.ABORT, "", reason)
+            self.store.add(store_keys.EVENTS, 1)
+        except Exception:  # the store may be gone with the launcher; exiting matters more
+            pass
+
+
+def follow_abort(info: dict[str, Any], *, surfaced: str | None = None, here: str | None = None) -> HardeningError:
+    """What a rank ends with when another rank published the job-wide abort ``info``.
+
+    A peer's own failure is a PeerError naming that peer. A lost peer is a PeerLost naming
+    the *lost* rank on every survivor, whichever of them noticed first: the root cause is
+    the rank that died or froze, not the one that saw it."""
+    tail = (f"\n(here it surfaced as {surfaced})" if surfaced else "") + (f"\n(this rank was {here})" if here else "")
+    lost = info.get("root_cause_rank")
+    if info.get("error") == "PeerLost" and lost is not None:
+        return PeerLost(f"{info['message']} (noticed first by rank {info['rank']}){tail}", root_cause_rank=lost)
+    return PeerError(f"rank {info['rank']} failed first: {info['error']}: {info['message']}{tail}", root_cause_rank=info["rank"])
+
+
+def main_thread_where(depth: int = 3) -> str:
+    """Innermost frames of the main thread, user code first: where a stuck call is stuck.
+
+    Works while the main thread sits in C with the GIL released (a collective wait):
+    its Python frames are still there to read.
+    """
+    frame = sys._current_frames().get(threading.main_thread().ident or -1)
+    if frame is None:
+        return "?"
+    frames = traceback.extract_stack(frame)[::-1]
+    own = [f for f in frames if "site-packages" not in f.filename and "/lib/python" not in f.filename]
+    chosen = (own or frames)[:depth]
+    return " <- ".join(f"{f.name} ({os.path.basename(f.filename)}:{f.lineno})" for f in chosen)

@@ -1,0 +1,237 @@
+"""The out-of-band watchdog: heartbeat, abort poll, peer liveness and call deadlines.
+
+A daemon thread per rank heartbeats into the launcher-hosted c10d store (the store
+outlives any rank), and ends the process when:
+
+- another rank wrote the job-wide ``abort`` key (fast death propagation) -> PeerError,
+- a peer died (reported by the launcher that hosts the store) or its heartbeat stopped
+  changing for ``peer_lost`` seconds (``setup`` while it imports or compiles) -> PeerLost,
+- the main thread's current call ran past its deadline (``call_deadline``; a warmup call,
+  which may compile, gets ``compile``) -> CallDeadlineExceeded,
+- the main thread has been blocked in a collective for ``call_deadline`` while every peer
+  is waiting too (on the side channel, in a collective, or gone) -> CallDeadlineExceeded
+  naming the op and the user's line: a conditional collective, even in the first call,
+  does not wait for the compile bound (a peer that is still compiling holds it off),
+- the launcher died (the parent changed) -> exit code 11.
+
+Every end goes through :meth:`hardening.runtime.record.Terminator.end`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import threading
+import time
+from typing import Any, Callable
+
+from hardening.errors import EXIT_PARENT_GONE, CallDeadlineExceeded, PeerLost
+from hardening.runtime import activity
+from hardening.runtime import store as store_keys
+from hardening.runtime.record import RankState, Terminator, follow_abort, main_thread_where
+
+SLOW_PHASES = frozenset({"init", "parity", "build", "warmup"})
+
+
+class Watchdog(threading.Thread):
+    """Heartbeat, abort poll, peer liveness and call deadline for one rank."""
+
+    def __init__(
+        self,
+        state: RankState,
+        terminator: Terminator,
+        store: Any,
+        *,
+        heartbeat_s: float,
+        peer_lost_s: float,
+        first_heartbeat_s: float,
+        call_deadline_s: float,
+        parent_pid: int | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        super().__init__(name="hardening-watchdog", daemon=True)
+        self.state = state
+        self.terminator = terminator
+        self.store = store  # a client of its own, used only by this thread
+        self.heartbeat_s = heartbeat_s
+        self.peer_lost_s = peer_lost_s
+        self.first_heartbeat_s = first_heartbeat_s
+        self.call_deadline_s = call_deadline_s
+        self.parent_pid = parent_pid
+        self.clock = clock
+        self._seq = 0
+        peers = [r for r in range(state.world_size) if r != state.rank]
+        self._peer_value: dict[int, bytes | None] = dict.fromkeys(peers)
+        self._peer_changed: dict[int, float] = dict.fromkeys(peers, clock())
+        self._events_seen: int | None = None
+        self._abort_info: dict[str, Any] | None = None
+        self._abort_seen = 0.0
+        self._done: set[int] = set()
+        self._dead: dict[int, dict[str, Any]] = {}
+        self._all_seen = False
+        self._blocked: tuple[Any, float] | None = None  # (call_id, op), since when
+        self._peer_activity: dict[int, tuple[str, str]] = {}  # rank -> (kind, doing)
+
+    def run(self) -> None:
+        start = self.clock()
+        for r in self._peer_value:
+            self._peer_changed[r] = start  # from the thread's start, not the object's
+        while not self.terminator.ending:
+            try:
+                self._tick()
+            except Exception as exc:  # the store died with the launcher: the job is over
+                if self.parent_pid is not None and os.getppid() != self.parent_pid:
+                    self.terminator.end(None, exit_code=EXIT_PARENT_GONE, publish_abort=False)
+                print(f"[hardening] rank {self.state.rank} watchdog: {type(exc).__name__}: {exc}", file=sys.stderr)
+            time.sleep(self.heartbeat_s)
+
+    def _tick(self) -> None:
+        s = self.state
+        now = self.clock()
+        if self.parent_pid is not None and os.getppid() != self.parent_pid:
+            self.terminator.end(None, exit_code=EXIT_PARENT_GONE, publish_abort=False)
+        self._seq += 1
+        act = activity.sample(sys._current_frames().get(threading.main_thread().ident or -1))
+        if act.kind == activity.COLLECTIVE:
+            activity.ISSUED.note(act)  # covers eager collectives, which no compiled graph records
+        beat = {"seq": self._seq, "phase": s.phase, "call_id": s.call_id, "activity": act.kind}
+        doing = self._doing(act)
+        if act.kind in (activity.COLLECTIVE, activity.SIDE):
+            beat["doing"] = doing  # what the runner's hang report shows: py-spy only sees the def line
+        self.store.set(store_keys.key("hb", s.rank), json.dumps(beat))
+        # Abort, clean ends and launcher-reported deaths each bump one counter: unchanged,
+        # there is nothing new to read (a constant number of store requests per tick
+        # instead of several per peer).
+        events = self.store.add(store_keys.EVENTS, 0)
+        if events != self._events_seen:
+            self._read_events(now)
+            self._events_seen = events
+        if self._abort_info is not None:
+            # Give this rank's own main thread two beats to raise a collective error
+            # (parity, warmup) itself, so that it reports its own cause, not PeerError.
+            if now - self._abort_seen >= 2 * self.heartbeat_s:
+                self.terminator.end(follow_abort(self._abort_info, here=doing), publish_abort=False)
+        limit = s.call_limit_s if s.call_limit_s is not None else self.call_deadline_s
+        if s.call_started is not None and limit > 0:
+            running = now - s.call_started
+            if running > limit:
+                self.terminator.end(
+                    CallDeadlineExceeded(
+                        f"call {s.call_id} has run {running:.1f}s, past the {limit:g}s call deadline; "
+                        f"main thread in {act.describe() if act.kind == activity.COLLECTIVE else main_thread_where()}"
+                        + (f"; {issued}" if act.kind != activity.COLLECTIVE and (issued := activity.ISSUED.describe()) else "")
+                    )
+                )
+        self._check_blocked(act, now)
+        if self._abort_info is not None:
+            return  # a peer already named the cause; this rank follows it, not a death it caused
+        watched = [r for r in self._peer_value if r not in self._done]
+        for r in watched:
+            # Fast path: a launcher that hosts the store reports each rank's death at once.
+            death = self._dead.get(r)
+            if death is not None:
+                self.terminator.end(PeerLost(f"rank {r} died ({death.get('how')}, reported by the launcher)", root_cause_rank=r))
+        for r, value in zip(watched, self._heartbeats(watched)):
+            self._check_peer(r, value, now)
+
+    @staticmethod
+    def _doing(act: "activity.Activity") -> str:
+        """This rank's activity, and the collective it issued last in this call when that
+        is not the one it is in: a peer's hang report needs both."""
+        issued = activity.ISSUED.describe()
+        if act.kind == activity.COLLECTIVE or not issued:
+            return act.describe()
+        return f"{act.describe()}; {issued}"
+
+    def _peer_text(self, r: int) -> str:
+        kind, doing = self._peer_activity.get(r, ("?", ""))
+        return f"{kind} ({doing})" if doing else kind
+
+    def _check_blocked(self, act: "activity.Activity", now: float) -> None:
+        """A call blocked in a collective while no peer makes progress is a hang, whatever
+        the call's own (compile) bound: end it at ``call_deadline``, naming the op."""
+        s = self.state
+        if act.kind != activity.COLLECTIVE or s.call_started is None or self.call_deadline_s <= 0:
+            self._blocked = None
+            return
+        key = (s.call_id, act.op)
+        if self._blocked is None or self._blocked[0] != key:
+            self._blocked = (key, now)
+            return
+        blocked = now - self._blocked[1]
+        if blocked <= self.call_deadline_s:
+            return
+        peers = {r: self._peer_activity.get(r, ("?", ""))[0] for r in self._peer_value}
+        fresh = max(1.0, 3 * self.heartbeat_s)
+        progressing = [
+            r for r, kind in peers.items()
+            if r not in self._done and r not in self._dead
+            and (kind not in (activity.SIDE, activity.COLLECTIVE) or now - self._peer_changed[r] > fresh)
+        ]  # fmt: skip
+        if progressing:
+            return  # a peer still compiling (or silent) may yet join: the call's own bound applies
+        waiting = "; ".join(f"rank {r} {'done' if r in self._done else self._peer_text(r)}" for r in sorted(peers))
+        self.terminator.end(
+            CallDeadlineExceeded(
+                f"call {s.call_id} blocked {blocked:.1f}s in {act.describe()} while no peer makes progress "
+                f"({waiting}): past the {self.call_deadline_s:g}s call deadline"
+            )
+        )
+
+    def _read_events(self, now: float) -> None:
+        if self._abort_info is None and self.store.check([store_keys.ABORT]):
+            info = json.loads(self.store.get(store_keys.ABORT))
+            if info.get("rank") != self.state.rank:
+                self._abort_info, self._abort_seen = info, now
+        for r in self._peer_value:
+            if r in self._done or r in self._dead:
+                continue
+            if self.store.check([store_keys.key("done", r)]):
+                self._done.add(r)
+            elif self.store.check([store_keys.key("exit", r)]):
+                death = json.loads(self.store.get(store_keys.key("exit", r)))
+                if death.get("exit_code") != 0:
+                    self._dead[r] = death
+
+    def _heartbeats(self, ranks: list[int]) -> list[bytes | None]:
+        """Each rank's last heartbeat value (None before its first): one request once every
+        watched rank has sent one and the store has ``multi_get`` (torch >= 2.5)."""
+        keys = [store_keys.key("hb", r) for r in ranks]
+        if self._all_seen and keys and hasattr(self.store, "multi_get"):
+            return list(self.store.multi_get(keys))
+        values = [self.store.get(k) if self.store.check([k]) else None for k in keys]
+        self._all_seen = all(v is not None for v in values)  # heartbeat keys are never deleted
+        return values
+
+    def _check_peer(self, r: int, value: bytes | None, now: float) -> None:
+        if value != self._peer_value[r]:
+            self._peer_value[r] = value
+            self._peer_changed[r] = now
+            if value is not None:
+                beat = json.loads(value)
+                self._peer_activity[r] = (beat.get("activity", "?"), beat.get("doing", ""))
+            return
+        age = now - self._peer_changed[r]
+        if value is None:
+            if age > self.first_heartbeat_s:
+                self.terminator.end(
+                    PeerLost(f"rank {r} never sent a heartbeat within {self.first_heartbeat_s:g}s", root_cause_rank=r)
+                )
+            return
+        if age <= min(self.peer_lost_s, self.first_heartbeat_s):
+            return  # not late under any phase's budget: no need to ask which phase
+        last = json.loads(value)
+        phase_key = store_keys.key("phase", r)
+        phase = self.store.get(phase_key).decode() if self.store.check([phase_key]) else last.get("phase")
+        # Imports and the first compile can hold the GIL for seconds (cold lazy imports,
+        # dlopen): a peer in those phases is slow, not lost, so it gets the setup budget.
+        limit = self.first_heartbeat_s if phase in SLOW_PHASES else self.peer_lost_s
+        if age > limit:
+            self.terminator.end(
+                PeerLost(
+                    f"rank {r} lost: no heartbeat for {age:.1f}s (> {limit:g}s); "
+                    f"last seen in phase {phase}, call {last.get('call_id')}",
+                    root_cause_rank=r,
+                )
+            )
