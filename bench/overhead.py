@@ -11,18 +11,18 @@ A  lower bound, no control plane at all: the leader makes the inputs of the call
    (``region.make_inputs``) and ships each tensor with ``dist.broadcast`` on the data
    group; the KV cache is reset at the same calls as in B; every rank runs the compiled
    region. No call id, no plan, no meta travel: real serving code cannot be this bare.
-S  stock, the loop the worker itself runs with ``hardened: false`` (``worker.step`` on a
+S  stock, the loop the worker itself runs with ``hardened: false`` (the stock loop on a
    channel with ``stock=True``, control group = the data group as in ``_recipe``):
-   ``RankState.begin_call``/``end_call``, the leader's ``worker.make_envelope``,
+   ``RankState.begin_call``/``end_call``, the leader's envelope (as ``ControlPlane`` builds it),
    ``envelope.send``/``receive`` in their stock form (the header -- kind, call_id, epoch,
    plan, meta, tensor specs -- in two broadcasts (size, bytes) as ``broadcast_object_list`` does (JSON, not pickle),
    then the tensors; nothing checked), ``lifecycle.apply_transition(validate=False)``,
    the compiled region. No watchdog, no recompile guard. This is the realistic
    unhardened baseline: it ships its meta too.
-B  hardened, what ``worker.step`` does in steady state, inside the recompile guard
+B  hardened, what ``ControlPlane.serve`` does per call in steady state, inside the recompile guard
    entered once around the whole block (as the worker enters it once around its steady
    loop, not per call): ``RankState.begin_call``/``end_call``, the leader's
-   ``worker.make_envelope`` and ``envelope.send(..., digest=True)`` on every call
+   the envelope and ``envelope.send(..., digest=True)`` on every call
    (``digest_every=1``: preflight, canonical JSON, staging, the input digest
    ``digest.input_digest`` -- CRC-32 of header+meta and two words per tensor -- computed
    before the commit, then the ``uint8[1024]`` control frame -- prefix + digest + header
@@ -107,7 +107,7 @@ PIECE_TITLES = {
     "broadcast": "dist.broadcast of each input tensor",
     "region": "compiled region call",
     "bookkeeping": "begin_call/end_call (B, C: the recompile guard is entered once per block, not here)",
-    "make_envelope": "worker.make_envelope (leader: schedule plan + inputs)",
+    "make_envelope": "the leader's envelope (schedule plan + inputs)",
     "envelope": "envelope.send (leader: preflight, staging, B: + digest.input_digest; control frame + tensors) "
     "/ envelope.receive (followers: control frame, validation, tensors)",
     "stock_envelope": "stock envelope.send / receive: header object (size + bytes) + tensors",
@@ -150,7 +150,10 @@ def rank_main(spec: dict[str, Any]) -> None:
     from hardening.runtime.compile.guard import RecompileGuard
     from hardening.runtime.compile.probe import CompileProbe
     from hardening.runtime import digest, drift, envelope
-    from hardening.harness import reference, region, worker
+    from hardening.harness import reference, region
+    from hardening.runtime import seams
+    from hardening.runtime.envelope import Envelope, Kind
+    from hardening.runtime.session import LEADER
     from hardening.runtime.envelope import CallContract, Channel, TensorSpec
     from hardening.runtime.kv_cache import CacheSchedule, KVCacheLifecycle
     from hardening.harness.profile import load_profile
@@ -160,7 +163,7 @@ def rank_main(spec: dict[str, Any]) -> None:
     from hardening.runtime.watchdog import Watchdog
 
     rank, world = spec["rank"], spec["world"]
-    leader = rank == worker.LEADER
+    leader = rank == LEADER
     torch.set_num_threads(spec["threads"])
     timeout = timedelta(seconds=spec["pg_timeout"])
 
@@ -200,17 +203,17 @@ def rank_main(spec: dict[str, Any]) -> None:
         )
     )
     channel = Channel(
-        control_group=side.group, data_group=dist.group.WORLD, device=device, leader=worker.LEADER, rank=rank,
+        control_group=side.group, data_group=dist.group.WORLD, device=device, leader=LEADER, rank=rank,
         contract=contract,
     )
     # The stock loop's channel, as _recipe builds it with hardened: false.
     stock_channel = Channel(
-        control_group=dist.group.WORLD, data_group=dist.group.WORLD, device=device, leader=worker.LEADER, rank=rank,
+        control_group=dist.group.WORLD, data_group=dist.group.WORLD, device=device, leader=LEADER, rank=rank,
         contract=contract, stock=True,
     )
     lc = KVCacheLifecycle(reset_fn=reg.reset_cache)
     schedule = CacheSchedule(reset_every=profile.drift.reset_every)
-    stock_lc = KVCacheLifecycle(reset_fn=reg.reset_cache)
+    stock_lc = KVCacheLifecycle(reset_fn=reg.reset_cache, checked=False)
     stock_schedule = CacheSchedule(reset_every=profile.drift.reset_every)
     reset_every = profile.drift.reset_every
     probe = CompileProbe()
@@ -223,6 +226,15 @@ def rank_main(spec: dict[str, Any]) -> None:
     terminator = Terminator(state, connect())  # a real end (record, abort, exit code) if the watchdog fires
     guard = RecompileGuard() if profile.compile.enabled and profile.gates.max_recompiles == 0 else None
     pc = time.perf_counter
+
+    def make_envelope(call_id: int, plan: CacheSchedule) -> Any:
+        """The leader's envelope as ControlPlane builds it: the schedule's plan and the inputs."""
+        op, epoch, extra = plan.plan(call_id)
+        inputs = region.make_call_inputs(reg, call_id)
+        return Envelope(
+            kind=Kind.CALL, call_id=call_id, cache_epoch=epoch, plan={"expected_generator_calls": 1, "cache_op": op},
+            meta={"phase": "steady", **extra}, tensors=dict(zip(names, inputs)),
+        )
 
     # -- the loops; each returns its pieces' seconds ---------------------------------------
     plain_id = 0
@@ -241,14 +253,14 @@ def rank_main(spec: dict[str, Any]) -> None:
             tensors = tuple(torch.empty(s.shape, dtype=getattr(torch, s.dtype)) for s in contract.tensors)
         t1 = pc()
         for x in tensors:
-            dist.broadcast(x, src=worker.LEADER)
+            dist.broadcast(x, src=LEADER)
         t2 = pc()
         compiled(*tensors)
         t3 = pc()
         return [t1 - t0, t2 - t1, t3 - t2]
 
     def stock_call() -> list[float]:
-        """worker.step(phase="steady") with hardened: false (what _stock_steady runs), in pieces."""
+        """A steady call of the stock loop (hardening/harness/stock.py), in pieces."""
         nonlocal stock_id
         call_id, stock_id = stock_id, stock_id + 1
         t0 = pc()
@@ -256,7 +268,7 @@ def rank_main(spec: dict[str, Any]) -> None:
         try:
             t1 = pc()
             if leader:
-                env = worker.make_envelope(reg, call_id, stock_schedule, phase="steady")
+                env = make_envelope(call_id, stock_schedule)
                 t2 = pc()
                 env = envelope.send(env, stock_channel)
             else:
@@ -265,11 +277,9 @@ def rank_main(spec: dict[str, Any]) -> None:
             t3 = pc()
             first = next(iter(env.tensors.values()), None)
             tokens = int(first.shape[-2]) if first is not None and first.dim() >= 2 else 1
-            worker.lifecycle_apply(
-                stock_lc, op=env.plan["cache_op"], epoch=env.cache_epoch, tokens=tokens, call_id=call_id, validate=False
-            )
+            seams.cache_transition(stock_lc, op=env.plan["cache_op"], epoch=env.cache_epoch, tokens=tokens, call_id=call_id)
             t4 = pc()
-            inputs = region.inputs_of(reg, env.tensors, call_id)
+            inputs = tuple(seams.call_inputs(env.tensors, call_id).values())
             compiled(*inputs)
             t5 = pc()
         finally:
@@ -278,7 +288,7 @@ def rank_main(spec: dict[str, Any]) -> None:
         return [(t1 - t0) + (t6 - t5), t2 - t1, t3 - t2, t4 - t3, t5 - t4]
 
     def hardened_call(digest: bool) -> list[float]:
-        """worker.step(phase="steady") as the steady loop runs it (the recompile guard is
+        """A steady call as ControlPlane.serve runs it (the recompile guard is
         entered once around the block, by ``block``), timed in pieces."""
         nonlocal hard_id
         call_id, hard_id = hard_id, hard_id + 1
@@ -287,7 +297,7 @@ def rank_main(spec: dict[str, Any]) -> None:
         try:
             t1 = pc()
             if leader:
-                env = worker.make_envelope(reg, call_id, schedule, phase="steady")
+                env = make_envelope(call_id, schedule)
                 t2 = pc()
                 env = envelope.send(env, channel, digest=digest)
                 t3 = pc()
@@ -295,13 +305,13 @@ def rank_main(spec: dict[str, Any]) -> None:
                 t2 = pc()
                 env = envelope.receive(channel)
                 t3 = pc()
-                drift.check_input(env, rank=rank, leader=worker.LEADER)
+                drift.check_input(env, rank=rank, leader=LEADER)
             t4 = pc()
             first = next(iter(env.tensors.values()), None)
             tokens = int(first.shape[-2]) if first is not None and first.dim() >= 2 else 1
-            worker.lifecycle_apply(lc, op=env.plan["cache_op"], epoch=env.cache_epoch, tokens=tokens, call_id=call_id)
+            seams.cache_transition(lc, op=env.plan["cache_op"], epoch=env.cache_epoch, tokens=tokens, call_id=call_id)
             t5 = pc()
-            inputs = region.inputs_of(reg, env.tensors, call_id)
+            inputs = tuple(seams.call_inputs(env.tensors, call_id).values())
             compiled(*inputs)
             t6 = pc()
         finally:
@@ -309,13 +319,13 @@ def rank_main(spec: dict[str, Any]) -> None:
         t7 = pc()
         return [(t1 - t0) + (t7 - t6), t2 - t1, t3 - t2, t4 - t3, t5 - t4, t6 - t5]
 
-    probe_env = worker.make_envelope(reg, 1, CacheSchedule(reset_every=reset_every), phase="steady")
+    probe_env = make_envelope(1, CacheSchedule(reset_every=reset_every))
     header, meta, _ = envelope.preflight(probe_env, Channel(
         control_group=None, data_group=None, device=device, leader=0, rank=rank, contract=contract, last_call_id=0))
     blob_len = len(header) + len(meta)
     frame_room = envelope.CONTROL_FRAME - 8 * envelope.PREFIX_LEN
     # B's frame payload: the digest words, then header+meta (C's is header+meta alone).
-    digest_bytes = 8 * drift.digest_len(len(probe_env.tensors))
+    digest_bytes = 8 * digest.digest_len(len(probe_env.tensors))
     payload_len = digest_bytes + blob_len
     specs = [(n, tuple(x.shape), str(x.dtype).removeprefix("torch.")) for n, x in probe_env.tensors.items()]
     stock_header = {"kind": int(probe_env.kind), "call_id": 1, "cache_epoch": probe_env.cache_epoch,
@@ -324,9 +334,9 @@ def rank_main(spec: dict[str, Any]) -> None:
     def collectives_call() -> list[float]:
         """The control-plane collectives alone: B's control frame, S's object list."""
         t0 = pc()
-        dist.broadcast(torch.zeros(envelope.CONTROL_FRAME, dtype=torch.uint8), src=worker.LEADER, group=side.group)
+        dist.broadcast(torch.zeros(envelope.CONTROL_FRAME, dtype=torch.uint8), src=LEADER, group=side.group)
         if payload_len > frame_room:
-            dist.broadcast(torch.zeros(payload_len - frame_room, dtype=torch.uint8), src=worker.LEADER, group=side.group)
+            dist.broadcast(torch.zeros(payload_len - frame_room, dtype=torch.uint8), src=LEADER, group=side.group)
         t1 = pc()
         envelope.broadcast_object(stock_header if leader else None, stock_channel)
         t2 = pc()
@@ -419,12 +429,12 @@ def rank_main(spec: dict[str, Any]) -> None:
         kind=probe_env.kind, call_id=1, cache_epoch=probe_env.cache_epoch, plan=probe_env.plan, meta=probe_env.meta,
         tensors=dict(probe_env.tensors), blob=blob, digest=digest.input_digest(blob, probe_env.tensors),
     )
-    local_time("check_input", lambda: drift.check_input(arrived, rank=rank, leader=worker.LEADER))
+    local_time("check_input", lambda: drift.check_input(arrived, rank=rank, leader=LEADER))
     if guard is not None:
         local_time("guard", lambda: (guard.__enter__(), guard.__exit__(None, None, None)))
     scratch_lc = KVCacheLifecycle()
     scratch_lc.state.epoch = 1
-    local_time("lifecycle", lambda: worker.lifecycle_apply(scratch_lc, op="advance", epoch=1, tokens=1, call_id=0))
+    local_time("lifecycle", lambda: seams.cache_transition(scratch_lc, op="advance", epoch=1, tokens=1, call_id=0))
     dist.barrier(group=side.group)
     report = {
         "rank": rank,

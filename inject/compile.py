@@ -14,11 +14,11 @@ class CompileOnOneRank(Fault):
     name = "compile_one_rank"
     matrix_id = "C-01"
     summary = "flip compile.enabled on one rank (compile on, eager elsewhere)"
-    target = "hardening.harness.worker:resolve_compile_config"
+    target = "hardening.runtime.seams:resolve_compile_config"
 
     def wrap(self, original: Callable[..., Any]) -> Callable[..., Any]:
-        def resolve_compile_config(profile):
-            cfg = original(profile)
+        def resolve_compile_config(cfg: Any) -> Any:
+            cfg = original(cfg)
             if not self.acts_here:
                 return cfg
             self.fire()
@@ -31,54 +31,53 @@ class GraphBreak(Fault):
     name = "graph_break"
     matrix_id = "C-02"
     summary = "insert torch._dynamo.graph_break() into the region's forward"
-    target = "hardening.harness.region:build_region"
+    target = "hardening.runtime.seams:module_to_compile"
     default_ranks = "all"
 
     def wrap(self, original: Callable[..., Any]) -> Callable[..., Any]:
-        def build_region(target, ctx):
-            region = original(target, ctx)
+        def module_to_compile(module: Any) -> Any:
+            module = original(module)
             if not self.acts_here:
-                return region
-            forward = region.module.forward
+                return module
+            forward = module.forward if isinstance(module, torch.nn.Module) else module
 
-            def forward_with_break(*args, **kwargs):
+            def forward_with_break(*args: Any, **kwargs: Any) -> Any:
                 out = forward(*args, **kwargs)
                 torch._dynamo.graph_break()
                 return out
 
-            region.module.forward = forward_with_break
             self.fire()
-            return region
+            if isinstance(module, torch.nn.Module):
+                module.forward = forward_with_break  # the module stays what the caller holds
+                return module
+            return forward_with_break
 
-        return build_region
+        return module_to_compile
 
 
 class RecompileAfterWarmup(Fault):
     name = "recompile"
     matrix_id = "C-03"
     summary = "feed one rank a same-shape, different-stride input after warmup (guard failure)"
-    target = "hardening.harness.region:inputs_of"
+    target = "hardening.runtime.seams:call_inputs"
     int_params = ("call",)
 
     def wrap(self, original: Callable[..., Any]) -> Callable[..., Any]:
         at_call = self.int_param("call", self.ctx.warmup_calls)
 
-        def inputs_of(region, tensors, call_id):
-            inputs = original(region, tensors, call_id)
+        def call_inputs(tensors: dict[str, torch.Tensor], call_id: int) -> dict[str, torch.Tensor]:
+            tensors = original(tensors, call_id)
             if not self.acts_here or call_id != at_call:
-                return inputs
-            out = list(inputs)
-            names = list(tensors)
-            for i, t in enumerate(out):
+                return tensors
+            for name, t in tensors.items():
                 other = restrided(t) if isinstance(t, torch.Tensor) else None
                 if other is not None:
-                    out[i] = other
-                    self.fire(touched=names[i] if i < len(names) else f"input{i}")
-                    return tuple(out)
+                    self.fire(touched=name)
+                    return {**tensors, name: other}
             self.skip("no input has a dimension larger than 1 to restride")
-            return tuple(out)
+            return tensors
 
-        return inputs_of
+        return call_inputs
 
 
 def restrided(t: torch.Tensor) -> torch.Tensor | None:
@@ -102,11 +101,11 @@ class BackendDivergence(Fault):
     name = "backend_divergence"
     matrix_id = "C-04"
     summary = "disable the flash SDPA kernel on one rank (attention resolves to another kernel)"
-    target = "hardening.harness.worker:apply_backend_settings"
+    target = "hardening.runtime.seams:apply_backend_settings"
 
     def wrap(self, original: Callable[..., Any]) -> Callable[..., Any]:
-        def apply_backend_settings(profile):
-            original(profile)
+        def apply_backend_settings(device: Any, dtype: Any) -> None:
+            original(device, dtype)
             if self.acts_here:
                 self._flash_was = torch.backends.cuda.flash_sdp_enabled()
                 torch.backends.cuda.enable_flash_sdp(False)
@@ -124,7 +123,7 @@ class ShortWarmup(Fault):
     name = "short_warmup"
     matrix_id = "W-01"
     summary = "one rank plans one warmup call fewer than the others"
-    target = "hardening.runtime.warmup:planned_warmup_calls"
+    target = "hardening.runtime.seams:planned_warmup_calls"
 
     def wrap(self, original: Callable[..., Any]) -> Callable[..., Any]:
         def planned_warmup_calls(calls: int) -> int:

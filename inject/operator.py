@@ -34,17 +34,17 @@ class _AtCall(Fault):
 class _EnvelopeFault(_AtCall):
     """Breaks the envelope the leader is about to send."""
 
-    target = "hardening.harness.worker:make_envelope"
+    target = "hardening.runtime.seams:outgoing_envelope"
 
     def wrap(self, original: Callable[..., Any]) -> Callable[..., Any]:
-        def make_envelope(reg, call_id, schedule, *, phase):
-            env = original(reg, call_id, schedule, phase=phase)
-            if self.due(call_id):
+        def outgoing_envelope(env: Any) -> Any:
+            env = original(env)
+            if self.due(env.call_id):
                 self.break_envelope(env)
                 self.fire()
             return env
 
-        return make_envelope
+        return outgoing_envelope
 
     def break_envelope(self, env: Any) -> None:
         raise NotImplementedError
@@ -100,29 +100,35 @@ class MissingRecomputeOverride(_EnvelopeFault):
 class ConfigSkew(Fault):
     name = "config_skew"
     matrix_id = "OM-04"
-    summary = "one rank's region config differs (region.seed + 1)"
-    target = "hardening.harness.worker:apply_backend_settings"
+    summary = "one rank's own config differs (region.seed + 1, else the first numeric setting)"
+    target = "hardening.runtime.seams:user_config"
 
     def wrap(self, original: Callable[..., Any]) -> Callable[..., Any]:
-        def apply_backend_settings(profile):
-            original(profile)
-            if self.acts_here:
-                profile.region.seed += 1  # as if this rank had loaded another config file
-                self.fire()
+        def user_config(keys: dict[str, Any]) -> dict[str, Any]:
+            keys = original(keys)
+            if not self.acts_here:
+                return keys
+            numeric = [k for k, v in keys.items() if isinstance(v, int) and not isinstance(v, bool)]
+            key = "region.seed" if "region.seed" in keys else next(iter(numeric), None)
+            if key is None:
+                self.skip("the program declares no numeric setting in its fingerprint to change")
+                return keys
+            self.fire(touched=key)
+            return {**keys, key: keys[key] + 1}  # as if this rank had loaded another config file
 
-        return apply_backend_settings
+        return user_config
 
 
 class CollectiveGatingFlag(Fault):
     name = "collective_gating_flag"
     matrix_id = "OM-05"
     summary = "one rank flips HARDENING_NAN_CHECK_ALLREDUCE (a flag that adds a collective)"
-    target = "hardening.harness.worker:apply_backend_settings"
+    target = "hardening.runtime.seams:apply_backend_settings"
     variable = "HARDENING_NAN_CHECK_ALLREDUCE"
 
     def wrap(self, original: Callable[..., Any]) -> Callable[..., Any]:
-        def apply_backend_settings(profile):
-            original(profile)
+        def apply_backend_settings(device: Any, dtype: Any) -> None:
+            original(device, dtype)
             if self.acts_here:
                 # Flipped against what the rank inherited, so that a user who already
                 # exports the flag still gets a rank that differs (the case stays valid).
@@ -145,12 +151,12 @@ class InputMutation(_AtCall):
     name = "input_mutation"
     matrix_id = "OM-11"
     summary = "a receiver changes one element of its received input"
-    target = "hardening.runtime.envelope:receive"
+    target = "hardening.runtime.seams:received_envelope"
     default_ranks = "1"
 
     def wrap(self, original: Callable[..., Any]) -> Callable[..., Any]:
-        def receive(channel):
-            env = original(channel)
+        def received_envelope(env: Any) -> Any:
+            env = original(env)
             if self.due(env.call_id):
                 name = next((n for n, t in env.tensors.items() if t.numel() > 0), None)
                 if name is None:
@@ -160,61 +166,61 @@ class InputMutation(_AtCall):
                     self.fire(touched=name)
             return env
 
-        return receive
+        return received_envelope
 
 
 class WeightPerturbation(Fault):
     name = "weight_perturbation"
     matrix_id = "OM-12"
     summary = "one element of one rank's weight shard is changed after load"
-    target = "hardening.harness.region:build_region"
+    target = "hardening.runtime.seams:weights_loaded"
 
     @staticmethod
-    def checkable(region: Any) -> str | None:
+    def checkable(module: Any, manifest: dict[str, Any] | None, replicated: tuple[str, ...]) -> str | None:
         """A parameter the weight check can judge: one with a manifest fingerprint for
         this shard first, else one that must match across ranks (declared replicated,
         or a DTensor placed ``Replicate``)."""
-        params = [n for n, p in region.module.named_parameters() if p.numel() > 0]
-        replicated = set(region.replicated_params) | set(replicate_placed(region.module))
+        params = [n for n, p in module.named_parameters() if p.numel() > 0]
+        matched = set(replicated) | set(replicate_placed(module))
         for name in params:
-            if name in (region.weight_manifest or {}):
+            if name in (manifest or {}):
                 return name
-        return next((n for n in params if n in replicated), None)
+        return next((n for n in params if n in matched), None)
 
     def wrap(self, original: Callable[..., Any]) -> Callable[..., Any]:
-        def build_region(target, ctx):
-            region = original(target, ctx)
-            if self.acts_here:
-                name = self.checkable(region)
-                if name is None:
-                    self.skip(
-                        "the region has no weight manifest and no replicated parameter: "
-                        "a changed shard cannot be told from a legitimate one"
-                    )
-                    return region
-                # The local shard only: editing a DTensor as a whole may redistribute it,
-                # a collective on this rank alone.
-                shard = local_shard(dict(region.module.named_parameters())[name])
-                flip_low_bit(shard, min(7, shard.numel() - 1))
-                self.fire(touched=name)
-            return region
+        def weights_loaded(module: Any, *, manifest: dict[str, Any] | None, replicated: tuple[str, ...]) -> None:
+            original(module, manifest=manifest, replicated=replicated)
+            if not self.acts_here:
+                return
+            name = self.checkable(module, manifest, replicated)
+            if name is None:
+                self.skip(
+                    "the region has no weight manifest and no replicated parameter: "
+                    "a changed shard cannot be told from a legitimate one"
+                )
+                return
+            # The local shard only: editing a DTensor as a whole may redistribute it,
+            # a collective on this rank alone.
+            shard = local_shard(dict(module.named_parameters())[name])
+            flip_low_bit(shard, min(7, shard.numel() - 1))
+            self.fire(touched=name)
 
-        return build_region
+        return weights_loaded
 
 
 class _StepFault(_AtCall):
     """Acts inside a step, after the envelope arrived, before the data plane."""
 
-    target = "hardening.harness.region:inputs_of"
+    target = "hardening.runtime.seams:call_inputs"
 
     def wrap(self, original: Callable[..., Any]) -> Callable[..., Any]:
-        def inputs_of(region, tensors, call_id):
+        def call_inputs(tensors: dict[str, Any], call_id: int) -> dict[str, Any]:
             if self.due(call_id):
                 self.fire()  # recorded in the store before the process stops or dies
                 self.act()
-            return original(region, tensors, call_id)
+            return original(tensors, call_id)
 
-        return inputs_of
+        return call_inputs
 
     def act(self) -> None:
         raise NotImplementedError
@@ -248,10 +254,10 @@ class SkipCacheReset(Fault):
     name = "skip_cache_reset"
     matrix_id = "K-01"
     summary = "one rank skips the first KV-cache reset after warmup"
-    target = "hardening.runtime.kv_cache:apply_transition"
+    target = "hardening.runtime.seams:cache_transition"
 
     def wrap(self, original: Callable[..., Any]) -> Callable[..., Any]:
-        def apply_transition(lifecycle, *, op, epoch, tokens, call_id, **kwargs):
+        def cache_transition(cache: Any, *, op: str, epoch: int, tokens: int, call_id: int) -> None:
             if (
                 self.acts_here
                 and self.fired_at is None
@@ -260,9 +266,9 @@ class SkipCacheReset(Fault):
             ):
                 self.fire()
                 return  # the reset never happens on this rank
-            original(lifecycle, op=op, epoch=epoch, tokens=tokens, call_id=call_id, **kwargs)
+            original(cache, op=op, epoch=epoch, tokens=tokens, call_id=call_id)
 
-        return apply_transition
+        return cache_transition
 
 
 FAULTS = [

@@ -26,9 +26,22 @@ def test_own_loop_under_torchrun(tmp_path: Path) -> None:
     )  # fmt: skip
     assert out.returncode == 0, out.stdout + out.stderr
     for rank in (0, 1):
-        assert f"rank {rank}: 20 hardened calls" in out.stdout
-        record = json.loads((tmp_path / f"own_loop_rank{rank}.json").read_text())
-        assert record["ok"] is True and record["phase"] == "steady" and record["last_call_id"] == 19
+        assert f"rank {rank}: 12 hardened calls" in out.stdout
+        record = json.loads((tmp_path / ".hardening" / "records" / f"rank{rank}.json").read_text())
+        # Two warmup calls, twelve served; the Session closed its gates and said done.
+        assert record["ok"] is True and record["phase"] == "done" and record["last_call_id"] == 13
+        assert record["counters"]["graphs"] >= 1 and record["counters"]["recompiles"] == 0
+
+
+def test_own_loop_asks_no_more_than_a_session() -> None:
+    # The example is what users copy: every guarantee, and at most 40 lines of code.
+    text = (EXAMPLES / "own_loop.py").read_text()
+    code = text.split('"""', 2)[2]
+    lines = [line for line in code.splitlines() if line.strip() and not line.strip().startswith("#")]
+    assert len(lines) <= 40, len(lines)
+    for step in ("@hr.record", "Session.from_env", "check_weights", "s.compile", "control_plane", "warmup", "serve"):
+        assert step in code, step
+    assert "hardening.harness" not in code and "store.set" not in code and "enter(" not in code
 
 
 def _run_on(tmp_path: Path, example: str, *args: str, timeout: float, report: str = "r.json") -> tuple[int, dict]:

@@ -10,9 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-import hardening.harness.region
-import hardening.runtime.warmup
-import hardening.harness.worker
+import hardening.runtime.seams
 from hardening.inject import (
     ENV_VAR,
     FAULTS,
@@ -26,6 +24,8 @@ from hardening.inject import (
 )
 from hardening.harness.profile import load_profile
 from hardening.harness.region import Region
+
+CPU = torch.device("cpu")
 
 # -- parse_spec -------------------------------------------------------------------------
 
@@ -182,21 +182,21 @@ def _install(installed: list[Fault], text: str, *, rank: int, world_size: int = 
 
 
 def test_install_replaces_the_function_and_uninstall_restores_the_same_object(installed: list[Fault]) -> None:
-    original = hardening.runtime.warmup.planned_warmup_calls
+    original = hardening.runtime.seams.planned_warmup_calls
     fault, _ = _install(installed, "short_warmup:rank=1", rank=1)
-    assert hardening.runtime.warmup.planned_warmup_calls is not original
+    assert hardening.runtime.seams.planned_warmup_calls is not original
     fault.uninstall()
-    assert hardening.runtime.warmup.planned_warmup_calls is original
+    assert hardening.runtime.seams.planned_warmup_calls is original
     fault.uninstall()  # a second uninstall is harmless
-    assert hardening.runtime.warmup.planned_warmup_calls is original
+    assert hardening.runtime.seams.planned_warmup_calls is original
 
 
 def test_short_warmup_acts_on_its_rank_and_fires_once(installed: list[Fault]) -> None:
     profile = load_profile("premerge")
     fault, fired = _install(installed, "short_warmup:rank=1", rank=1, warmup_calls=profile.warmup_calls)
     assert fault.fired_at is None
-    assert hardening.runtime.warmup.planned_warmup_calls(profile.warmup_calls) == profile.warmup_calls - 1
-    assert hardening.runtime.warmup.planned_warmup_calls(profile.warmup_calls) == profile.warmup_calls - 1
+    assert hardening.runtime.seams.planned_warmup_calls(profile.warmup_calls) == profile.warmup_calls - 1
+    assert hardening.runtime.seams.planned_warmup_calls(profile.warmup_calls) == profile.warmup_calls - 1
     assert len(fired.calls) == 1
     who, at = fired.calls[0]
     assert who is fault and isinstance(at, float) and at > 0
@@ -206,7 +206,7 @@ def test_short_warmup_acts_on_its_rank_and_fires_once(installed: list[Fault]) ->
 def test_short_warmup_leaves_other_ranks_alone(installed: list[Fault]) -> None:
     profile = load_profile("premerge")
     fault, fired = _install(installed, "short_warmup:rank=1", rank=0, warmup_calls=profile.warmup_calls)
-    assert hardening.runtime.warmup.planned_warmup_calls(profile.warmup_calls) == profile.warmup_calls
+    assert hardening.runtime.seams.planned_warmup_calls(profile.warmup_calls) == profile.warmup_calls
     assert fired.calls == [] and fault.fired_at is None
 
 
@@ -214,19 +214,19 @@ def test_compile_one_rank_flips_enabled_only_on_its_rank(installed: list[Fault])
     profile = load_profile("cpu")
     assert profile.compile.enabled is True
     fault, fired = _install(installed, "compile_one_rank:rank=1", rank=1)
-    cfg = hardening.harness.worker.resolve_compile_config(profile)
+    cfg = hardening.runtime.seams.resolve_compile_config(profile.compile)
     assert cfg.enabled is False
     assert (cfg.backend, cfg.fullgraph) == (profile.compile.backend, profile.compile.fullgraph)
     assert profile.compile.enabled is True  # the profile itself is not mutated
     assert len(fired.calls) == 1 and fault.fired_at is not None
     fault.uninstall()
-    assert hardening.harness.worker.resolve_compile_config(profile).enabled is True
+    assert hardening.runtime.seams.resolve_compile_config(profile.compile).enabled is True
 
 
 def test_compile_one_rank_on_another_rank_is_the_original(installed: list[Fault]) -> None:
     profile = load_profile("cpu")
     fault, fired = _install(installed, "compile_one_rank:rank=1", rank=0)
-    assert hardening.harness.worker.resolve_compile_config(profile) == profile.compile
+    assert hardening.runtime.seams.resolve_compile_config(profile.compile) == profile.compile
     assert fired.calls == [] and fault.fired_at is None
 
 
@@ -238,9 +238,9 @@ def _tiny_region() -> Region:
 
 
 def _received(region, call_id: int):
-    """What every rank hands the region after an envelope arrived (the C-03 hook)."""
+    """What every rank computes on after an envelope arrived (the C-03 seam)."""
     tensors = {"input0": region.make_inputs(call_id)[0]}
-    return hardening.harness.region.inputs_of(region, tensors, call_id)
+    return tuple(hardening.runtime.seams.call_inputs(tensors, call_id).values())
 
 
 def test_recompile_changes_strides_at_the_chosen_call_only(installed: list[Fault]) -> None:
@@ -279,11 +279,10 @@ def test_recompile_on_another_rank_never_fires(installed: list[Fault]) -> None:
 
 def test_backend_divergence_disables_flash_and_restores_it(installed: list[Fault]) -> None:
     before = torch.backends.cuda.flash_sdp_enabled()
-    profile = load_profile("cpu")
     try:
         torch.backends.cuda.enable_flash_sdp(True)
         fault, fired = _install(installed, "backend_divergence:rank=1", rank=1)
-        hardening.harness.worker.apply_backend_settings(profile)
+        hardening.runtime.seams.apply_backend_settings(CPU, torch.float32)
         assert torch.backends.cuda.flash_sdp_enabled() is False
         assert len(fired.calls) == 1
         fault.uninstall()
@@ -297,46 +296,45 @@ def test_backend_divergence_on_another_rank_keeps_flash(installed: list[Fault]) 
     try:
         torch.backends.cuda.enable_flash_sdp(True)
         fault, fired = _install(installed, "backend_divergence:rank=1", rank=0)
-        hardening.harness.worker.apply_backend_settings(load_profile("cpu"))
+        hardening.runtime.seams.apply_backend_settings(CPU, torch.float32)
         assert torch.backends.cuda.flash_sdp_enabled() is True
         assert fired.calls == []
     finally:
         torch.backends.cuda.enable_flash_sdp(before)
 
 
-def test_graph_break_wraps_the_built_region(installed: list[Fault], tmp_path) -> None:
-    factory = tmp_path / "tiny_region.py"
-    factory.write_text(
-        "import torch\n"
-        "from hardening.harness.region import Region\n"
-        "def build(ctx):\n"
-        "    torch.manual_seed(0)\n"
-        "    return Region(module=torch.nn.Linear(4, 4), make_inputs=lambda k: (torch.ones(2, 4),))\n"
-    )
-    target = f"{factory}:build"
+def test_graph_break_wraps_the_module_about_to_be_compiled(installed: list[Fault]) -> None:
+    torch.manual_seed(0)
+    module = torch.nn.Linear(4, 4)
     fault, fired = _install(installed, "graph_break:rank=all", rank=0)
-    region = hardening.harness.region.build_region(target, ctx=None)
+    assert hardening.runtime.seams.module_to_compile(module) is module  # the caller's module stays theirs
     assert len(fired.calls) == 1
     # The instance forward is the wrapper; the class forward is untouched and gives the same result.
-    assert "forward" in vars(region.module)
+    assert "forward" in vars(module)
     x = torch.ones(2, 4)
-    assert torch.equal(region.module(x), nn.Linear.forward(region.module, x))
+    assert torch.equal(module(x), nn.Linear.forward(module, x))
     fault.uninstall()
-    clean = hardening.harness.region.build_region(target, ctx=None)
-    assert "forward" not in vars(clean.module)
+    clean = torch.nn.Linear(4, 4)
+    assert hardening.runtime.seams.module_to_compile(clean) is clean and "forward" not in vars(clean)
+
+
+def test_graph_break_wraps_a_plain_function_too(installed: list[Fault]) -> None:
+    _install(installed, "graph_break:rank=all", rank=0)
+    fn = hardening.runtime.seams.module_to_compile(lambda x: x * 2)
+    assert torch.equal(fn(torch.ones(2)), torch.full((2,), 2.0))
 
 
 def test_install_from_env(installed: list[Fault], monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(ENV_VAR, raising=False)
     assert install_from_env(FaultContext(rank=1, world_size=2, warmup_calls=2)) is None
     monkeypatch.setenv(ENV_VAR, "short_warmup:rank=1")
-    original = hardening.runtime.warmup.planned_warmup_calls
+    original = hardening.runtime.seams.planned_warmup_calls
     fault = install_from_env(FaultContext(rank=1, world_size=2, warmup_calls=2))
     assert fault is not None
     installed.append(fault)
     assert fault.name == "short_warmup"
-    assert hardening.runtime.warmup.planned_warmup_calls is not original
-    assert hardening.runtime.warmup.planned_warmup_calls(load_profile("cpu").warmup_calls) == 1
+    assert hardening.runtime.seams.planned_warmup_calls is not original
+    assert hardening.runtime.seams.planned_warmup_calls(load_profile("cpu").warmup_calls) == 1
 
 
 # -- strict specs: every key once, distinct ranks, a call that happens ---------------------
@@ -376,7 +374,7 @@ def test_the_gating_flag_differs_from_what_the_rank_inherited(
     else:
         monkeypatch.setenv(variable, inherited)
     fault, fired = _install(installed, "collective_gating_flag:rank=1", rank=1)
-    hardening.harness.worker.apply_backend_settings(load_profile("cpu"))
+    hardening.runtime.seams.apply_backend_settings(CPU, torch.float32)
     assert os.environ.get(variable) != inherited and len(fired.calls) == 1
     fault.uninstall()
     assert os.environ.get(variable) == inherited
@@ -396,13 +394,13 @@ def test_restrided_works_for_token_ids_and_refuses_all_ones() -> None:
 
 def test_recompile_names_the_tensor_it_restrided_and_skips_when_none_can_be(installed: list[Fault]) -> None:
     fault, fired = _install(installed, "recompile:rank=1", rank=1, warmup_calls=1)
-    hardening.harness.region.inputs_of(None, {"input_ids": torch.arange(5).reshape(1, 5)}, 1)
+    hardening.runtime.seams.call_inputs({"input_ids": torch.arange(5).reshape(1, 5)}, 1)
     assert fault.touched == "input_ids" and len(fired.calls) == 1
     fault.uninstall()
     skipped = []
     fault, _ = _install(installed, "recompile:rank=1", rank=1, warmup_calls=1)
     fault.ctx.on_skip = skipped.append
-    hardening.harness.region.inputs_of(None, {"scale": torch.ones(1)}, 1)
+    hardening.runtime.seams.call_inputs({"scale": torch.ones(1)}, 1)
     assert fault.fired_at is None and fault.skipped and skipped == [fault]
 
 

@@ -10,17 +10,18 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
-import types
-import typing
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from hardening.runtime.config import (
+    ConfigError,
+    merge,
+    nest,
+    parse_yaml,
+    read_text,
+    validate_all,
     MAX_COUNT,
     MAX_SECONDS,
     MIN_SECONDS,
@@ -37,10 +38,8 @@ MAX_RANKS = 64
 """Most ranks the one-host ``process`` launcher starts: beyond that, a typo."""
 MAX_DIM = 2**24
 """Largest size in ``region.dims``."""
-MAX_PROFILE_BYTES = 1 << 20
-"""A profile is a few hundred bytes; a larger file is not one (and PyYAML is slow)."""
 
-class ProfileError(ValueError):
+class ProfileError(ConfigError):
     """A profile (or a flag overriding it) is unusable; the message names file and key."""
 
 
@@ -195,9 +194,6 @@ class Profile:
             raise ValueError(f"steps: must be from 0 to {MAX_COUNT}")
 
 
-_NOT_KEYS = {"name", "source"}
-
-
 def available_profiles() -> list[str]:
     return sorted(p.name[: -len(".yaml")] for p in resources.files("hardening.profiles").iterdir() if p.name.endswith(".yaml"))
 
@@ -209,6 +205,15 @@ def load_profile(
 
     ``flags`` names the command-line flag behind each override key, so that a bad value
     is blamed on ``--ranks``, not on the profile file."""
+    try:
+        return _load(name_or_path, overrides, flags)
+    except ProfileError:
+        raise
+    except ConfigError as exc:  # the shared loader's error, as the harness names it
+        raise ProfileError(str(exc)) from None
+
+
+def _load(name_or_path: str | None, overrides: dict[str, Any] | None, flags: dict[str, str] | None) -> Profile:
     spec = name_or_path or DEFAULT_PROFILE
     if spec.endswith((".yaml", ".yml")) or "/" in spec:
         path = Path(spec)
@@ -217,154 +222,25 @@ def load_profile(
         if not path.is_file():
             raise ProfileError(f"{spec}: not a regular file")
         source, name = str(path), path.stem
-        text = _read_text(path, source)
+        text = read_text(path, source)
     else:
         ref = resources.files("hardening.profiles").joinpath(f"{spec}.yaml")
         if not spec.strip() or not ref.is_file():
             raise ProfileError(f"unknown profile {spec!r}; shipped profiles: {', '.join(available_profiles())}")
         source, name = f"profiles/{spec}.yaml", spec
-        text = _read_text(ref, source)
-    data = _parse(text, source)
+        text = read_text(ref, source)
+    data = parse_yaml(text, source)
     if not isinstance(data, dict):
         raise ProfileError(f"{source}: top level must be a mapping of keys")
     profile = Profile(name=name, source=source)
-    _merge(profile, data, source=source, prefix="")
-    _validate_all(profile, source)
+    merge(profile, data, source=source, prefix="")
+    validate_all(profile, source)
     for key, value in (overrides or {}).items():
         # Validated one by one so that a bad flag is blamed on the flag, not the file.
         where = (flags or {}).get(key, "command line")
-        _merge(profile, _nest(key, value), source=where, prefix="")
-        _validate_all(profile, where)
+        merge(profile, nest(key, value), source=where, prefix="")
+        validate_all(profile, where)
     return profile
-
-
-def _read_text(path: Any, source: str) -> str:
-    try:
-        with path.open("rb") as fh:
-            raw = fh.read(MAX_PROFILE_BYTES + 1)
-    except OSError as exc:
-        raise ProfileError(f"{source}: cannot read: {exc.strerror or exc}") from None
-    if len(raw) > MAX_PROFILE_BYTES:
-        raise ProfileError(f"{source}: larger than {MAX_PROFILE_BYTES >> 10} KiB: not a profile")
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise ProfileError(f"{source}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start})") from None
-
-
-def _parse(text: str, source: str) -> Any:
-    """YAML to plain data, refusing what PyYAML lets through silently: a key given twice
-    (it keeps the last) is named with its dotted path and both lines."""
-    try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-        if root is None:
-            return {}
-        _refuse_duplicates(root, "", set())
-        return yaml.safe_load(text)
-    except ProfileError as exc:
-        raise ProfileError(f"{source}: {exc}") from None
-    except yaml.YAMLError as exc:
-        raise ProfileError(f"{source}: not valid YAML: {short(' '.join(str(exc).split()))}") from None
-    except RecursionError:
-        raise ProfileError(f"{source}: nested too deeply to be a profile") from None
-
-
-def _refuse_duplicates(node: Any, prefix: str, seen_nodes: set[int]) -> None:
-    if id(node) in seen_nodes:  # an alias: walked once (an alias bomb must not explode here)
-        return
-    seen_nodes.add(id(node))
-    if isinstance(node, yaml.MappingNode):
-        lines: dict[str, int] = {}
-        for key_node, value_node in node.value:
-            key = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
-            if key is not None:
-                line = key_node.start_mark.line + 1
-                if key in lines:
-                    raise ProfileError(f"key {prefix + key!r} is given twice (lines {lines[key]} and {line})")
-                lines[key] = line
-            _refuse_duplicates(value_node, f"{prefix}{key}." if key is not None else prefix, seen_nodes)
-    elif isinstance(node, yaml.SequenceNode):
-        for item in node.value:
-            _refuse_duplicates(item, prefix, seen_nodes)
-
-
-def _nest(dotted: str, value: Any) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    node = out
-    parts = dotted.split(".")
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-    node[parts[-1]] = value
-    return out
-
-
-def _merge(obj: Any, data: dict[str, Any], *, source: str, prefix: str) -> None:
-    hints = typing.get_type_hints(type(obj))
-    known = [f.name for f in dataclasses.fields(obj) if f.name not in _NOT_KEYS]
-    for key, value in data.items():
-        dotted = f"{prefix}{key}"
-        if not isinstance(key, str) or key not in known:
-            raise ProfileError(f"{source}: unknown key {short(dotted)} (known here: {', '.join(known)})")
-        hint = hints[key]
-        current = getattr(obj, key)
-        if dataclasses.is_dataclass(current):
-            if not isinstance(value, dict):
-                raise ProfileError(f"{source}: key {dotted!r} must be a mapping, got {type(value).__name__}")
-            _merge(current, value, source=source, prefix=dotted + ".")
-        elif isinstance(current, dict):
-            if not isinstance(value, dict):
-                raise ProfileError(f"{source}: key {dotted!r} must be a mapping, got {type(value).__name__}")
-            merged = dict(current)
-            merged.update(value)
-            setattr(obj, key, merged)
-        else:
-            setattr(obj, key, _coerce(value, hint, source=source, key=dotted))
-
-
-def _coerce(value: Any, hint: Any, *, source: str, key: str) -> Any:
-    options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
-    if value is None and type(None) in options:
-        return None
-    for opt in options:
-        if opt is bool and isinstance(value, bool):
-            return value
-        if opt is int and isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if opt is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-            if not math.isfinite(value):
-                raise ProfileError(f"{source}: key {key!r} must be a finite number, got {short(value)}")
-            return float(value)
-        if opt is str and isinstance(value, str):
-            return value
-        if typing.get_origin(opt) is list and isinstance(value, list):
-            (item,) = typing.get_args(opt)
-            if all(isinstance(v, item) for v in value):
-                return list(value)
-    wanted = " or ".join("null" if o is type(None) else _type_name(o) for o in options)
-    raise ProfileError(f"{source}: key {key!r} must be {wanted}, got {type(value).__name__} {short(value)}")
-
-
-def _type_name(hint: Any) -> str:
-    if typing.get_origin(hint) is list:
-        return f"a list of {typing.get_args(hint)[0].__name__}"
-    return hint.__name__
-
-
-def _validate_all(profile: Profile, source: str) -> None:
-    sections = [("", profile)] + [
-        (f.name + ".", getattr(profile, f.name))
-        for f in dataclasses.fields(profile)
-        if dataclasses.is_dataclass(getattr(profile, f.name))
-    ]
-    for prefix, section in sections:
-        check = getattr(section, "validate", None)
-        if check is None:
-            continue
-        try:
-            check()
-        except ValueError as exc:
-            key, _, why = str(exc).partition(": ")
-            raise ProfileError(f"{source}: key {prefix + key!r} {why}") from None
 
 
 def profile_to_dict(profile: Profile) -> dict[str, Any]:

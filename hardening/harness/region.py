@@ -5,8 +5,7 @@ of call ``k`` (identical on every rank) and optional parity keys. It is built by
 factory ``build(ctx) -> Region`` named as ``module:function`` or
 ``path/to/file.py:function``; the reference region ships through the same mechanism.
 
-``build_region`` and ``make_call_inputs`` are the runtime functions faults patch, so
-call them through this module (``region.build_region(...)``), never import the names.
+Faults never patch anything here: they act through :mod:`hardening.runtime.seams`.
 """
 
 from __future__ import annotations
@@ -183,7 +182,7 @@ def _is_import_machinery(filename: str) -> bool:
 
 
 def build_region(target: str, ctx: RegionContext) -> Region:
-    """Build this rank's region from its factory (fault hook: C-02 wraps the result)."""
+    """Build this rank's region from its factory."""
     region = load_factory(target)(ctx)
     if not isinstance(region, Region):
         raise TypeError(f"region factory {target} returned {type(region).__name__}, not hardening.harness.region.Region")
@@ -211,9 +210,3 @@ def varying_of(region: Region, name: str, ndim: int) -> tuple[tuple[int, int, in
 
 def input_names(region: Region, count: int) -> tuple[str, ...]:
     return region.input_names or tuple(f"input{i}" for i in range(count))
-
-
-def inputs_of(region: Region, tensors: dict[str, "torch.Tensor"], call_id: int) -> tuple["torch.Tensor", ...]:
-    """The region call's positional inputs from a received envelope, on every rank
-    (fault hook: C-03 changes strides on one rank, H-01 stalls, OM-13 kills)."""
-    return tuple(tensors.values())

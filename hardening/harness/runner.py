@@ -354,7 +354,10 @@ class Runner:
                 "rank_dir": str(live.case_dir / f"rank{rank}"),
             }
             # The fault spec is identical on every rank and part of every rank's parity.
-            env = {"HARDENING_FAULT": live.case.fault or "", "RANK": str(rank), "WORLD_SIZE": str(self.world_size)}
+            env = {
+                "HARDENING_FAULT": live.case.fault or "", "HARDENING_WARMUP_CALLS": str(self.profile.warmup_calls),
+                "RANK": str(rank), "WORLD_SIZE": str(self.world_size),
+            }  # fmt: skip
             line = json.dumps({"op": "spawn", "spec": spec, "env": env}) + "\n"
             try:
                 self._server.stdin.write(line.encode())

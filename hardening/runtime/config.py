@@ -9,9 +9,15 @@ may take) live in :mod:`hardening.harness.profile`, never here. ``validate()`` r
 from __future__ import annotations
 
 import dataclasses
+import math
 import reprlib
+import types
+import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+
+import yaml
 
 MAX_SECONDS = 7 * 24 * 3600.0
 """Longest timeout (a process-group timeout must fit a timedelta)."""
@@ -24,9 +30,19 @@ _short = reprlib.Repr()
 _short.maxstring, _short.maxother, _short.maxlist, _short.maxdict, _short.maxlevel = 60, 60, 4, 4, 2
 
 
+MAX_CONFIG_BYTES = 1 << 20
+"""A config file is a few hundred bytes; a larger file is not one (and PyYAML is slow)."""
+NOT_KEYS = frozenset({"name", "source"})
+"""Fields of a config object that are bookkeeping, never keys of its file."""
+
+
 def short(value: Any) -> str:
     """A bounded repr for messages: a YAML alias bomb must not become a 800 MB line."""
     return _short.repr(value)
+
+
+class ConfigError(ValueError):
+    """A config file or value is unusable; the message names the file and the dotted key."""
 
 
 INDUCTOR_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -146,3 +162,163 @@ class DriftConfig:
         for name in ("digest_every", "reset_every"):
             if not 0 <= getattr(self, name) <= MAX_COUNT:
                 raise ValueError(f"{name}: must be from 0 to {MAX_COUNT}")
+
+
+@dataclass(kw_only=True, slots=True)
+class RuntimeConfig:
+    """Everything the runtime is configured by, and nothing a harness or server adds."""
+
+    timeouts: Timeouts = field(default_factory=Timeouts)
+    compile: CompileConfig = field(default_factory=CompileConfig)
+    gates: GateConfig = field(default_factory=GateConfig)
+    parity: ParityConfig = field(default_factory=ParityConfig)
+    drift: DriftConfig = field(default_factory=DriftConfig)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> RuntimeConfig:
+        """The sections of a YAML file (``timeouts:``, ``compile:``...); a key the runtime
+        does not know, a wrong type or a bad value is a ConfigError naming file and key."""
+        source = str(path)
+        if not Path(path).is_file():
+            raise ConfigError(f"{source}: config file not found")
+        data = parse_yaml(read_text(Path(path), source), source)
+        if not isinstance(data, dict):
+            raise ConfigError(f"{source}: top level must be a mapping of keys")
+        config = cls()
+        merge(config, data, source=source, prefix="")
+        validate_all(config, source, itself=False)
+        return config
+
+    def validate(self) -> None:
+        validate_all(self, "RuntimeConfig", itself=False)
+
+
+def read_text(path: Any, source: str) -> str:
+    try:
+        with path.open("rb") as fh:
+            raw = fh.read(MAX_CONFIG_BYTES + 1)
+    except OSError as exc:
+        raise ConfigError(f"{source}: cannot read: {exc.strerror or exc}") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{source}: larger than {MAX_CONFIG_BYTES >> 10} KiB: not a config file")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{source}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start})") from None
+
+
+def parse_yaml(text: str, source: str) -> Any:
+    """YAML to plain data, refusing what PyYAML lets through silently: a key given twice
+    (it keeps the last) is named with its dotted path and both lines."""
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        if root is None:
+            return {}
+        _refuse_duplicates(root, "", set())
+        return yaml.safe_load(text)
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{source}: not valid YAML: {short(' '.join(str(exc).split()))}") from None
+    except RecursionError:
+        raise ConfigError(f"{source}: nested too deeply to be a config file") from None
+
+
+def _refuse_duplicates(node: Any, prefix: str, seen_nodes: set[int]) -> None:
+    if id(node) in seen_nodes:  # an alias: walked once (an alias bomb must not explode here)
+        return
+    seen_nodes.add(id(node))
+    if isinstance(node, yaml.MappingNode):
+        lines: dict[str, int] = {}
+        for key_node, value_node in node.value:
+            key = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
+            if key is not None:
+                line = key_node.start_mark.line + 1
+                if key in lines:
+                    raise ConfigError(f"key {prefix + key!r} is given twice (lines {lines[key]} and {line})")
+                lines[key] = line
+            _refuse_duplicates(value_node, f"{prefix}{key}." if key is not None else prefix, seen_nodes)
+    elif isinstance(node, yaml.SequenceNode):
+        for item in node.value:
+            _refuse_duplicates(item, prefix, seen_nodes)
+
+
+def nest(dotted: str, value: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    node = out
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+    return out
+
+
+def merge(obj: Any, data: dict[str, Any], *, source: str, prefix: str) -> None:
+    hints = typing.get_type_hints(type(obj))
+    known = [f.name for f in dataclasses.fields(obj) if f.name not in NOT_KEYS]
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        if not isinstance(key, str) or key not in known:
+            raise ConfigError(f"{source}: unknown key {short(dotted)} (known here: {', '.join(known)})")
+        hint = hints[key]
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{source}: key {dotted!r} must be a mapping, got {type(value).__name__}")
+            merge(current, value, source=source, prefix=dotted + ".")
+        elif isinstance(current, dict):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{source}: key {dotted!r} must be a mapping, got {type(value).__name__}")
+            merged = dict(current)
+            merged.update(value)
+            setattr(obj, key, merged)
+        else:
+            setattr(obj, key, _coerce(value, hint, source=source, key=dotted))
+
+
+def _coerce(value: Any, hint: Any, *, source: str, key: str) -> Any:
+    options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    if value is None and type(None) in options:
+        return None
+    for opt in options:
+        if opt is bool and isinstance(value, bool):
+            return value
+        if opt is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if opt is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                raise ConfigError(f"{source}: key {key!r} must be a finite number, got {short(value)}")
+            return float(value)
+        if opt is str and isinstance(value, str):
+            return value
+        if typing.get_origin(opt) is list and isinstance(value, list):
+            (item,) = typing.get_args(opt)
+            if all(isinstance(v, item) for v in value):
+                return list(value)
+    wanted = " or ".join("null" if o is type(None) else _type_name(o) for o in options)
+    raise ConfigError(f"{source}: key {key!r} must be {wanted}, got {type(value).__name__} {short(value)}")
+
+
+def _type_name(hint: Any) -> str:
+    if typing.get_origin(hint) is list:
+        return f"a list of {typing.get_args(hint)[0].__name__}"
+    return hint.__name__
+
+
+def validate_all(config: Any, source: str, *, itself: bool = True) -> None:
+    """``validate()`` of each section of ``config`` (and of ``config`` itself unless
+    ``itself`` is False); ConfigError names the dotted key."""
+    sections = ([("", config)] if itself else []) + [
+        (f.name + ".", getattr(config, f.name))
+        for f in dataclasses.fields(config)
+        if dataclasses.is_dataclass(getattr(config, f.name))
+    ]
+    for prefix, section in sections:
+        check = getattr(section, "validate", None)
+        if check is None:
+            continue
+        try:
+            check()
+        except ValueError as exc:
+            key, _, why = str(exc).partition(": ")
+            raise ConfigError(f"{source}: key {prefix + key!r} {why}") from None

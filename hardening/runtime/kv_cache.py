@@ -20,15 +20,16 @@ class CacheState:
     """Increments on every reset."""
     length: int = 0
     """Tokens written since the last reset (the cache keeps the newest ``capacity``)."""
-    last_call_id: int = -1
 
 
 class KVCacheLifecycle:
     """This rank's view of its cache; ``reset_fn`` clears the region's cache buffers."""
 
-    def __init__(self, *, reset_fn: Callable[[], None] | None = None) -> None:
+    def __init__(self, *, reset_fn: Callable[[], None] | None = None, checked: bool = True) -> None:
         self.state = CacheState()
         self.reset_fn = reset_fn or (lambda: None)
+        self.checked = checked
+        """False: transitions are applied unchecked (the unhardened baseline the benchmarks compare with)."""
 
     def validate(self, *, op: str, epoch: int, call_id: int) -> None:
         """Raise LifecycleError unless ``op`` at ``epoch`` follows from the local state."""
@@ -52,19 +53,16 @@ class KVCacheLifecycle:
             raise LifecycleError(f"call {call_id}: unknown cache op {op!r}")
 
 
-def apply_transition(
-    lifecycle: KVCacheLifecycle, *, op: str, epoch: int, tokens: int, call_id: int, validate: bool = True
-) -> None:
-    """Validate, then apply (fault hook: K-01 makes one rank skip a reset).
-    ``validate=False`` is the stock behaviour the benchmark compares with."""
-    if validate:
+def apply_transition(lifecycle: KVCacheLifecycle, *, op: str, epoch: int, tokens: int, call_id: int) -> None:
+    """Validate (unless the cache is unchecked), then apply. Called through
+    :func:`hardening.runtime.seams.cache_transition`, where K-01 acts."""
+    if lifecycle.checked:
         lifecycle.validate(op=op, epoch=epoch, call_id=call_id)
     s = lifecycle.state
     if op == "reset":
         lifecycle.reset_fn()
         s.epoch, s.length = epoch, 0
     s.length += tokens
-    s.last_call_id = call_id
 
 
 class CacheSchedule:

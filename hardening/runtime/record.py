@@ -11,6 +11,7 @@ context must not block teardown. The launcher reads the record back with
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import sys
@@ -126,13 +127,13 @@ class Terminator:
     """The one way out of a rank: record, abort, flush, ``os._exit``."""
 
     def __init__(
-        self, state: RankState, store: Any | None, *, attribution_window_s: float = 0.5, runtime: bool = True
+        self, state: RankState, store: Any | None, *, attribution_window_s: float = 0.5
     ) -> None:
         self.state = state
         self.attribution_window_s = attribution_window_s
-        self.runtime = runtime
-        """False (stock mode): record and exit only; no abort, no attribution."""
-        self.store = store  # a client of its own: the main thread's may be blocked mid-wait
+        self.store = store
+        """A client of its own (the main thread's may be blocked mid-wait); None: record
+        and exit only, with nobody to tell and no peer to attribute an error to."""
         self._lock = threading.Lock()
 
     @property
@@ -150,7 +151,7 @@ class Terminator:
         if not self._lock.acquire(blocking=False):
             while True:  # another thread is already ending this process
                 time.sleep(3600)
-        if exc is not None and not isinstance(exc, HardeningError) and self.runtime:
+        if exc is not None and not isinstance(exc, HardeningError):
             exc, root_cause_rank = self._attribute(exc, root_cause_rank)
         if root_cause_rank is None:
             root_cause_rank = getattr(exc, "root_cause_rank", None)
@@ -162,7 +163,7 @@ class Terminator:
             ok=exc is None and code == EXIT_OK,
             error_class=type(exc).__name__ if exc is not None else None,
             message=str(exc) if exc is not None else "",
-            traceback="".join(traceback.format_exception(exc)) if exc is not None else "",
+            traceback=_bounded("".join(traceback.format_exception(exc))) if exc is not None else "",
             root_cause_rank=root_cause_rank,
             fired_at=s.fired_at,
             fault_touched=s.fault_touched,
@@ -182,7 +183,7 @@ class Terminator:
             print(f"[hardening] rank {s.rank}: could not write final record: {err}", file=sys.stderr)
         if exc is not None:
             print(f"[hardening] rank {s.rank} ends: {type(exc).__name__}: {exc}", file=sys.stderr)
-            if publish_abort and self.runtime and self.store is not None:
+            if publish_abort and self.store is not None:
                 self._publish_abort(exc)
         elif code == EXIT_OK and self.store is not None:
             # Only a clean end tells peers to stop watching this rank; any other exit
@@ -272,3 +273,52 @@ def main_thread_where(depth: int = 3) -> str:
     own = [f for f in frames if "site-packages" not in f.filename and "/lib/python" not in f.filename]
     chosen = (own or frames)[:depth]
     return " <- ".join(f"{f.name} ({os.path.basename(f.filename)}:{f.lineno})" for f in chosen)
+
+
+_CURRENT: Terminator | None = None
+_MAX_TRACEBACK_CHARS = 20_000
+
+
+def _bounded(text: str) -> str:
+    """A traceback's head and tail: a runaway recursion must not become a 100 kB record."""
+    if len(text) <= _MAX_TRACEBACK_CHARS:
+        return text
+    half = _MAX_TRACEBACK_CHARS // 2
+    return f"{text[:half]}\n... ({len(text) - 2 * half} characters left out) ...\n{text[-half:]}"
+
+
+def install(terminator: Terminator) -> None:
+    """Make ``terminator`` the one :func:`record` ends this process through."""
+    global _CURRENT
+    _CURRENT = terminator
+
+
+def current() -> Terminator | None:
+    """The terminator of this process's Session, once one was entered."""
+    return _CURRENT
+
+
+def record(fn: Callable[..., Any]) -> Callable[..., NoReturn]:
+    """Decorate a rank's ``main``: however it ends (a return, a named cause, any other
+    exception, Ctrl-C), the rank writes its final record and exits with the cause's exit
+    code. Before a Session exists the record is still written (``HARDENING_RECORD``,
+    else ``.hardening/records/rank<RANK>.json``), with no peers to tell."""
+
+    @functools.wraps(fn)
+    def main(*args: Any, **kwargs: Any) -> NoReturn:
+        try:
+            fn(*args, **kwargs)
+        except BaseException as exc:  # noqa: BLE001 - every end is recorded, KeyboardInterrupt included
+            _terminator().end(exc)
+        _terminator().end(None)
+
+    return main
+
+
+def _terminator() -> Terminator:
+    if _CURRENT is not None:
+        return _CURRENT
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    path = Path(os.environ.get("HARDENING_RECORD") or Path(".hardening") / "records" / f"rank{rank}.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return Terminator(RankState(rank=rank, world_size=world, record_path=path), None)

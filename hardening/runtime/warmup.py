@@ -15,12 +15,6 @@ from hardening.errors import WarmupError
 from hardening.runtime.sidechannel import SideChannel
 
 
-def planned_warmup_calls(calls: int) -> int:
-    """How many warmup calls this rank will run, of the ``calls`` configured (fault hook:
-    W-01 shortens it on one rank)."""
-    return calls
-
-
 def shape_signature(inputs: Sequence[Any]) -> list[str]:
     return [f"{tuple(t.shape)}:{t.dtype}" if hasattr(t, "shape") else type(t).__name__ for t in inputs]
 

@@ -72,12 +72,17 @@ class Watchdog(threading.Thread):
         self._all_seen = False
         self._blocked: tuple[Any, float] | None = None  # (call_id, op), since when
         self._peer_activity: dict[int, tuple[str, str]] = {}  # rank -> (kind, doing)
+        self._stopped = threading.Event()
+
+    def stop(self) -> None:
+        """Stop watching: this rank is done (its peers read ``done``), the process may go on."""
+        self._stopped.set()
 
     def run(self) -> None:
         start = self.clock()
         for r in self._peer_value:
             self._peer_changed[r] = start  # from the thread's start, not the object's
-        while not self.terminator.ending:
+        while not self.terminator.ending and not self._stopped.is_set():
             try:
                 self._tick()
             except Exception as exc:  # the store died with the launcher: the job is over

@@ -57,7 +57,7 @@ def test_apply_transition_follows_a_whole_schedule(every: int) -> None:
         op, epoch, _ = schedule.plan(k)
         planned_resets += op == "reset"
         apply_transition(lc, op=op, epoch=epoch, tokens=2, call_id=k)
-        assert lc.state.epoch == epoch and lc.state.last_call_id == k
+        assert lc.state.epoch == epoch
         if op == "reset":
             assert lc.state.length == 2  # cleared, then this call's tokens
     assert len(resets) == planned_resets
@@ -89,7 +89,7 @@ def test_skipped_reset_is_named_at_the_next_advance() -> None:
     assert "call 5" in msg and "epoch 2" in msg and "epoch 1" in msg
     assert "a reset was skipped" in msg and "12 token(s)" in msg
     # A refused transition changes nothing.
-    assert (lc.state.epoch, lc.state.length, lc.state.last_call_id) == (1, 12, 3)
+    assert (lc.state.epoch, lc.state.length) == (1, 12)
     assert len(resets) == 1
 
 
@@ -131,4 +131,4 @@ def test_unknown_op_is_refused(op: object) -> None:
     lc, _, resets = _lifecycle_at(1)
     with pytest.raises(LifecycleError, match=r"call 1: unknown cache op"):
         apply_transition(lc, op=op, epoch=1, tokens=3, call_id=1)  # type: ignore[arg-type]
-    assert len(resets) == 1 and lc.state.last_call_id == 0
+    assert len(resets) == 1 and lc.state.epoch == 1

@@ -1,0 +1,463 @@
+"""The Session: the runtime's recipe for one rank, in its one correct order.
+
+A user's loop, or the harness's worker, asks for steps; the Session decides their order,
+names the phases and writes the store keys, so that no caller can leave one out::
+
+    @hr.record
+    def main():
+        with hr.Session.from_env(hr.RuntimeConfig(), fingerprint={"model": "tiny"}) as s:
+            layer = s.compile(tp_layer)                      # counting probe + backend
+            s.check_weights(tp_layer, replicated=("norm.weight",))
+            plane = s.control_plane({"x": hr.Spec((8, 64), "float32")})
+            plane.warmup(layer, calls=2, make_inputs=make)   # lockstep, gates, recompile guard
+            for call in plane.serve(20, make_inputs=make):   # envelope, digest, cache, deadline
+                out = layer(*call.inputs)
+
+The order, and why:
+
+1. ``__enter__``: the watchdog first (nothing after it can block unseen), then the data
+   plane with a short timeout, then env parity before any peer is trusted, then the
+   side group. Region factories may issue collectives (DTensor broadcasts), so parity
+   comes before anything the caller builds.
+2. ``compile`` / ``check_weights`` / ``control_plane``: the build phase; the control
+   plane marks the rank ready (a launcher's setup deadline ends there).
+3. ``warmup``: calls in lockstep, each bound by the compile deadline; then the compile
+   gate on gathered counters; then the recompile guard is armed for steady state.
+4. ``serve``: one envelope per call, checked, under the call deadline.
+5. ``__exit__``: SHUTDOWN, the steady-state gate (also the barrier that keeps every rank
+   alive until all are done), then ``done``. On an exception: the named cause, the final
+   record and the cause's exit code (``Terminator.end``).
+
+Every fault hook is a call into :mod:`hardening.runtime.seams`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from hardening.errors import CompileGateError, ContractError, HardeningError
+from hardening.runtime import drift, envelope, seams, warmup
+from hardening.runtime import store as store_keys
+from hardening.runtime.compile import gates
+from hardening.runtime.compile.backend import compile_region
+from hardening.runtime.compile.counters import CompileCounters
+from hardening.runtime.compile.guard import RecompileGuard
+from hardening.runtime.compile.probe import CompileProbe, graph_break_from_exception
+from hardening.runtime.config import RuntimeConfig
+from hardening.runtime.envelope import CallContract, Channel, Envelope, Kind, TensorSpec
+from hardening.runtime.kv_cache import CacheSchedule, KVCacheLifecycle
+from hardening.runtime.parity import build_fingerprint, check_parity
+from hardening.runtime.record import RankState, Terminator, current, install
+from hardening.runtime.sidechannel import SideChannel
+from hardening.runtime.watchdog import Watchdog
+
+LEADER = 0
+"""The rank that makes every call's inputs and sends them in the envelope."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Spec:
+    """One input of every call: its shape, dtype, and the dimensions that may vary."""
+
+    shape: tuple[int, ...]
+    dtype: str | torch.dtype
+    varying: dict[int, tuple[int, int]] = field(default_factory=dict)
+    """``{dim: (low, high)}``: dimensions whose size may change from call to call (tokens)."""
+
+    def named(self, name: str) -> TensorSpec:
+        dtype = str(self.dtype).removeprefix("torch.")
+        ndim = len(self.shape)
+        for dim, bounds in self.varying.items():
+            if not -ndim <= dim < ndim or not 0 <= bounds[0] <= bounds[1]:
+                raise ValueError(f"Spec for {name!r}: varying {{{dim}: {bounds}}} must name a dimension of {self.shape} with 0 <= low <= high")
+        varying = tuple(sorted((d % ndim, int(lo), int(hi)) for d, (lo, hi) in self.varying.items()))
+        return TensorSpec(name=name, shape=tuple(self.shape), dtype=dtype, varying=varying)
+
+
+@dataclass(kw_only=True, slots=True)
+class KVCache:
+    """The KV-cache schedule the leader announces and every rank checks."""
+
+    reset_every: int = 4
+    """A new epoch (reset) every N calls, a recompute the call before; 0: only at call 0."""
+    reset_fn: Callable[[], None] | None = None
+    """Clears this rank's cache buffers on a reset."""
+
+
+@dataclass(kw_only=True, slots=True)
+class Call:
+    """One call as every rank sees it, after every check passed."""
+
+    call_id: int
+    tensors: dict[str, torch.Tensor]
+    """The inputs in contract order; also reachable as attributes (``call.x``)."""
+    meta: dict[str, Any]
+
+    @property
+    def inputs(self) -> tuple[torch.Tensor, ...]:
+        return tuple(self.tensors.values())
+
+    def __getattr__(self, name: str) -> torch.Tensor:
+        try:
+            return self.tensors[name]
+        except KeyError:
+            raise AttributeError(f"call {self.call_id} has no input {name!r} (inputs: {list(self.tensors)})") from None
+
+
+class Session:
+    """One rank's hardened run: entered once, left once (see the module docstring)."""
+
+    def __init__(
+        self,
+        config: RuntimeConfig,
+        *,
+        rank: int,
+        world_size: int,
+        store_host: str,
+        store_port: int,
+        store_prefix: str = "",
+        record_path: str | Path,
+        device: torch.device | None = None,
+        backend: str | None = None,
+        dtype: torch.dtype = torch.float32,
+        fingerprint: dict[str, Any] | None = None,
+        parent_pid: int | None = None,
+    ) -> None:
+        config.validate()
+        self.config = config
+        self.rank, self.world_size = rank, world_size
+        self.is_leader = rank == LEADER
+        self.device = device or torch.device("cpu")
+        self.backend = backend or ("nccl" if self.device.type == "cuda" else "gloo")
+        self.dtype = dtype
+        self._store_at = (store_host, store_port, store_prefix)
+        self._parent_pid = parent_pid
+        self._fingerprint = dict(fingerprint or {})
+        self.user_keys: dict[str, Any] = dict(self._fingerprint)
+        """The caller's own settings as they entered parity (after the ``user_config`` seam)."""
+        self.state = RankState(rank=rank, world_size=world_size, record_path=Path(record_path))
+        self.terminator = Terminator(self.state, None)
+        self.compile_config = config.compile
+        self.probe: CompileProbe | None = None
+        self.side: SideChannel | None = None
+        self.store: Any = None
+        self._plane: ControlPlane | None = None
+
+    @classmethod
+    def from_env(
+        cls, config: RuntimeConfig | None = None, *, fingerprint: dict[str, Any] | None = None, **kw: Any
+    ) -> Session:
+        """A Session for a rank started by torchrun (the agent's store at
+        ``MASTER_ADDR:MASTER_PORT``, namespaced per run) or by ``hardening suite
+        --program`` (``HARDENING_STORE``, ``HARDENING_RECORD``)."""
+        env = os.environ
+        missing = [k for k in ("RANK", "WORLD_SIZE") if k not in env]
+        if missing:
+            raise ValueError(f"Session.from_env: {', '.join(missing)} not set (start the program with torchrun or hardening)")
+        rank, world = int(env["RANK"]), int(env["WORLD_SIZE"])
+        if "HARDENING_STORE" in env:
+            host, _, port = env["HARDENING_STORE"].rpartition(":")
+            prefix = env.get("HARDENING_STORE_PREFIX", "")
+        elif "MASTER_ADDR" in env and "MASTER_PORT" in env:
+            host, port = env["MASTER_ADDR"], env["MASTER_PORT"]
+            prefix = f"hardening/{env.get('TORCHELASTIC_RUN_ID', 'run')}"
+        else:
+            raise ValueError("Session.from_env: no store: set MASTER_ADDR and MASTER_PORT (torchrun does)")
+        record = env.get("HARDENING_RECORD") or str(Path(".hardening") / "records" / f"rank{rank}.json")
+        Path(record).parent.mkdir(parents=True, exist_ok=True)
+        if "device" not in kw and torch.cuda.is_available() and kw.get("backend") == "nccl":
+            index = int(env.get("LOCAL_RANK", rank)) % torch.cuda.device_count()
+            torch.cuda.set_device(index)
+            kw["device"] = torch.device("cuda", index)
+        parent = env.get("HARDENING_PARENT_PID")
+        return cls(
+            config or RuntimeConfig(), rank=rank, world_size=world, store_host=host, store_port=int(port),
+            store_prefix=prefix, record_path=record, fingerprint=fingerprint,
+            parent_pid=int(parent) if parent else None, **kw,
+        )  # fmt: skip
+
+    # -- 1. enter: watchdog, data plane, parity, side group -----------------------------
+
+    def _connect(self, timeout_s: float) -> Any:
+        host, port, prefix = self._store_at
+        return store_keys.connect(host, port, prefix=prefix, timeout_s=timeout_s)
+
+    def __enter__(self) -> Session:
+        t, s = self.config.timeouts, self.state
+        install(self.terminator)  # from here on @record ends through this rank's terminator
+        # Each thread that may act while another is blocked in a store wait gets its own client.
+        self.store = self._connect(t.setup)
+        self.terminator.store = self._connect(t.setup)
+        s.on_phase = lambda phase: self.store.set(store_keys.key("phase", self.rank), phase)
+        install_fault(self.state, self.store)  # before any seam it may replace is reached
+        self.watchdog = Watchdog(
+            s, self.terminator, self._connect(t.setup), heartbeat_s=t.heartbeat, peer_lost_s=t.peer_lost,
+            first_heartbeat_s=t.setup, call_deadline_s=t.call_deadline, parent_pid=self._parent_pid,
+        )  # fmt: skip
+        self.watchdog.start()
+
+        s.enter("init")
+        seams.apply_backend_settings(self.device, self.dtype)
+        dist.init_process_group(
+            self.backend, store=dist.PrefixStore(store_keys.PG_PREFIX, self.store), rank=self.rank,
+            world_size=self.world_size, timeout=timedelta(seconds=t.pg),
+        )  # fmt: skip
+        self.side = SideChannel(self.store, rank=self.rank, world_size=self.world_size, timeout_s=t.pg)
+
+        s.enter("parity")
+        self.compile_config = seams.resolve_compile_config(self.config.compile)
+        self.user_keys = seams.user_config(dict(self._fingerprint))
+        check_parity(
+            self.side,
+            build_fingerprint(
+                compile_cfg=self.compile_config, gates=self.config.gates, parity=self.config.parity,
+                world_size=self.world_size, backend=self.backend, device=self.device, dtype=self.dtype,
+                user_keys=self.user_keys,
+            ),
+        )  # fmt: skip
+        self.side.create_group()
+        s.enter("build")
+        return self
+
+    def check_parity(self, keys: dict[str, Any], *, tag: str) -> None:
+        """Settings that become known only after build (a region's own keys) agree on every rank."""
+        assert self.side is not None, "enter the Session first"
+        check_parity(self.side, {k: _json(v) for k, v in sorted(keys.items())}, tag=tag)
+
+    # -- 2. build: compile, weights, control plane --------------------------------------
+
+    def compile(self, module: Any) -> Any:
+        """``module`` compiled through the counting backend per ``config.compile`` (or as
+        it is, when compile is off); the probe counts from the first compile on."""
+        if self.probe is None:
+            self.probe = CompileProbe()
+            self.probe.install()
+        return compile_region(seams.module_to_compile(module), self.compile_config, self.probe)
+
+    def check_weights(self, module: torch.nn.Module, *, manifest: dict[str, Any] | None = None, replicated: Sequence[str] = ()) -> None:
+        """DriftError on every rank naming parameter and rank when a shard is not what the
+        ``manifest`` says, or a replicated parameter (declared, or a DTensor placed
+        ``Replicate``) differs across ranks."""
+        assert self.side is not None, "enter the Session first"
+        seams.weights_loaded(module, manifest=manifest, replicated=tuple(replicated))
+        if self.config.drift.weights:
+            drift.check_weights(self.side, module, manifest=manifest, replicated=tuple(replicated))
+
+    def control_plane(self, inputs: dict[str, Spec] | CallContract, *, cache: KVCache | None = None) -> ControlPlane:
+        """The per-call envelope: the leader sends the inputs ``inputs`` describes, every
+        rank checks them (and the KV-cache transition) before its data plane."""
+        assert self.side is not None, "enter the Session first"
+        contract = inputs if isinstance(inputs, CallContract) else CallContract(tensors=tuple(s.named(n) for n, s in inputs.items()))
+        cache = cache or KVCache(reset_every=self.config.drift.reset_every)
+        self._plane = ControlPlane(self, contract, cache)
+        self.store.set(store_keys.key("ready", self.rank), "1")  # past build
+        return self._plane
+
+    # -- 5. exit: shutdown, steady gate, done --------------------------------------------
+
+    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
+        if exc is not None:
+            self.terminator.end(self._named(exc))  # never returns
+        plane = self._plane
+        if plane is not None and not plane.shut_down:
+            plane.shutdown()
+        if self.probe is not None and plane is not None and plane.after_warmup is not None:
+            steady = self.probe.counters().delta(plane.after_warmup)
+            self.state.counters = summary(self.probe.counters(), steady, warmup=plane.after_warmup)
+            gates.in_steady_state(self.side, steady, self.config.gates)
+        else:
+            self.side.exchange("done", self.rank)  # nobody leaves while a peer still needs it
+        self.state.enter("done")
+        # Peers stop watching this rank, and it stops watching them: whatever the program
+        # does next (report, exit without @record) is no longer a death to anyone.
+        self.store.set(store_keys.key("done", self.rank), "1")
+        self.store.add(store_keys.EVENTS, 1)
+        self.watchdog.stop()
+        return False
+
+    def _named(self, exc: BaseException) -> BaseException:
+        """A recompile under the guard or a break under fullgraph is the compile gate's cause."""
+        if isinstance(exc, HardeningError) or self.probe is None:
+            return exc
+        plane = self._plane
+        reason = RecompileGuard.reason(exc)
+        if reason is not None and plane is not None and plane.after_warmup is not None:
+            total = self.probe.counters()
+            steady = RecompileGuard.count_stopped(total.delta(plane.after_warmup), reason)
+            self.state.counters = summary(total, steady, warmup=plane.after_warmup)
+            gate = CompileGateError(f"rank {self.rank} recompiled at call {self.state.call_id}, after warmup: {reason}")
+        else:
+            reason = graph_break_from_exception(exc)
+            if reason is None:
+                return exc
+            gate = CompileGateError(f"graph break in the region (fullgraph=True): {reason}")
+        gate.__cause__ = exc
+        return gate
+
+
+class ControlPlane:
+    """The per-call envelope between the leader and every other rank."""
+
+    def __init__(self, session: Session, contract: CallContract, cache: KVCache) -> None:
+        self.session = session
+        self.contract = contract
+        self.channel = Channel(
+            control_group=session.side.group, data_group=dist.group.WORLD, device=session.device,
+            leader=LEADER, rank=session.rank, contract=contract,
+        )  # fmt: skip
+        self.cache = KVCacheLifecycle(reset_fn=cache.reset_fn)
+        self.schedule = CacheSchedule(reset_every=cache.reset_every)
+        self.next_call = 0
+        self.after_warmup: CompileCounters | None = None
+        self.shut_down = False
+        self._guard: RecompileGuard | None = None
+
+    def _begin(self, make_inputs: Callable[[int], dict[str, torch.Tensor]] | None, *, phase: str, meta: dict[str, Any] | None = None) -> Call:
+        """Envelope, digest, cache transition: everything before the data plane."""
+        s = self.session
+        call_id = self.next_call
+        self.next_call += 1
+        limit = s.config.timeouts.compile if phase == "warmup" else None
+        s.state.begin_call(call_id, deadline_bound=True, deadline_s=limit)
+        if s.is_leader:
+            if make_inputs is None:
+                raise ValueError("the leader (rank 0) needs make_inputs: it makes every call's inputs")
+            op, epoch, extra = self.schedule.plan(call_id)
+            every = s.config.drift.digest_every
+            env = Envelope(
+                kind=Kind.CALL, call_id=call_id, cache_epoch=epoch,
+                plan={"expected_generator_calls": self.contract.expected_generator_calls, "cache_op": op},
+                meta={"phase": phase, **(meta or {}), **extra}, tensors=dict(make_inputs(call_id)),
+            )  # fmt: skip
+            due = phase == "steady" and every > 0 and call_id % every == 0
+            env = envelope.send(seams.outgoing_envelope(env), self.channel, digest=due)
+        else:
+            env = seams.received_envelope(envelope.receive(self.channel))
+            drift.check_input(env, rank=s.rank, leader=LEADER)
+        first = next(iter(env.tensors.values()), None)
+        tokens = int(first.shape[-2]) if first is not None and first.dim() >= 2 else 1
+        seams.cache_transition(self.cache, op=env.plan["cache_op"], epoch=env.cache_epoch, tokens=tokens, call_id=call_id)
+        return Call(call_id=call_id, tensors=seams.call_inputs(env.tensors, call_id), meta=env.meta)
+
+    def _end(self) -> None:
+        if self.session.device.type == "cuda":
+            torch.cuda.synchronize(self.session.device)
+        self.session.state.end_call()
+
+    # -- 3. warmup ----------------------------------------------------------------------
+
+    def warmup(self, fn: Callable[..., Any], *, calls: int, make_inputs: Callable[[int], dict[str, torch.Tensor]] | None = None) -> None:
+        """``calls`` warmup calls of ``fn(*call.inputs)`` in lockstep (a rank planning
+        fewer is named before any compile), then the compile gate on every rank's
+        counters, then the recompile guard for what follows."""
+        s = self.session
+        s.state.enter("warmup")
+
+        def one(_: int) -> None:
+            call = self._begin(make_inputs, phase="warmup")
+            try:
+                fn(*call.inputs)
+            finally:
+                self._end()
+
+        try:
+            self.next_call = warmup.run_lockstep(
+                s.side, num_calls=seams.planned_warmup_calls(calls), first_call_id=self.next_call, run_call=one
+            )
+        except HardeningError:
+            raise
+        except Exception as exc:
+            named = s._named(exc)
+            if named is exc:
+                raise
+            raise named from exc
+        probe = s.probe
+        if probe is None:
+            return  # nothing compiled: no gate to close
+        self.after_warmup = probe.counters()
+        s.state.counters = summary(self.after_warmup, None, warmup=self.after_warmup)
+        gates.after_warmup(s.side, self.after_warmup, s.config.gates, compiled=s.compile_config.enabled)
+        if s.compile_config.enabled and s.config.gates.max_recompiles == 0:
+            self._guard = RecompileGuard()
+
+    # -- 4. serve -----------------------------------------------------------------------
+
+    def serve(self, calls: int, *, make_inputs: Callable[[int], dict[str, torch.Tensor]] | None = None, meta: dict[str, Any] | None = None) -> Iterator[Call]:
+        """``calls`` steady-state calls, each yielded after its envelope and checks; the
+        call deadline runs until the loop body returns. Under the recompile guard (entered
+        once, on this thread: Dynamo's config is per thread)."""
+        s = self.session
+        s.state.enter("steady")
+        with self._guard if self._guard is not None else contextlib.nullcontext():
+            for _ in range(calls):
+                call = self._begin(make_inputs, phase="steady", meta=meta)
+                try:
+                    yield call
+                finally:
+                    self._end()
+
+    def shutdown(self) -> None:
+        """The leader's SHUTDOWN; a follower checks it got one, not another call."""
+        if self.session.is_leader:
+            envelope.send(Envelope(kind=Kind.SHUTDOWN, call_id=self.next_call), self.channel)
+        else:
+            env = envelope.receive(self.channel)
+            if env.kind is not Kind.SHUTDOWN:
+                raise ContractError(f"expected SHUTDOWN after call {self.next_call - 1}, got {env.kind.name} {env.call_id}")
+        self.shut_down = True
+
+
+def install_fault(state: RankState, store: Any) -> None:
+    """The fault ``HARDENING_FAULT`` names (set identically on every rank by a harness),
+    acting on the ranks it names; when it acts or finds it cannot, the rank's record and
+    the store say so (the store first: the fault may kill the rank next)."""
+    if not os.environ.get("HARDENING_FAULT", "").strip():
+        return
+    from hardening.inject import FaultContext, install_from_env  # only when asked: faults are test code
+
+    def on_fire(fault: Any) -> None:
+        state.fired_at, state.fault_touched = fault.fired_at, fault.touched
+        store.set(store_keys.key("fired", state.rank), json.dumps({"t": fault.fired_at, "touched": fault.touched}))
+
+    def on_skip(fault: Any) -> None:
+        state.fault_skipped = fault.skipped
+        store.set(store_keys.key("skipped", state.rank), fault.skipped)
+
+    warmup_calls = int(os.environ.get("HARDENING_WARMUP_CALLS", "2"))
+    install_from_env(
+        FaultContext(rank=state.rank, world_size=state.world_size, warmup_calls=warmup_calls, on_fire=on_fire, on_skip=on_skip)
+    )
+
+
+def summary(total: CompileCounters, steady: CompileCounters | None, *, warmup: CompileCounters) -> dict[str, Any]:
+    """Counters in the final record: top-level numbers the reports show, details nested."""
+    return {
+        "graphs": total.graphs,
+        "compiles": total.compiles,
+        "graph_breaks": total.graph_breaks,
+        "recompiles": steady.recompiles if steady is not None else 0,
+        "break_reasons": total.break_reasons,
+        "recompile_reasons": (steady.recompile_reasons if steady is not None else []),
+        # Warmup may recompile (a new shape, a new branch): allowed, but never silent.
+        "warmup_recompiles": warmup.recompiles,
+        "warmup_recompile_reasons": warmup.recompile_reasons,
+        "total": total.to_json(),
+        "steady": steady.to_json() if steady is not None else None,
+    }
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value, default=str, sort_keys=True)
+
+
+__all__ = ["Call", "ControlPlane", "KVCache", "LEADER", "Session", "Spec", "current", "install_fault", "summary"]

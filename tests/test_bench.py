@@ -1,0 +1,37 @@
+"""The benchmarks still run: a tiny run of each, judged by its own table (the numbers
+themselves are measured by running them, never asserted here)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+
+
+def _run(tmp_path: Path, script: str, *args: str) -> str:
+    out = subprocess.run(
+        [sys.executable, str(BENCH / script), *args], cwd=tmp_path, capture_output=True, text=True, timeout=240
+    )
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
+    return out.stdout
+
+
+@pytest.mark.multiproc
+@pytest.mark.timeout(300)
+def test_overhead_bench_runs_every_variant(tmp_path: Path) -> None:
+    text = _run(tmp_path, "overhead.py", "--calls", "10", "--repeats", "1")
+    for label in ("hardened, digest every call, vs bare", "hardened, digest off, vs stock"):
+        assert label in text, text[-3000:]
+    assert "no compile after warmup" in text
+
+
+@pytest.mark.multiproc
+@pytest.mark.timeout(300)
+def test_detect_bench_runs_hardened_and_stock(tmp_path: Path) -> None:
+    text = _run(tmp_path, "detect.py", "--suites", "compile", "--only", "C-01", "--repeat", "1", "--stock-cap", "20")
+    row = next(line for line in text.splitlines() if line.startswith("| C-01"))
+    assert "crashed PASS" in row and "ParityError" in row and "silent" in row
