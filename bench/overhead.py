@@ -159,7 +159,7 @@ def rank_main(spec: dict[str, Any]) -> None:
     from hardening.harness.profile import load_profile
     from hardening.harness.region import RegionContext
     from hardening.runtime.sidechannel import SideChannel
-    from hardening.runtime.record import RankState, Terminator
+    from hardening.runtime.records import RankState, Terminator
     from hardening.runtime.watchdog import Watchdog
 
     rank, world = spec["rank"], spec["world"]

@@ -21,10 +21,10 @@ HIDDEN, TOKENS, CALLS = 64, 8, 12
 
 
 class RowParallel(nn.Module):
-    def __init__(self, rank: int, world: int) -> None:
+    def __init__(self, rank: int, world: int, seed: int) -> None:
         super().__init__()
         self.cols = slice(rank * HIDDEN // world, (rank + 1) * HIDDEN // world)
-        full = torch.randn(HIDDEN, HIDDEN, generator=torch.Generator().manual_seed(0))
+        full = torch.randn(HIDDEN, HIDDEN, generator=torch.Generator().manual_seed(seed))
         self.w = nn.Parameter(full[:, self.cols].contiguous(), requires_grad=False)
         self.scale = nn.Parameter(torch.ones(HIDDEN), requires_grad=False)  # the same on every rank
 
@@ -38,8 +38,8 @@ def make_inputs(call_id: int) -> dict[str, torch.Tensor]:
 
 @hr.record
 def main() -> None:
-    with hr.Session.from_env(hr.RuntimeConfig(), fingerprint={"model": "row-parallel-64"}) as s:
-        model = RowParallel(s.rank, s.world_size)
+    with hr.Session.from_env(hr.RuntimeConfig(), fingerprint={"model": "row-parallel-64", "seed": 0}) as s:
+        model = RowParallel(s.rank, s.world_size, seed=s.user_keys["seed"])  # the seed every rank agreed on
         s.check_weights(model, replicated=("scale",))
         layer = s.compile(model)
         plane = s.control_plane({"x": hr.Spec(shape=(TOKENS, HIDDEN), dtype="float32")})

@@ -28,7 +28,7 @@ def test_importing_the_runtime_loads_no_harness_module() -> None:
 
 
 def test_the_launcher_side_of_the_runtime_does_not_import_torch() -> None:
-    code = "import sys, hardening.runtime.store, hardening.runtime.record; print('torch' in sys.modules)"
+    code = "import sys, hardening.runtime.store, hardening.runtime.records; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.stdout.strip() == "False", out.stderr
 
@@ -91,3 +91,10 @@ def test_record_ends_every_path_with_a_record_and_the_cause_s_exit_code(
     assert out.returncode == code, out.stderr
     record = json.loads((tmp_path / "r1.json").read_text())
     assert record["rank"] == 1 and record["error_class"] == error and record["ok"] is (error is None)
+
+
+def test_record_is_the_decorator_even_after_the_runtime_modules_are_imported() -> None:
+    # The harness's fork server imports every runtime module before a program runs.
+    code = "import hardening.runtime.session, hardening.runtime as hr; print(callable(hr.record) and hr.record.__module__)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "hardening.runtime.records", out.stderr

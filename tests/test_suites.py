@@ -6,7 +6,7 @@ import re
 import signal
 
 from hardening.errors import NAMED_CAUSES
-from hardening.harness.results import HUNG
+from hardening.harness.judge import HUNG
 from hardening.inject import fault_class
 from hardening.suites import SUITES, get_suite
 

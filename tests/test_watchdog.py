@@ -418,7 +418,7 @@ class _CountingStore:
 
 
 def test_steady_ticks_cost_three_store_requests_at_any_world_size(tmp_path: Path) -> None:
-    from hardening.runtime.record import RankState, Terminator
+    from hardening.runtime.records import RankState, Terminator
     from hardening.runtime.watchdog import Watchdog
 
     master = dist.TCPStore("127.0.0.1", 0, None, True, timeout=timedelta(seconds=10), wait_for_workers=False)

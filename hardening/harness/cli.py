@@ -80,6 +80,10 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--only", help="comma-separated case ids, e.g. C-00,C-01 (see hardening list)")
     s.add_argument("--target", help="region factory module:function or file.py:function (overrides region.target)")
     s.add_argument(
+        "--program", metavar="FILE.py",
+        help="run your own program (a Session under @hr.record) on every rank instead of a region",
+    )  # fmt: skip
+    s.add_argument(
         "--torch-trace", action="store_true",
         help="every rank writes torch's structured compile trace to rank<r>/torch_trace/ (for tlparse)",
     )  # fmt: skip
@@ -202,6 +206,7 @@ def _load_profile(args: argparse.Namespace):
     for key, flag, value in (
         ("world.ranks", "--ranks", getattr(args, "ranks", None)),
         ("region.target", "--target", getattr(args, "target", None)),
+        ("program", "--program", _program_path(getattr(args, "program", None), getattr(args, "target", None))),
         ("triage.torch_trace", "--torch-trace", getattr(args, "torch_trace", False) or None),
     ):
         if value is not None:
@@ -212,6 +217,20 @@ def _load_profile(args: argparse.Namespace):
         return load_profile(args.profile, overrides, flags=flags)
     except ProfileError as exc:
         raise UsageError(str(exc)) from None
+
+
+def _program_path(program: str | None, target: str | None) -> str | None:
+    """``--program``: an existing .py file, as an absolute path (ranks need not share the cwd)."""
+    if program is None:
+        return None
+    if target is not None:
+        raise UsageError("--program and --target exclude each other: a program builds its own model")
+    path = Path(program).expanduser()
+    if not program.endswith(".py"):
+        raise UsageError(f"--program {program}: must be a .py file")
+    if not path.is_file():
+        raise UsageError(f"--program {program}: {'not a regular file' if path.exists() else 'file not found'}")
+    return str(path.resolve())
 
 
 def _validate(profile, cases, args: argparse.Namespace) -> str:
@@ -228,6 +247,8 @@ def _validate(profile, cases, args: argparse.Namespace) -> str:
                 validate_spec(case.fault, world_size=profile.world.ranks, calls=calls)
             except FaultSpecError as exc:
                 raise UsageError(f"case {case.id}: {exc}") from None
+    if profile.program is not None:
+        return "--program"  # nothing to import before launch: running it runs the program
     target_source = "--target" if args.target else f"{profile.source}: key 'region.target'"
     try:
         parse_target(profile.region.target)
@@ -347,7 +368,8 @@ def _suite(args: argparse.Namespace, stop: StopRequest) -> int:
         f"hardening: suite {args.name}, {len(cases)} case(s), {profile.world.ranks} ranks, "
         f"profile {profile.name} ({profile.world.backend}/{profile.world.device}, compile "
         f"{profile.compile.backend if profile.compile.enabled else 'off'}"
-        f"{', fullgraph' if profile.compile.fullgraph else ''}), run dir {run_dir}",
+        f"{', fullgraph' if profile.compile.fullgraph else ''})"
+        f"{f', program {profile.program}' if profile.program else ''}, run dir {run_dir}",
         file=sys.stderr,
     )
     # 2. Run. The result object is ours: every case the runner finishes is in it, whatever
@@ -359,7 +381,8 @@ def _suite(args: argparse.Namespace, stop: StopRequest) -> int:
     try:
         if not stop.requested:
             with Runner(profile, run_dir=run_dir, stop=stop) as runner:
-                runner.check_target(profile.region.target, flag=target_source)
+                if profile.program is None:
+                    runner.check_target(profile.region.target, flag=target_source)
                 runner.run_suite(result, cases)
     except TargetError as exc:
         raise UsageError(str(exc)) from None

@@ -156,6 +156,11 @@ class Profile:
     region: RegionConfig = field(default_factory=RegionConfig)
     compile: CompileConfig = field(default_factory=CompileConfig)
 
+    program: str | None = None
+    """A Python program every rank runs instead of the region (``--program``): it uses
+    the runtime itself (``@hr.record`` and a ``Session``) and the harness judges it by the
+    records it writes. ``region`` is then unused."""
+
     warmup_calls: int = 2
     """Warmup calls every rank runs in lockstep before the gates close."""
 
@@ -188,6 +193,8 @@ class Profile:
         }
 
     def validate(self) -> None:
+        if self.program is not None and not self.program.endswith(".py"):
+            raise ValueError(f"program: must be a path to a .py file, got {short(self.program)}")
         if not 1 <= self.warmup_calls <= 1000:
             raise ValueError("warmup_calls: must be from 1 (compile happens in warmup) to 1000")
         if not 0 <= self.steps <= MAX_COUNT:

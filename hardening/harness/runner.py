@@ -33,12 +33,12 @@ from typing import Any, Callable
 
 import yaml
 
-from hardening.harness import results, triage
+from hardening.harness import judge, triage
 from hardening.harness.cases import Case
 from hardening.errors import CAUSE_BY_EXIT_CODE
 from hardening.harness.interrupt import StopRequest
 from hardening.runtime import store as store_keys
-from hardening.runtime.record import RankRecord
+from hardening.runtime.records import RankRecord
 from hardening.harness.profile import Profile, profile_to_dict
 from hardening.harness.results import NO_RECORD, TORN_DOWN, CaseResult, Outcome, RankResult, SuiteResult
 
@@ -317,8 +317,8 @@ class Runner:
             harness_error = str(exc)
             self._teardown(live, reason="harness error")
         ranks = self._collect(live)
-        outcome, t_detect = results.classify(case, ranks, harness_error=harness_error, interrupted=live.interrupted)
-        verdict, reason = results.judge(case.expect, outcome, ranks)
+        outcome, t_detect = judge.classify(case, ranks, harness_error=harness_error, interrupted=live.interrupted)
+        verdict, reason = judge.judge(case.expect, outcome, ranks)
         if harness_error:
             reason = harness_error
         elif outcome is Outcome.HUNG and live.deadline_reason:
@@ -333,7 +333,7 @@ class Runner:
             reason=reason,
             t_detect=t_detect,
             budget_s=case.expect.budget_s if case.expect.crash else None,
-            root_cause_rank=results.root_cause_rank(ranks),
+            root_cause_rank=judge.root_cause_rank(ranks),
             ranks=ranks,
             wall_s=time.time() - live.launched,
             run_dir=str(live.case_dir),

@@ -23,7 +23,7 @@ from hardening.runtime.compile.backend import compile_region
 from hardening.runtime.compile.probe import CompileProbe
 from hardening.runtime.envelope import Channel, Envelope, Kind
 from hardening.runtime.kv_cache import CacheSchedule, KVCacheLifecycle
-from hardening.runtime.record import RankState, Terminator
+from hardening.runtime.records import RankState, Terminator
 from hardening.runtime.session import LEADER, install_fault
 
 if TYPE_CHECKING:

@@ -10,6 +10,10 @@ instead (:mod:`hardening.harness.stock`), the baseline of the detection benchmar
 
 from __future__ import annotations
 
+import os
+import runpy
+import sys
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
@@ -23,7 +27,7 @@ from hardening.harness.region import Region, RegionContext
 from hardening.runtime.compile.trace import start_torch_trace
 from hardening.runtime.config import RuntimeConfig
 from hardening.runtime.envelope import CallContract, TensorSpec
-from hardening.runtime.record import install
+from hardening.runtime.records import install
 from hardening.runtime.session import KVCache, Session
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -53,6 +57,8 @@ class RankSpec:
 
 def run_rank(spec: RankSpec) -> NoReturn:
     profile = load_profile(spec.profile_path)
+    if profile.program is not None:
+        run_program(spec, profile.program)
     if not profile.hardened:
         from hardening.harness import stock
 
@@ -80,6 +86,34 @@ def run_rank(spec: RankSpec) -> NoReturn:
     except BaseException as exc:  # noqa: BLE001 - every end must be recorded, KeyboardInterrupt included
         session.terminator.end(exc)
     session.terminator.end(None)
+
+
+def run_program(spec: RankSpec, program: str) -> NoReturn:
+    """Run the user's own program as this rank, as ``python program.py`` would, with what
+    ``Session.from_env`` needs to join this case: the store, the record path, the parent.
+    Its ``@hr.record`` ends the process with the record the runner judges; a program that
+    returns without one is ``no_final_record``, never a completion."""
+    os.environ.update(
+        {
+            "HARDENING_STORE": f"{spec.store_host}:{spec.store_port}",
+            "HARDENING_STORE_PREFIX": spec.store_prefix,
+            "HARDENING_RECORD": str(Path(spec.rank_dir) / "record.json"),
+            "HARDENING_PARENT_PID": str(spec.parent_pid or ""),
+        }
+    )
+    sys.argv = [program]
+    sys.path.insert(0, os.path.dirname(os.path.abspath(program)))
+    code = 0
+    try:
+        runpy.run_path(program, run_name="__main__")
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except BaseException:  # noqa: BLE001 - a program that raised without @record: its traceback, exit 1
+        traceback.print_exc()
+        code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def runtime_config(profile: Profile) -> RuntimeConfig:

@@ -4,7 +4,7 @@ Imports nothing from :mod:`hardening.harness`. One concept per module: ``parity`
 fingerprint), ``sidechannel`` (small exchanges through the store), ``envelope`` (the
 per-call control frame), ``digest`` and ``drift`` (input and weight tripwires),
 ``kv_cache`` (the cache state machine), ``warmup`` (lockstep), ``watchdog`` (liveness
-and deadlines), ``record`` (how a rank ends), ``store`` (the keys), ``activity`` (what a
+and deadlines), ``records`` (how a rank ends, its final record), ``store`` (the keys), ``activity`` (what a
 thread is doing), ``compile/`` (probe, backend, counters, gates, guard, trace) and
 ``config`` (the settings). ``session`` puts them in their one correct order, and
 ``seams`` lists every point where a fault may act.
@@ -21,8 +21,8 @@ _PUBLIC = {
     "KVCache": "hardening.runtime.session",
     "Call": "hardening.runtime.session",
     "ControlPlane": "hardening.runtime.session",
-    "record": "hardening.runtime.record",
-    "RankRecord": "hardening.runtime.record",
+    "record": "hardening.runtime.records",
+    "RankRecord": "hardening.runtime.records",
     "RuntimeConfig": "hardening.runtime.config",
     "Timeouts": "hardening.runtime.config",
     "CompileConfig": "hardening.runtime.config",

@@ -36,6 +36,7 @@ PER_RANK_VARIABLES = frozenset(
         "TORCH_NCCL_DEBUG_INFO_PIPE_FILE",
         "TORCHINDUCTOR_CACHE_DIR",
         "TORCH_TRACE",
+        "HARDENING_RECORD",  # each rank's own record file
     }
 )
 ENV_PREFIXES = ("HARDENING_", "TORCH_", "TORCHINDUCTOR_", "TORCHDYNAMO_", "NCCL_", "CUDA_LAUNCH_BLOCKING", "CUBLAS_")

@@ -57,7 +57,7 @@ from hardening.runtime.config import RuntimeConfig
 from hardening.runtime.envelope import CallContract, Channel, Envelope, Kind, TensorSpec
 from hardening.runtime.kv_cache import CacheSchedule, KVCacheLifecycle
 from hardening.runtime.parity import build_fingerprint, check_parity
-from hardening.runtime.record import RankState, Terminator, current, install
+from hardening.runtime.records import RankState, Terminator, current, install
 from hardening.runtime.sidechannel import SideChannel
 from hardening.runtime.watchdog import Watchdog
 

@@ -14,7 +14,7 @@ outlives any rank), and ends the process when:
   does not wait for the compile bound (a peer that is still compiling holds it off),
 - the launcher died (the parent changed) -> exit code 11.
 
-Every end goes through :meth:`hardening.runtime.record.Terminator.end`.
+Every end goes through :meth:`hardening.runtime.records.Terminator.end`.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from typing import Any, Callable
 from hardening.errors import EXIT_PARENT_GONE, CallDeadlineExceeded, PeerLost
 from hardening.runtime import activity
 from hardening.runtime import store as store_keys
-from hardening.runtime.record import RankState, Terminator, follow_abort, main_thread_where
+from hardening.runtime.records import RankState, Terminator, follow_abort, main_thread_where
 
 SLOW_PHASES = frozenset({"init", "parity", "build", "warmup"})
 

@@ -46,7 +46,7 @@ from pathlib import Path  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from hardening.errors import ParityError  # noqa: E402
-from hardening.runtime.record import RankState, Terminator  # noqa: E402
+from hardening.runtime.records import RankState, Terminator  # noqa: E402
 from hardening.runtime.watchdog import Watchdog  # noqa: E402
 
 
