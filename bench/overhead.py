@@ -12,7 +12,7 @@ A  lower bound, no control plane at all: the leader makes the inputs of the call
    group; the KV cache is reset at the same calls as in B; every rank runs the compiled
    region. No call id, no plan, no meta travel: real serving code cannot be this bare.
 S  stock, the loop the worker itself runs with ``hardened: false`` (the stock loop on a
-   channel with ``stock=True``, control group = the data group as in ``_recipe``):
+   channel whose control group is the data group, as ``hardening/harness/stock.py`` runs it):
    ``RankState.begin_call``/``end_call``, the leader's envelope (as ``ControlPlane`` builds it),
    ``envelope.send``/``receive`` in their stock form (the header -- kind, call_id, epoch,
    plan, meta, tensor specs -- in two broadcasts (size, bytes) as ``broadcast_object_list`` does (JSON, not pickle),
@@ -150,7 +150,7 @@ def rank_main(spec: dict[str, Any]) -> None:
     from hardening.runtime.compile.guard import RecompileGuard
     from hardening.runtime.compile.probe import CompileProbe
     from hardening.runtime import digest, drift, envelope
-    from hardening.harness import reference, region
+    from hardening.harness import reference, region, stock
     from hardening.runtime import seams
     from hardening.runtime.envelope import Envelope, Kind
     from hardening.runtime.session import LEADER
@@ -209,7 +209,7 @@ def rank_main(spec: dict[str, Any]) -> None:
     # The stock loop's channel, as _recipe builds it with hardened: false.
     stock_channel = Channel(
         control_group=dist.group.WORLD, data_group=dist.group.WORLD, device=device, leader=LEADER, rank=rank,
-        contract=contract, stock=True,
+        contract=contract,
     )
     lc = KVCacheLifecycle(reset_fn=reg.reset_cache)
     schedule = CacheSchedule(reset_every=profile.drift.reset_every)
@@ -270,10 +270,10 @@ def rank_main(spec: dict[str, Any]) -> None:
             if leader:
                 env = make_envelope(call_id, stock_schedule)
                 t2 = pc()
-                env = envelope.send(env, stock_channel)
+                env = stock.send(env, stock_channel)
             else:
                 t2 = pc()
-                env = envelope.receive(stock_channel)
+                env = stock.receive(stock_channel)
             t3 = pc()
             first = next(iter(env.tensors.values()), None)
             tokens = int(first.shape[-2]) if first is not None and first.dim() >= 2 else 1
@@ -338,7 +338,7 @@ def rank_main(spec: dict[str, Any]) -> None:
         if payload_len > frame_room:
             dist.broadcast(torch.zeros(payload_len - frame_room, dtype=torch.uint8), src=LEADER, group=side.group)
         t1 = pc()
-        envelope.broadcast_object(stock_header if leader else None, stock_channel)
+        stock.broadcast_object(stock_header if leader else None, stock_channel)
         t2 = pc()
         return [t1 - t0, t2 - t1]
 

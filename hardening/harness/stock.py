@@ -9,19 +9,21 @@ real use.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import torch
 import torch.distributed as dist
 
 from hardening.harness import region
 from hardening.harness.region import RegionContext
-from hardening.runtime import envelope, seams
+from hardening.runtime import seams
 from hardening.runtime import store as store_keys
 from hardening.runtime.compile.backend import compile_region
 from hardening.runtime.compile.probe import CompileProbe
-from hardening.runtime.envelope import Channel, Envelope, Kind
+from hardening.runtime.digest import host_bytes
+from hardening.runtime.envelope import ALLOWED_DTYPES, Channel, Envelope, Kind
 from hardening.runtime.kv_cache import CacheSchedule, KVCacheLifecycle
 from hardening.runtime.records import RankState, Terminator
 from hardening.runtime.session import LEADER, install_fault
@@ -64,7 +66,7 @@ def run_rank(spec: RankSpec, profile: Profile) -> NoReturn:
         compiled = compile_region(seams.module_to_compile(reg.module), compile_cfg, probe)
         channel = Channel(
             control_group=dist.group.WORLD, data_group=dist.group.WORLD, device=device, leader=LEADER, rank=spec.rank,
-            contract=contract_of(reg), stock=True,
+            contract=contract_of(reg),
         )  # fmt: skip
         cache = KVCacheLifecycle(reset_fn=reg.reset_cache, checked=False)
         schedule = CacheSchedule(reset_every=profile.drift.reset_every)
@@ -78,9 +80,9 @@ def run_rank(spec: RankSpec, profile: Profile) -> NoReturn:
                     kind=Kind.CALL, call_id=call_id, cache_epoch=epoch, plan={"expected_generator_calls": 1, "cache_op": op},
                     meta={"phase": phase, **extra}, tensors=dict(zip(region.input_names(reg, len(inputs)), inputs)),
                 )  # fmt: skip
-                env = envelope.send(seams.outgoing_envelope(env), channel)
+                env = send(seams.outgoing_envelope(env), channel)
             else:
-                env = seams.received_envelope(envelope.receive(channel))
+                env = seams.received_envelope(receive(channel))
             first = next(iter(env.tensors.values()), None)
             tokens = int(first.shape[-2]) if first is not None and first.dim() >= 2 else 1
             seams.cache_transition(cache, op=env.plan["cache_op"], epoch=env.cache_epoch, tokens=tokens, call_id=call_id)
@@ -97,11 +99,48 @@ def run_rank(spec: RankSpec, profile: Profile) -> NoReturn:
         for call_id in range(warmup_calls, warmup_calls + profile.steps):
             step(call_id, "steady")
         if spec.rank == LEADER:
-            envelope.send(Envelope(kind=Kind.SHUTDOWN, call_id=warmup_calls + profile.steps), channel)
+            send(Envelope(kind=Kind.SHUTDOWN, call_id=warmup_calls + profile.steps), channel)
         else:
-            envelope.receive(channel)
+            receive(channel)
         dist.barrier()
         state.enter("done")
     except BaseException as exc:  # noqa: BLE001 - every end is recorded
         terminator.end(exc)
     terminator.end(None)
+
+
+def broadcast_object(obj: Any, channel: Channel) -> Any:
+    """The collectives of ``dist.broadcast_object_list`` for one object: broadcast the
+    size, then the bytes. The bytes are plain JSON, not a pickle as torch's are: the
+    stock loop is reachable from any profile, and nothing this package receives is
+    ever unpickled."""
+    is_leader = channel.rank == channel.leader
+    data = json.dumps(obj).encode() if is_leader else b""
+    size = torch.tensor([len(data)], dtype=torch.int64)
+    dist.broadcast(size, src=channel.leader, group=channel.control_group)
+    payload = torch.frombuffer(bytearray(data), dtype=torch.uint8) if is_leader else torch.empty(int(size), dtype=torch.uint8)
+    dist.broadcast(payload, src=channel.leader, group=channel.control_group)
+    return obj if is_leader else json.loads(bytes(host_bytes(payload)))
+
+
+def send(env: Envelope, channel: Channel) -> Envelope:
+    """Leader: the header as an object broadcast, then the tensors; nothing checked."""
+    specs = [(n, tuple(t.shape), str(t.dtype).removeprefix("torch.")) for n, t in env.tensors.items()]
+    header = {"kind": int(env.kind), "call_id": env.call_id, "cache_epoch": env.cache_epoch, "plan": env.plan,
+              "meta": env.meta, "specs": specs}  # fmt: skip
+    broadcast_object(header, channel)
+    for name in env.tensors:
+        env.tensors[name] = env.tensors[name].to(channel.device).contiguous()
+        dist.broadcast(env.tensors[name], src=channel.leader, group=channel.data_group)
+    return env
+
+
+def receive(channel: Channel) -> Envelope:
+    """Follower: whatever header and tensors arrive."""
+    h = broadcast_object(None, channel)
+    env = Envelope(kind=Kind(h["kind"]), call_id=h["call_id"], cache_epoch=h["cache_epoch"], plan=h["plan"], meta=h["meta"])
+    for name, shape, dtype in h["specs"]:
+        tensor = torch.empty(shape, dtype=ALLOWED_DTYPES.get(dtype, torch.float32), device=channel.device)
+        dist.broadcast(tensor, src=channel.leader, group=channel.data_group)
+        env.tensors[name] = tensor
+    return env

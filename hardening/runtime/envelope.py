@@ -142,8 +142,6 @@ class Channel:
     contract: CallContract | None = None
     last_call_id: int = -1
     """Last CALL id seen on this rank (monotonic check)."""
-    stock: bool = False
-    """Benchmark baseline: what an unhardened loop does (header as an object broadcast, nothing checked)."""
 
 
 def canonical_json(value: Any, *, what: str) -> bytes:
@@ -260,8 +258,6 @@ def send(env: Envelope, channel: Channel, *, digest: bool = False) -> Envelope:
     ``digest=True`` puts the leader's input digest into the frame, so that every follower
     checks what it received against it (:func:`hardening.runtime.drift.check_input`).
     """
-    if channel.stock:
-        return _send_stock(env, channel)
     try:
         header, meta, specs = preflight(env, channel)
         # Staged before the commit: a tensor that cannot reach the device fails here,
@@ -292,8 +288,6 @@ def send_error(reason: str, channel: Channel, *, call_id: int) -> None:
 
 def receive(channel: Channel) -> Envelope:
     """Follower side: the next envelope, validated (then run ``drift.check_input`` on it)."""
-    if channel.stock:
-        return _receive_stock(channel)
     (magic, version, kind, header_len, meta_len, count, digest_len), payload = _bcast_control(None, b"", channel)
     if magic != MAGIC:
         raise ContractError(f"control-plane frame without the envelope magic (got {magic:#x}): an ad-hoc broadcast?")
@@ -366,39 +360,3 @@ def _validate_call(env: Envelope, specs: list[TensorSpec], count: int, channel: 
             f"phase plan expected_generator_calls={env.plan.get('expected_generator_calls')!r}, this rank's contract "
             f"runs {contract.expected_generator_calls}"
         )
-
-
-def broadcast_object(obj: Any, channel: Channel) -> Any:
-    """The collectives of ``dist.broadcast_object_list`` for one object: broadcast the
-    size, then the bytes. The bytes are plain JSON, not a pickle as torch's are: the
-    stock baseline is reachable from any profile, and nothing this package receives is
-    ever unpickled."""
-    is_leader = channel.rank == channel.leader
-    data = json.dumps(obj).encode() if is_leader else b""
-    size = torch.tensor([len(data)], dtype=torch.int64)
-    dist.broadcast(size, src=channel.leader, group=channel.control_group)
-    payload = torch.frombuffer(bytearray(data), dtype=torch.uint8) if is_leader else torch.empty(int(size), dtype=torch.uint8)
-    dist.broadcast(payload, src=channel.leader, group=channel.control_group)
-    return obj if is_leader else json.loads(bytes(host_bytes(payload)))
-
-
-def _send_stock(env: Envelope, channel: Channel) -> Envelope:
-    """The unhardened baseline: broadcast the header as an object, then the tensors; check nothing."""
-    specs = [(n, tuple(t.shape), str(t.dtype).removeprefix("torch.")) for n, t in env.tensors.items()]
-    header = {"kind": int(env.kind), "call_id": env.call_id, "cache_epoch": env.cache_epoch, "plan": env.plan,
-              "meta": env.meta, "specs": specs}  # fmt: skip
-    broadcast_object(header, channel)
-    for name in env.tensors:
-        env.tensors[name] = env.tensors[name].to(channel.device).contiguous()
-        dist.broadcast(env.tensors[name], src=channel.leader, group=channel.data_group)
-    return env
-
-
-def _receive_stock(channel: Channel) -> Envelope:
-    h = broadcast_object(None, channel)
-    env = Envelope(kind=Kind(h["kind"]), call_id=h["call_id"], cache_epoch=h["cache_epoch"], plan=h["plan"], meta=h["meta"])
-    for name, shape, dtype in h["specs"]:
-        tensor = torch.empty(shape, dtype=ALLOWED_DTYPES.get(dtype, torch.float32), device=channel.device)
-        dist.broadcast(tensor, src=channel.leader, group=channel.data_group)
-        env.tensors[name] = tensor
-    return env
