@@ -16,7 +16,7 @@ S  stock, the loop the worker itself runs with ``hardened: false`` (the stock lo
    ``RankState.begin_call``/``end_call``, the leader's envelope (as ``ControlPlane`` builds it),
    ``envelope.send``/``receive`` in their stock form (the header -- kind, call_id, epoch,
    plan, meta, tensor specs -- in two broadcasts (size, bytes) as ``broadcast_object_list`` does (JSON, not pickle),
-   then the tensors; nothing checked), ``lifecycle.apply_transition(validate=False)``,
+   then the tensors; nothing checked), an unchecked ``KVCacheLifecycle(checked=False)``,
    the compiled region. No watchdog, no recompile guard. This is the realistic
    unhardened baseline: it ships its meta too.
 B  hardened, what ``ControlPlane.serve`` does per call in steady state, inside the recompile guard
@@ -152,8 +152,7 @@ def rank_main(spec: dict[str, Any]) -> None:
     from hardening.runtime import digest, drift, envelope
     from hardening.harness import reference, region, stock
     from hardening.runtime import seams
-    from hardening.runtime.envelope import Envelope, Kind
-    from hardening.runtime.session import LEADER
+    from hardening.runtime.session import LEADER, call_envelope, tokens_of
     from hardening.runtime.envelope import CallContract, Channel, TensorSpec
     from hardening.runtime.kv_cache import CacheSchedule, KVCacheLifecycle
     from hardening.harness.profile import load_profile
@@ -206,7 +205,7 @@ def rank_main(spec: dict[str, Any]) -> None:
         control_group=side.group, data_group=dist.group.WORLD, device=device, leader=LEADER, rank=rank,
         contract=contract,
     )
-    # The stock loop's channel, as _recipe builds it with hardened: false.
+    # The stock loop's channel, as hardening/harness/stock.py builds it.
     stock_channel = Channel(
         control_group=dist.group.WORLD, data_group=dist.group.WORLD, device=device, leader=LEADER, rank=rank,
         contract=contract,
@@ -228,13 +227,8 @@ def rank_main(spec: dict[str, Any]) -> None:
     pc = time.perf_counter
 
     def make_envelope(call_id: int, plan: CacheSchedule) -> Any:
-        """The leader's envelope as ControlPlane builds it: the schedule's plan and the inputs."""
-        op, epoch, extra = plan.plan(call_id)
-        inputs = region.make_call_inputs(reg, call_id)
-        return Envelope(
-            kind=Kind.CALL, call_id=call_id, cache_epoch=epoch, plan={"expected_generator_calls": 1, "cache_op": op},
-            meta={"phase": "steady", **extra}, tensors=dict(zip(names, inputs)),
-        )
+        """The leader's envelope as ControlPlane builds it."""
+        return call_envelope(call_id, plan, dict(zip(names, region.make_call_inputs(reg, call_id))), phase="steady")
 
     # -- the loops; each returns its pieces' seconds ---------------------------------------
     plain_id = 0
@@ -275,8 +269,7 @@ def rank_main(spec: dict[str, Any]) -> None:
                 t2 = pc()
                 env = stock.receive(stock_channel)
             t3 = pc()
-            first = next(iter(env.tensors.values()), None)
-            tokens = int(first.shape[-2]) if first is not None and first.dim() >= 2 else 1
+            tokens = tokens_of(env.tensors)
             seams.cache_transition(stock_lc, op=env.plan["cache_op"], epoch=env.cache_epoch, tokens=tokens, call_id=call_id)
             t4 = pc()
             inputs = tuple(seams.call_inputs(env.tensors, call_id).values())
@@ -307,8 +300,7 @@ def rank_main(spec: dict[str, Any]) -> None:
                 t3 = pc()
                 drift.check_input(env, rank=rank, leader=LEADER)
             t4 = pc()
-            first = next(iter(env.tensors.values()), None)
-            tokens = int(first.shape[-2]) if first is not None and first.dim() >= 2 else 1
+            tokens = tokens_of(env.tensors)
             seams.cache_transition(lc, op=env.plan["cache_op"], epoch=env.cache_epoch, tokens=tokens, call_id=call_id)
             t5 = pc()
             inputs = tuple(seams.call_inputs(env.tensors, call_id).values())

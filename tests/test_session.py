@@ -72,6 +72,8 @@ def test_from_env_says_what_is_missing(monkeypatch: pytest.MonkeyPatch) -> None:
     "body, code, error",
     [
         ("pass", 0, None),
+        ("raise SystemExit(0)", 0, None),
+        ("raise SystemExit(3)", 10, "SystemExit"),
         ("raise KeyError('tokenizer')", 10, "KeyError"),
         ("from hardening.errors import DriftError; raise DriftError('weights moved')", 13, "DriftError"),
     ],

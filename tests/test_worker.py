@@ -69,3 +69,59 @@ def test_bad_program_flags_are_usage_errors_before_anything_starts(tmp_path: Pat
     out, _ = _hardening(tmp_path, "suite", "operator", *args, timeout=60)
     assert out.returncode == ExitCode.USAGE_ERROR, out.stderr
     assert says in out.stderr and not (tmp_path / ".hardening").exists()
+
+
+def test_a_program_named_in_a_profile_is_checked_like_the_flag(tmp_path: Path) -> None:
+    (tmp_path / "p.yaml").write_text("program: gone.py\n")
+    out, _ = _hardening(tmp_path, "suite", "operator", "--profile", "p.yaml", timeout=60)
+    assert out.returncode == ExitCode.USAGE_ERROR and "key 'program' gone.py: file not found" in out.stderr
+    (tmp_path / "own.py").write_text("")
+    (tmp_path / "s.yaml").write_text("program: own.py\nhardened: false\n")
+    out, _ = _hardening(tmp_path, "suite", "operator", "--profile", "s.yaml", timeout=60)
+    assert out.returncode == ExitCode.USAGE_ERROR and "hardened: false" in out.stderr
+
+
+_PROGRAM = """
+import torch, torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
+import hardening.runtime as hr
+
+def make(k):
+    return {{"x": torch.full((2, 4), float(k))}}
+
+@hr.record
+def main():
+    with hr.Session.from_env(hr.RuntimeConfig(), fingerprint={fingerprint}) as s:
+        layer = s.compile(lambda x: funcol.all_reduce(x * 2, "sum", dist.group.WORLD))
+        plane = s.control_plane({{"x": hr.Spec(shape=(2, 4), dtype="float32")}})
+        {body}
+
+main()
+"""
+
+
+@pytest.mark.multiproc
+@pytest.mark.timeout(200)
+@pytest.mark.parametrize(
+    "name, fingerprint, body, error, says",
+    [
+        ("fewer-calls", "{}", "plane.warmup(layer, calls=1, make_inputs=make)\n        for c in plane.serve(2 if s.rank == 0 else 3, make_inputs=make): layer(c.x)",
+         {1: "ContractError"}, "got SHUTDOWN 3: the leader served fewer calls"),
+        ("serve-before-warmup", "{}", "for c in plane.serve(2, make_inputs=make): layer(c.x)",
+         {0: "ContractError", 1: "ContractError"}, "serve() before warmup()"),
+        ("key-collision", '{"compile.enabled": False}', "pass",
+         {0: "ValueError", 1: "ValueError"}, "['compile.enabled'] are the runtime's own"),
+    ],
+)
+def test_a_program_that_misuses_the_session_ends_with_a_named_cause(
+    tmp_path: Path, name: str, fingerprint: str, body: str, error: dict[int, str], says: str
+) -> None:
+    program = tmp_path / f"{name}.py"
+    program.write_text(_PROGRAM.format(fingerprint=fingerprint, body=body))
+    out, report = _hardening(tmp_path, "suite", "operator", "--only", "OM-00", "--program", str(program), "--json", "r.json")
+    assert out.returncode == ExitCode.FAILED, out.stdout + out.stderr
+    ranks = report["cases"][0]["ranks"]
+    for rank, cls in error.items():
+        assert ranks[rank]["error_class"] == cls and says in ranks[rank]["message"], ranks[rank]
+    # Every rank ended by itself with a record: nothing hung, nothing was torn down.
+    assert all(r["has_record"] for r in ranks) and report["cases"][0]["outcome"] == "crashed"

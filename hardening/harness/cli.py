@@ -248,7 +248,13 @@ def _validate(profile, cases, args: argparse.Namespace) -> str:
             except FaultSpecError as exc:
                 raise UsageError(f"case {case.id}: {exc}") from None
     if profile.program is not None:
-        return "--program"  # nothing to import before launch: running it runs the program
+        source = "--program" if args.program else f"{profile.source}: key 'program'"
+        if not Path(profile.program).is_file():
+            raise UsageError(f"{source} {profile.program}: file not found")
+        if not profile.hardened:
+            raise UsageError(f"{source}: a program runs its own Session; hardened: false (the stock loop) cannot apply")
+        profile.program = str(Path(profile.program).resolve())  # the ranks load it from the run's profile
+        return source  # nothing to import before launch: running it runs the program
     target_source = "--target" if args.target else f"{profile.source}: key 'region.target'"
     try:
         parse_target(profile.region.target)

@@ -24,12 +24,12 @@ from hardening.runtime.config import (
     validate_all,
     MAX_COUNT,
     MAX_SECONDS,
-    MIN_SECONDS,
     CompileConfig,
     DriftConfig,
     GateConfig,
     ParityConfig,
     Timeouts,
+    check_seconds,
     short,
 )
 
@@ -115,13 +115,7 @@ class TimeoutConfig(Timeouts):
 
     def validate(self) -> None:
         Timeouts.validate(self)  # slots dataclasses break zero-argument super() before 3.14
-        for name in ("detect", "case", "grace"):
-            if getattr(self, name) > MAX_SECONDS:
-                raise ValueError(f"{name}: must be at most {MAX_SECONDS:g} seconds (7 days)")
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name}: must be positive")
-            if getattr(self, name) < MIN_SECONDS:
-                raise ValueError(f"{name}: must be at least {MIN_SECONDS:g} seconds")
+        check_seconds(self, ("detect", "case", "grace"))
 
 
 @dataclass(kw_only=True, slots=True)

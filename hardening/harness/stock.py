@@ -26,7 +26,7 @@ from hardening.runtime.digest import host_bytes
 from hardening.runtime.envelope import ALLOWED_DTYPES, Channel, Envelope, Kind
 from hardening.runtime.kv_cache import CacheSchedule, KVCacheLifecycle
 from hardening.runtime.records import RankState, Terminator
-from hardening.runtime.session import LEADER, install_fault
+from hardening.runtime.session import LEADER, call_envelope, install_fault, tokens_of
 
 if TYPE_CHECKING:
     from hardening.harness.profile import Profile
@@ -74,17 +74,12 @@ def run_rank(spec: RankSpec, profile: Profile) -> NoReturn:
         def step(call_id: int, phase: str) -> None:
             state.begin_call(call_id, deadline_bound=False)
             if spec.rank == LEADER:
-                op, epoch, extra = schedule.plan(call_id)
                 inputs = region.make_call_inputs(reg, call_id)
-                env = Envelope(
-                    kind=Kind.CALL, call_id=call_id, cache_epoch=epoch, plan={"expected_generator_calls": 1, "cache_op": op},
-                    meta={"phase": phase, **extra}, tensors=dict(zip(region.input_names(reg, len(inputs)), inputs)),
-                )  # fmt: skip
-                env = send(seams.outgoing_envelope(env), channel)
+                tensors = dict(zip(region.input_names(reg, len(inputs)), inputs))
+                env = send(seams.outgoing_envelope(call_envelope(call_id, schedule, tensors, phase=phase)), channel)
             else:
                 env = seams.received_envelope(receive(channel))
-            first = next(iter(env.tensors.values()), None)
-            tokens = int(first.shape[-2]) if first is not None and first.dim() >= 2 else 1
+            tokens = tokens_of(env.tensors)
             seams.cache_transition(cache, op=env.plan["cache_op"], epoch=env.cache_epoch, tokens=tokens, call_id=call_id)
             compiled(*seams.call_inputs(env.tensors, call_id).values())
             if device.type == "cuda":

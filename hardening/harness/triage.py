@@ -386,7 +386,7 @@ class _Frame:
 @lru_cache(maxsize=1)
 def _roots() -> tuple[str, tuple[str, ...], str]:
     """(hardening's dir, library package dirs, this interpreter's stdlib dir)."""
-    hardening_dir = str(Path(__file__).resolve().parent)
+    hardening_dir = str(Path(__file__).resolve().parent.parent)  # the package: runtime frames are ours too
     libs = []
     for name in _LIBRARY_PACKAGES:
         try:

@@ -2,8 +2,8 @@
 
 Built in code (``Timeouts(call_deadline=5)``) or from the ``timeouts:``/``compile:``/...
 sections of a YAML profile; the harness's own keys (steps, region, triage, how long a case
-may take) live in :mod:`hardening.harness.profile`, never here. ``validate()`` raises
-``ValueError("key: why")``.
+may take) live in :mod:`hardening.harness.profile`, never here. ``validate()`` of a section
+raises ``ValueError("key: why")``; a file or a whole config, :class:`ConfigError`.
 """
 
 from __future__ import annotations
@@ -102,7 +102,7 @@ class Timeouts:
         for f in dataclasses.fields(self):
             if getattr(self, f.name) > MAX_SECONDS:
                 raise ValueError(f"{f.name}: must be at most {MAX_SECONDS:g} seconds (7 days)")
-        _positive(self, ("setup", "pg", "heartbeat", "peer_lost"))
+        check_seconds(self, ("setup", "pg", "heartbeat", "peer_lost"))
         for name in ("call_deadline", "compile"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}: must be >= 0 (0 disables it)")
@@ -112,8 +112,11 @@ class Timeouts:
             raise ValueError("peer_lost: must exceed two heartbeats")
 
 
-def _positive(obj: Any, names: tuple[str, ...]) -> None:
+def check_seconds(obj: Any, names: tuple[str, ...]) -> None:
+    """Each of ``names`` is a usable positive number of seconds: ValueError("name: why")."""
     for name in names:
+        if getattr(obj, name) > MAX_SECONDS:
+            raise ValueError(f"{name}: must be at most {MAX_SECONDS:g} seconds (7 days)")
         if getattr(obj, name) <= 0:
             raise ValueError(f"{name}: must be positive")
         if getattr(obj, name) < MIN_SECONDS:

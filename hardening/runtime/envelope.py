@@ -24,8 +24,8 @@ Receivers check version, kind, call_id monotonicity, the manifest against the ca
 contract and the digest's length; :func:`hardening.runtime.drift.check_input` then compares what
 arrived with the leader's digest.
 
-``send`` and ``receive`` are runtime functions faults patch by name: call them through
-this module.
+Faults never patch this module: they act at the seams around it
+(:mod:`hardening.runtime.seams`: ``outgoing_envelope``, ``received_envelope``).
 """
 
 from __future__ import annotations

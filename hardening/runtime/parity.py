@@ -125,6 +125,11 @@ def build_fingerprint(
     for name, value in os.environ.items():
         if name.startswith(ENV_PREFIXES) and name not in PER_RANK_VARIABLES:
             fp[f"env.{name}"] = value
+    taken = sorted(set(user_keys or {}) & set(fp)) + sorted(k for k in (user_keys or {}) if k.startswith(("env.", "effective.")))
+    if taken:
+        raise ValueError(
+            f"fingerprint keys {taken} are the runtime's own (a user key would hide a real divergence): rename them"
+        )
     fp.update(user_keys or {})
     ignored = parity.ignore
     fp = {k: v for k, v in fp.items() if not any(fnmatch.fnmatchcase(k, pattern) for pattern in ignored)}

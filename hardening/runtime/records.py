@@ -308,6 +308,9 @@ def record(fn: Callable[..., Any]) -> Callable[..., NoReturn]:
     def main(*args: Any, **kwargs: Any) -> NoReturn:
         try:
             fn(*args, **kwargs)
+        except SystemExit as exc:
+            if exc.code not in (None, 0):  # sys.exit(0) is a clean end; any other code is not
+                _terminator().end(exc)
         except BaseException as exc:  # noqa: BLE001 - every end is recorded, KeyboardInterrupt included
             _terminator().end(exc)
         _terminator().end(None)

@@ -88,8 +88,9 @@ class Spec:
 class KVCache:
     """The KV-cache schedule the leader announces and every rank checks."""
 
-    reset_every: int = 4
-    """A new epoch (reset) every N calls, a recompute the call before; 0: only at call 0."""
+    reset_every: int | None = None
+    """A new epoch (reset) every N calls, a recompute the call before; 0: only at call 0;
+    None: ``config.drift.reset_every``."""
     reset_fn: Callable[[], None] | None = None
     """Clears this rank's cache buffers on a reset."""
 
@@ -193,6 +194,12 @@ class Session:
         return store_keys.connect(host, port, prefix=prefix, timeout_s=timeout_s)
 
     def __enter__(self) -> Session:
+        try:
+            return self._enter()
+        except BaseException as exc:  # noqa: BLE001 - a failed start is a named end too, @record or not
+            self.terminator.end(self._named(exc))
+
+    def _enter(self) -> Session:
         t, s = self.config.timeouts, self.state
         install(self.terminator)  # from here on @record ends through this rank's terminator
         # Each thread that may act while another is blocked in a store wait gets its own client.
@@ -207,6 +214,8 @@ class Session:
         self.watchdog.start()
 
         s.enter("init")
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)  # else every rank's NCCL setup lands on GPU 0
         seams.apply_backend_settings(self.device, self.dtype)
         dist.init_process_group(
             self.backend, store=dist.PrefixStore(store_keys.PG_PREFIX, self.store), rank=self.rank,
@@ -258,7 +267,11 @@ class Session:
         rank checks them (and the KV-cache transition) before its data plane."""
         assert self.side is not None, "enter the Session first"
         contract = inputs if isinstance(inputs, CallContract) else CallContract(tensors=tuple(s.named(n) for n, s in inputs.items()))
-        cache = cache or KVCache(reset_every=self.config.drift.reset_every)
+        if self._plane is not None:
+            raise ContractError("control_plane() called twice: one Session serves one control plane")
+        cache = cache or KVCache()
+        if cache.reset_every is None:
+            cache = KVCache(reset_every=self.config.drift.reset_every, reset_fn=cache.reset_fn)
         self._plane = ControlPlane(self, contract, cache)
         self.store.set(store_keys.key("ready", self.rank), "1")  # past build
         return self._plane
@@ -268,7 +281,16 @@ class Session:
     def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
         if exc is not None:
             self.terminator.end(self._named(exc))  # never returns
+        try:
+            self._finish()
+        except BaseException as err:  # noqa: BLE001 - a gate or SHUTDOWN failing here is a named end
+            self.terminator.end(self._named(err))
+        return False
+
+    def _finish(self) -> None:
         plane = self._plane
+        if plane is not None:
+            plane.close()
         if plane is not None and not plane.shut_down:
             plane.shutdown()
         if self.probe is not None and plane is not None and plane.after_warmup is not None:
@@ -283,7 +305,6 @@ class Session:
         self.store.set(store_keys.key("done", self.rank), "1")
         self.store.add(store_keys.EVENTS, 1)
         self.watchdog.stop()
-        return False
 
     def _named(self, exc: BaseException) -> BaseException:
         """A recompile under the guard or a break under fullgraph is the compile gate's cause."""
@@ -316,11 +337,12 @@ class ControlPlane:
             leader=LEADER, rank=session.rank, contract=contract,
         )  # fmt: skip
         self.cache = KVCacheLifecycle(reset_fn=cache.reset_fn)
-        self.schedule = CacheSchedule(reset_every=cache.reset_every)
+        self.schedule = CacheSchedule(reset_every=int(cache.reset_every or 0))
         self.next_call = 0
         self.after_warmup: CompileCounters | None = None
         self.shut_down = False
         self._guard: RecompileGuard | None = None
+        self._serving: Iterator[Call] | None = None
 
     def _begin(self, make_inputs: Callable[[int], dict[str, torch.Tensor]] | None, *, phase: str, meta: dict[str, Any] | None = None) -> Call:
         """Envelope, digest, cache transition: everything before the data plane."""
@@ -330,24 +352,28 @@ class ControlPlane:
         limit = s.config.timeouts.compile if phase == "warmup" else None
         s.state.begin_call(call_id, deadline_bound=True, deadline_s=limit)
         if s.is_leader:
-            if make_inputs is None:
-                raise ValueError("the leader (rank 0) needs make_inputs: it makes every call's inputs")
-            op, epoch, extra = self.schedule.plan(call_id)
             every = s.config.drift.digest_every
-            env = Envelope(
-                kind=Kind.CALL, call_id=call_id, cache_epoch=epoch,
-                plan={"expected_generator_calls": self.contract.expected_generator_calls, "cache_op": op},
-                meta={"phase": phase, **(meta or {}), **extra}, tensors=dict(make_inputs(call_id)),
+            env = call_envelope(
+                call_id, self.schedule, make_inputs(call_id), phase=phase, meta=meta,
+                expected_calls=self.contract.expected_generator_calls,
             )  # fmt: skip
             due = phase == "steady" and every > 0 and call_id % every == 0
             env = envelope.send(seams.outgoing_envelope(env), self.channel, digest=due)
         else:
             env = seams.received_envelope(envelope.receive(self.channel))
+            if env.kind is not Kind.CALL:
+                raise ContractError(
+                    f"expected call {call_id}, got {env.kind.name} {env.call_id}: the leader served fewer calls than this rank"
+                )
             drift.check_input(env, rank=s.rank, leader=LEADER)
-        first = next(iter(env.tensors.values()), None)
-        tokens = int(first.shape[-2]) if first is not None and first.dim() >= 2 else 1
-        seams.cache_transition(self.cache, op=env.plan["cache_op"], epoch=env.cache_epoch, tokens=tokens, call_id=call_id)
+        seams.cache_transition(
+            self.cache, op=env.plan["cache_op"], epoch=env.cache_epoch, tokens=tokens_of(env.tensors), call_id=call_id
+        )
         return Call(call_id=call_id, tensors=seams.call_inputs(env.tensors, call_id), meta=env.meta)
+
+    def _need_inputs(self, make_inputs: Any, what: str) -> None:
+        if self.session.is_leader and make_inputs is None:
+            raise ContractError(f"{what}: the leader (rank {LEADER}) needs make_inputs: it makes every call's inputs")
 
     def _end(self) -> None:
         if self.session.device.type == "cuda":
@@ -361,6 +387,9 @@ class ControlPlane:
         fewer is named before any compile), then the compile gate on every rank's
         counters, then the recompile guard for what follows."""
         s = self.session
+        self._need_inputs(make_inputs, "warmup()")
+        if calls < 1:
+            raise ValueError(f"warmup(calls={calls}): at least one call (the first compile happens there)")
         s.state.enter("warmup")
 
         def one(_: int) -> None:
@@ -397,7 +426,14 @@ class ControlPlane:
         call deadline runs until the loop body returns. Under the recompile guard (entered
         once, on this thread: Dynamo's config is per thread)."""
         s = self.session
-        s.state.enter("steady")
+        self._need_inputs(make_inputs, "serve()")
+        if s.probe is not None and self.after_warmup is None:
+            raise ContractError("serve() before warmup(): compiled code must warm up in lockstep and pass the gate first")
+        self._serving = self._calls(calls, make_inputs, meta)
+        return self._serving
+
+    def _calls(self, calls: int, make_inputs: Any, meta: dict[str, Any] | None) -> Iterator[Call]:
+        self.session.state.enter("steady")
         with self._guard if self._guard is not None else contextlib.nullcontext():
             for _ in range(calls):
                 call = self._begin(make_inputs, phase="steady", meta=meta)
@@ -405,6 +441,12 @@ class ControlPlane:
                     yield call
                 finally:
                     self._end()
+
+    def close(self) -> None:
+        """End a serve() loop left unfinished: its call deadline and guard end with it."""
+        if self._serving is not None:
+            self._serving.close()
+            self._serving = None
 
     def shutdown(self) -> None:
         """The leader's SHUTDOWN; a follower checks it got one, not another call."""
@@ -415,6 +457,31 @@ class ControlPlane:
             if env.kind is not Kind.SHUTDOWN:
                 raise ContractError(f"expected SHUTDOWN after call {self.next_call - 1}, got {env.kind.name} {env.call_id}")
         self.shut_down = True
+
+
+def call_envelope(
+    call_id: int,
+    schedule: CacheSchedule,
+    tensors: dict[str, torch.Tensor],
+    *,
+    phase: str,
+    expected_calls: int = 1,
+    meta: dict[str, Any] | None = None,
+) -> Envelope:
+    """The leader's envelope of call ``call_id``: the cache schedule's plan, the phase and
+    the inputs (in contract order)."""
+    op, epoch, extra = schedule.plan(call_id)
+    return Envelope(
+        kind=Kind.CALL, call_id=call_id, cache_epoch=epoch,
+        plan={"expected_generator_calls": expected_calls, "cache_op": op},
+        meta={"phase": phase, **(meta or {}), **extra}, tensors=dict(tensors),
+    )  # fmt: skip
+
+
+def tokens_of(tensors: dict[str, torch.Tensor]) -> int:
+    """Tokens a call writes to the cache: the first input's second-to-last dimension."""
+    first = next(iter(tensors.values()), None)
+    return int(first.shape[-2]) if first is not None and first.dim() >= 2 else 1
 
 
 def install_fault(state: RankState, store: Any) -> None:
@@ -460,4 +527,7 @@ def _json(value: Any) -> str:
     return json.dumps(value, default=str, sort_keys=True)
 
 
-__all__ = ["Call", "ControlPlane", "KVCache", "LEADER", "Session", "Spec", "current", "install_fault", "summary"]
+__all__ = [
+    "Call", "ControlPlane", "KVCache", "LEADER", "Session", "Spec", "call_envelope", "current", "install_fault",
+    "summary", "tokens_of",
+]  # fmt: skip

@@ -17,9 +17,6 @@ delta of ``torch._dynamo.utils.graph_break_reasons``, and skipped frames from ne
 
 Every private torch API is feature-detected (torch 2.6 to 2.15): a missing one never raises,
 the probe falls back to a weaker signal and records what it did in ``CompileCounters.notes``.
-
-Every private torch API is feature-detected (torch 2.6 to 2.15): a missing one never raises,
-the probe falls back to a weaker signal and records what it did in ``CompileCounters.notes``.
 torch is imported lazily.
 """
 
