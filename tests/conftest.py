@@ -6,11 +6,24 @@ live in ``tests/store_harness.py``, imported by the test modules that need them.
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from datetime import timedelta
 from typing import Iterator
 
 import pytest
 import torch.distributed as dist
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    # Most tests start `sys.executable` processes that import hardening from the install,
+    # not from this checkout: an interpreter without it would fail them all, one by one.
+    probe = subprocess.run([sys.executable, "-c", "import hardening"], cwd="/", capture_output=True, text=True, timeout=60)
+    if probe.returncode != 0:
+        raise pytest.UsageError(
+            f"{sys.executable} cannot import hardening outside this checkout: install it first "
+            '(pip install -e ".[dev]") or run pytest with the interpreter that has it'
+        )
 
 
 @pytest.fixture

@@ -175,3 +175,15 @@ def test_one_differing_key_raises_parity_error_on_both_ranks(store_port: int) ->
         row = next(line for line in msg.splitlines() if line.startswith("compile.enabled")).split()
         assert row == ["compile.enabled", "true", "false"]
     assert str(out[0]) == str(out[1])
+
+
+def test_the_runtime_keys_a_user_may_not_take_are_exactly_the_fingerprints_own() -> None:
+    from hardening.runtime.parity import RUNTIME_KEYS, check_user_keys
+
+    static = {k for k in _fingerprint() if not k.startswith(("env.", "effective."))}
+    harness = set(load_profile("cpu").fingerprint_keys())  # the harness is a user: its keys are its own
+    assert static - harness == RUNTIME_KEYS
+    for key in ("compile.enabled", "env.NCCL_ALGO", "effective.sdpa.backend"):
+        with pytest.raises(ValueError, match=f"fingerprint keys \\['{key}'\\] are the runtime's own"):
+            check_user_keys({key: 1})
+    check_user_keys({"model.id": "m", "region.seed": 0})

@@ -87,6 +87,24 @@ def compile_stance() -> str:
     return str(getattr(stance, "stance", "default")) if stance is not None else "unknown"
 
 
+RUNTIME_KEYS = frozenset(
+    {
+        "python.version", "torch.version", "torch.cuda", "torch.nccl", "world.size", "world.backend", "dtype",
+        "compile.enabled", "compile.backend", "compile.mode", "compile.fullgraph", "compile.dynamic",
+        "compile.stance", "dynamo.disable", "gates.max_graph_breaks", "gates.max_recompiles", "parity.ignore",
+    }
+)  # fmt: skip
+"""The fingerprint's own keys; ``env.*`` and ``effective.*`` are the runtime's too."""
+
+
+def check_user_keys(keys: dict[str, Any]) -> None:
+    """ValueError when a caller's key would overwrite one the runtime measures (and so
+    hide the very divergence parity exists to catch)."""
+    taken = sorted(k for k in keys if k in RUNTIME_KEYS or k.startswith(("env.", "effective.")))
+    if taken:
+        raise ValueError(f"fingerprint keys {taken} are the runtime's own (a user key would hide a real divergence): rename them")
+
+
 def build_fingerprint(
     *,
     compile_cfg: CompileConfig,
@@ -125,11 +143,7 @@ def build_fingerprint(
     for name, value in os.environ.items():
         if name.startswith(ENV_PREFIXES) and name not in PER_RANK_VARIABLES:
             fp[f"env.{name}"] = value
-    taken = sorted(set(user_keys or {}) & set(fp)) + sorted(k for k in (user_keys or {}) if k.startswith(("env.", "effective.")))
-    if taken:
-        raise ValueError(
-            f"fingerprint keys {taken} are the runtime's own (a user key would hide a real divergence): rename them"
-        )
+    check_user_keys(user_keys or {})
     fp.update(user_keys or {})
     ignored = parity.ignore
     fp = {k: v for k, v in fp.items() if not any(fnmatch.fnmatchcase(k, pattern) for pattern in ignored)}

@@ -56,7 +56,7 @@ from hardening.runtime.compile.probe import CompileProbe, graph_break_from_excep
 from hardening.runtime.config import RuntimeConfig
 from hardening.runtime.envelope import CallContract, Channel, Envelope, Kind, TensorSpec
 from hardening.runtime.kv_cache import CacheSchedule, KVCacheLifecycle
-from hardening.runtime.parity import build_fingerprint, check_parity
+from hardening.runtime.parity import build_fingerprint, check_parity, check_user_keys
 from hardening.runtime.records import RankState, Terminator, current, install
 from hardening.runtime.sidechannel import SideChannel
 from hardening.runtime.watchdog import Watchdog
@@ -135,6 +135,7 @@ class Session:
         parent_pid: int | None = None,
     ) -> None:
         config.validate()
+        check_user_keys(fingerprint or {})  # here, before any peer is involved: every rank says it alike
         self.config = config
         self.rank, self.world_size = rank, world_size
         self.is_leader = rank == LEADER
