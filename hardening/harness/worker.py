@@ -27,8 +27,7 @@ from hardening.harness.region import Region, RegionContext
 from hardening.runtime.compile.trace import start_torch_trace
 from hardening.runtime.config import RuntimeConfig
 from hardening.runtime.envelope import CallContract, TensorSpec
-from hardening.runtime.records import install
-from hardening.runtime.session import KVCache, Session
+from hardening.runtime.session import KVCache, Session, cuda_device
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -77,7 +76,6 @@ def run_rank(spec: RankSpec) -> NoReturn:
         fingerprint=profile.fingerprint_keys(),
         parent_pid=spec.parent_pid,
     )
-    install(session.terminator)
     try:
         if profile.triage.torch_trace:  # before anything compiles
             session.state.artifacts["torch_trace"] = start_torch_trace(str(Path(spec.rank_dir) / "torch_trace"))
@@ -166,8 +164,4 @@ def contract_of(reg: Region) -> CallContract:
 
 
 def device_of(profile: Profile, rank: int) -> torch.device:
-    if profile.world.device == "cuda":
-        index = rank % max(1, torch.cuda.device_count())
-        torch.cuda.set_device(index)
-        return torch.device("cuda", index)
-    return torch.device("cpu")
+    return cuda_device(rank) if profile.world.device == "cuda" else torch.device("cpu")

@@ -293,11 +293,6 @@ def install(terminator: Terminator) -> None:
     _CURRENT = terminator
 
 
-def current() -> Terminator | None:
-    """The terminator of this process's Session, once one was entered."""
-    return _CURRENT
-
-
 def record(fn: Callable[..., Any]) -> Callable[..., NoReturn]:
     """Decorate a rank's ``main``: however it ends (a return, a named cause, any other
     exception, Ctrl-C), the rank writes its final record and exits with the cause's exit

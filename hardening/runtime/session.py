@@ -57,7 +57,7 @@ from hardening.runtime.config import RuntimeConfig
 from hardening.runtime.envelope import CallContract, Channel, Envelope, Kind, TensorSpec
 from hardening.runtime.kv_cache import CacheSchedule, KVCacheLifecycle
 from hardening.runtime.parity import build_fingerprint, check_parity, check_user_keys
-from hardening.runtime.records import RankState, Terminator, current, install
+from hardening.runtime.records import RankState, Terminator, install
 from hardening.runtime.sidechannel import SideChannel
 from hardening.runtime.watchdog import Watchdog
 
@@ -178,9 +178,7 @@ class Session:
         record = env.get("HARDENING_RECORD") or str(Path(".hardening") / "records" / f"rank{rank}.json")
         Path(record).parent.mkdir(parents=True, exist_ok=True)
         if "device" not in kw and torch.cuda.is_available() and kw.get("backend") == "nccl":
-            index = int(env.get("LOCAL_RANK", rank)) % torch.cuda.device_count()
-            torch.cuda.set_device(index)
-            kw["device"] = torch.device("cuda", index)
+            kw["device"] = cuda_device(int(env.get("LOCAL_RANK", rank)))
         parent = env.get("HARDENING_PARENT_PID")
         return cls(
             config or RuntimeConfig(), rank=rank, world_size=world, store_host=host, store_port=int(port),
@@ -216,7 +214,7 @@ class Session:
 
         s.enter("init")
         if self.device.type == "cuda":
-            torch.cuda.set_device(self.device)  # else every rank's NCCL setup lands on GPU 0
+            torch.cuda.set_device(self.device)  # a device given directly may not be current yet
         seams.apply_backend_settings(self.device, self.dtype)
         dist.init_process_group(
             self.backend, store=dist.PrefixStore(store_keys.PG_PREFIX, self.store), rank=self.rank,
@@ -292,11 +290,12 @@ class Session:
         plane = self._plane
         if plane is not None:
             plane.close()
-        if plane is not None and not plane.shut_down:
-            plane.shutdown()
+            if not plane.shut_down:
+                plane.shutdown()
         if self.probe is not None and plane is not None and plane.after_warmup is not None:
-            steady = self.probe.counters().delta(plane.after_warmup)
-            self.state.counters = summary(self.probe.counters(), steady, warmup=plane.after_warmup)
+            total = self.probe.counters()
+            steady = total.delta(plane.after_warmup)
+            self.state.counters = summary(total, steady, warmup=plane.after_warmup)
             gates.in_steady_state(self.side, steady, self.config.gates)
         else:
             self.side.exchange("done", self.rank)  # nobody leaves while a peer still needs it
@@ -460,6 +459,14 @@ class ControlPlane:
         self.shut_down = True
 
 
+def cuda_device(index: int) -> torch.device:
+    """The CUDA device of local rank ``index`` (wrapping over the visible ones), made
+    current: without it every rank's NCCL setup lands on GPU 0."""
+    device = torch.device("cuda", index % max(1, torch.cuda.device_count()))
+    torch.cuda.set_device(device)
+    return device
+
+
 def call_envelope(
     call_id: int,
     schedule: CacheSchedule,
@@ -529,6 +536,6 @@ def _json(value: Any) -> str:
 
 
 __all__ = [
-    "Call", "ControlPlane", "KVCache", "LEADER", "Session", "Spec", "call_envelope", "current", "install_fault",
+    "Call", "ControlPlane", "KVCache", "LEADER", "Session", "Spec", "call_envelope", "cuda_device", "install_fault",
     "summary", "tokens_of",
 ]  # fmt: skip
