@@ -1,70 +1,51 @@
 """Benchmark: steady-state overhead of the hardening runtime on the compiled reference region.
 
 Starts the ranks once (real processes, gloo on 127.0.0.1, the c10d store hosted by this
-process as the runner hosts it), builds the reference region (``hardening.harness.reference``,
-tensor-parallel over the ranks) and compiles it through ``compile_region``
-with a ``CompileProbe``, as the worker does. Then every rank times interleaved blocks of
-``--calls`` calls of the loops below, ``--repeats`` times (their order is rotated from one
-repeat to the next, so drift and position effects fall on all of them alike):
+process as the runner hosts it). Every rank enters a ``hardening.runtime.Session``, builds
+the reference region (``hardening.harness.reference``, tensor-parallel over the ranks),
+checks its weights, compiles it with ``Session.compile`` and warms it up through the
+control plane, exactly as a user's program does. Then every rank times interleaved
+blocks of ``--calls`` calls of the loops below, ``--repeats`` times (their order rotated
+from one repeat to the next, so drift and position effects fall on all of them alike):
 
-A  lower bound, no control plane at all: the leader makes the inputs of the call
-   (``region.make_inputs``) and ships each tensor with ``dist.broadcast`` on the data
-   group; the KV cache is reset at the same calls as in B; every rank runs the compiled
-   region. No call id, no plan, no meta travel: real serving code cannot be this bare.
-S  stock, the loop the worker itself runs with ``hardened: false`` (the stock loop on a
-   channel whose control group is the data group, as ``hardening/harness/stock.py`` runs it):
-   ``RankState.begin_call``/``end_call``, the leader's envelope (as ``ControlPlane`` builds it),
-   ``envelope.send``/``receive`` in their stock form (the header -- kind, call_id, epoch,
-   plan, meta, tensor specs -- in two broadcasts (size, bytes) as ``broadcast_object_list`` does (JSON, not pickle),
-   then the tensors; nothing checked), an unchecked ``KVCacheLifecycle(checked=False)``,
-   the compiled region. No watchdog, no recompile guard. This is the realistic
-   unhardened baseline: it ships its meta too.
-B  hardened, what ``ControlPlane.serve`` does per call in steady state, inside the recompile guard
-   entered once around the whole block (as the worker enters it once around its steady
-   loop, not per call): ``RankState.begin_call``/``end_call``, the leader's
-   the envelope and ``envelope.send(..., digest=True)`` on every call
-   (``digest_every=1``: preflight, canonical JSON, staging, the input digest
-   ``digest.input_digest`` -- CRC-32 of header+meta and two words per tensor -- computed
-   before the commit, then the ``uint8[1024]`` control frame -- prefix + digest + header
-   + meta -- broadcast on the gloo side group, plus one more broadcast only when the
-   payload exceeds the frame; then the tensors on the data group), the followers'
-   ``envelope.receive`` (validation against the call contract) and
-   ``drift.check_input`` (digest what arrived, compare with the leader's digest from the
-   frame; no collective), ``lifecycle.apply_transition``, the compiled region. A
-   ``Watchdog`` thread runs in the rank for the whole block (heartbeat ``--heartbeat`` s
-   into the store, abort poll, peer liveness, call deadline).
-C  as B with the digest off (``send(..., digest=False)``, ``digest_every=0``): the frame
-   carries no digest and ``check_input`` is a no-op, so C - B is the digest's local
-   compute only (leader and followers), not a collective.
-D  (attribution, no region, no Python around them) the control-plane collectives alone:
-   B's control-frame broadcast (+ its continuation when digest+header+meta are longer
-   than the frame) on the side group, and S's object broadcast (size, then bytes) of the
-   header on the data group. Per call A issues 2 tensor broadcasts + the region's 2
-   all-reduces; S issues 2 + 2 more broadcasts (object list) + the same all-reduces; B
-   and C issue 1 broadcast (control frame) + 2 tensor broadcasts + the same all-reduces:
-   one control collective per call, against S's two.
+A  bare, per tensor: the leader makes the inputs (``region.make_inputs``) and ships each
+   tensor with ``dist.broadcast``; the KV cache is reset at the same period as in B;
+   every rank runs the compiled region. What a hand-written TP loop does, minus any
+   header: no call id, no plan, no meta, nothing checked.
+F  bare, fused (the floor): as A, but the leader copies the inputs into one ``uint8``
+   buffer and ships it in one broadcast; the others view their inputs in it. No loop can
+   ship its inputs in fewer collectives.
+S  stock: the unhardened loop of ``hardening/harness/stock.py`` (the header as a JSON
+   object broadcast, size then bytes, as ``broadcast_object_list`` does; then the
+   tensors; an unchecked KV-cache state machine). The realistic unhardened baseline: it
+   ships its meta too.
+B  hardened: ``for call in plane.serve(calls, make_inputs=...): region(*call.inputs)`` on
+   the Session, nothing else. Per call: the call deadline opens; the leader's envelope,
+   preflight and input digest on every call (``digest_every: 1``), then frame and
+   tensors in one broadcast (the fused frame: the data plane is the host); the
+   followers' validation against the call contract and their digest check; the KV-cache
+   transition; the region under the recompile guard (entered once per ``serve``).
+C  as B with the digest off (``drift.digest_every: 0``): B - C is the digest's local
+   compute only (leader and followers), no collective.
+D  (attribution, no region) the control collectives alone: B's one fused broadcast (frame
+   plus tensors), A's per-tensor broadcasts, S's header object (size + bytes).
 
 Per-call wall time is measured on every rank (the ranks run in lockstep, so the slowest
-piece of either rank shows on both). The main table gives the median and the mean
-per call of each loop on each rank (the mean is block wall time over calls, so it also
-carries B's and C's guard enter/exit, once per block) and the ratios to S (the stock
-loop) and to A (the bare lower bound); the second table splits each loop into its
-pieces (in a lockstep loop, waiting for the peer lands in whichever piece holds the next
-collective: a follower's ``receive`` includes the leader making the inputs and
-computing its digest, a ``region call`` includes the slower rank's share of the
-all-reduces). A last table times the local pieces alone, without any collective
-(preflight, digest computation, ``check_input`` on an equal digest, guard enter/exit,
-lifecycle), so that collective latency and Python cost can be told apart.
+piece of either rank shows on both), split into the region call and everything around it
+(for B and C: the Session's work between two calls, plus the wait for the peer). The
+main table gives the median and the mean per call of each loop (the mean is block wall
+time over calls, so it also carries B's and C's guard enter/exit, once per block) and the
+ratios to F (the floor), A (bare) and S (stock). A last table times the runtime's local
+pieces alone, without any collective, so that collective latency and Python cost can be
+told apart.
 
-Not included (paid once per run, not per call): process launch and the fork server,
-init and env parity, region parity keys, the weight fingerprints, warmup lockstep
-tickets, the compile gates, the SHUTDOWN envelope, fault-injection install. The watchdog
-is stopped during the A, S and D blocks so that they carry none of the runtime; its cost
-in B and C is indirect (a thread doing 3 store requests per heartbeat, taking the
-GIL) and shows only in the totals. Each rank uses ``--threads`` intra-op threads
-(default 1: two ranks on a 2-core box). The numbers are wall times: anything else
-running on the machine's cores inflates every collective's latency (the header prints
-the load average before and after the run).
+The Session's watchdog thread runs through every block, bare ones included (it lives as
+long as the Session): a heartbeat every ``--heartbeat`` s, a few store requests each. Not
+included (paid once per run): process launch, init, parity, the weight check, warmup
+lockstep and the compile gate, the SHUTDOWN envelope, the done barrier. Each rank uses
+``--threads`` intra-op threads (default 1: two ranks on a 2-core box). The numbers are
+wall times: anything else running on the machine's cores inflates every collective (the
+header prints the load average before and after the run).
 
     python bench/overhead.py [--calls 100] [--repeats 15] [--hidden 256 ...]
 """
@@ -72,7 +53,6 @@ the load average before and after the run).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import statistics
@@ -85,43 +65,34 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-VARIANTS = ("A", "S", "B", "C", "D")
-RATIO_VARIANTS = ("A", "S", "B", "C")
-BASELINES = ("S", "A")
+VARIANTS = ("A", "F", "S", "B", "C", "D")
+RATIO_VARIANTS = ("F", "A", "S", "B", "C")
+BASELINES = ("F", "A", "S")
 TITLES = {
-    "A": "A bare lower bound (make inputs, broadcast tensors, region)",
-    "S": "S stock worker loop, hardened: false (header object, tensors, region)",
-    "B": "B hardened (envelope + digest every call, check_input, lifecycle, watchdog, guard once per block)",
-    "C": "C hardened, digest off (send digest=False; check_input a no-op)",
-    "D": "D control-plane collectives alone (no region, no Python around them)",
+    "A": "A bare, per tensor (make inputs, broadcast each tensor, region)",
+    "F": "F bare, fused: the floor (make inputs, one broadcast of all their bytes, region)",
+    "S": "S stock loop, hardened: false (header object, tensors, region)",
+    "B": "B hardened: plane.serve() (envelope, digest every call, checks, guard)",
+    "C": "C hardened, digest off (drift.digest_every: 0)",
+    "D": "D control collectives alone (no region)",
 }
-PIECES = {
-    "A": ("inputs", "broadcast", "region"),
-    "S": ("bookkeeping", "make_envelope", "stock_envelope", "lifecycle", "region"),
-    "B": ("bookkeeping", "make_envelope", "envelope", "check_input", "lifecycle", "region"),
-    "D": ("control", "object_list"),
-}
-PIECES["C"] = PIECES["B"]
+PIECES = {v: ("outside", "region") for v in RATIO_VARIANTS}
+PIECES["D"] = ("fused", "per_tensor", "object")
 PIECE_TITLES = {
-    "inputs": "leader makes the inputs (+ cache reset at the same calls as B)",
-    "broadcast": "dist.broadcast of each input tensor",
+    "outside": "everything but the region: inputs, transport, checks, and the wait for the peer",
     "region": "compiled region call",
-    "bookkeeping": "begin_call/end_call (B, C: the recompile guard is entered once per block, not here)",
-    "make_envelope": "the leader's envelope (schedule plan + inputs)",
-    "envelope": "envelope.send (leader: preflight, staging, B: + digest.input_digest; control frame + tensors) "
-    "/ envelope.receive (followers: control frame, validation, tensors)",
-    "stock_envelope": "stock envelope.send / receive: header object (size + bytes) + tensors",
-    "check_input": "drift.check_input (followers: digest what arrived, compare; C and leader: ~0, no-op)",
-    "lifecycle": "lifecycle.apply_transition",
-    "control": "broadcast uint8[1024] control frame (+ continuation if B's payload is longer), side group",
-    "object_list": "S's header object (size + bytes broadcasts), data group",
+    "fused": "B's one broadcast: frame + input bytes in one uint8 buffer",
+    "per_tensor": "A's broadcasts, one per input tensor",
+    "object": "S's header object (size + bytes broadcasts)",
 }
 LOCAL_TITLES = {
-    "preflight": "envelope.preflight + canonical JSON (leader, no collective)",
-    "input_digest": "digest.input_digest: CRC-32 of header+meta + 2 words per tensor (no collective)",
-    "check_input": "drift.check_input on an equal digest (follower: digest + compare, no collective)",
-    "guard": "RecompileGuard enter + exit (once per steady loop in the worker, once per block here)",
-    "lifecycle": "lifecycle.apply_transition (advance, no reset)",
+    "make_inputs": "region.make_inputs (leader; every loop pays it)",
+    "preflight": "envelope.preflight + canonical JSON (leader)",
+    "stage": "staging into the fused buffer's slots (leader)",
+    "input_digest": "digest.input_digest: CRC-32 of header+meta and of each input (leader)",
+    "check_input": "drift.check_input on an equal digest (followers: digest + compare)",
+    "guard": "RecompileGuard enter + exit (once per serve())",
+    "cache": "KV-cache transition (advance, no reset)",
 }
 
 
@@ -146,302 +117,218 @@ def rank_main(spec: dict[str, Any]) -> None:
     import torch
     import torch.distributed as dist
 
-    from hardening.runtime.compile.backend import compile_region
-    from hardening.runtime.compile.guard import RecompileGuard
-    from hardening.runtime.compile.probe import CompileProbe
-    from hardening.runtime import digest, drift, envelope
+    import hardening.runtime as hr
     from hardening.harness import reference, region, stock
-    from hardening.runtime import seams
-    from hardening.runtime.session import LEADER, call_envelope, tokens_of
-    from hardening.runtime.envelope import CallContract, Channel, TensorSpec
-    from hardening.runtime.kv_cache import CacheSchedule, KVCacheLifecycle
     from hardening.harness.profile import load_profile
     from hardening.harness.region import RegionContext
-    from hardening.runtime.sidechannel import SideChannel
-    from hardening.runtime.records import RankState, Terminator
-    from hardening.runtime.watchdog import Watchdog
+    from hardening.harness.worker import contract_of
+    from hardening.runtime import digest, drift, envelope, seams
+    from hardening.runtime.compile.guard import RecompileGuard
+    from hardening.runtime.config import CompileConfig, DriftConfig, Timeouts
+    from hardening.runtime.envelope import Channel
+    from hardening.runtime.kv_cache import CacheSchedule, KVCacheLifecycle
+    from hardening.runtime.session import LEADER, call_envelope, tokens_of
 
     rank, world = spec["rank"], spec["world"]
     leader = rank == LEADER
     torch.set_num_threads(spec["threads"])
-    timeout = timedelta(seconds=spec["pg_timeout"])
-
-    def connect() -> dist.Store:
-        raw = dist.TCPStore("127.0.0.1", spec["port"], is_master=False, timeout=timeout)
-        return dist.PrefixStore("bench", raw)
-
-    profile = load_profile(
-        "cpu",
-        {
-            "world.ranks": world,
-            "region.dims": spec["dims"],
-            "compile.backend": spec["backend"],
-            "drift.reset_every": spec["reset_every"],
-            "timeouts.heartbeat": spec["heartbeat"],
-            "timeouts.pg": spec["pg_timeout"],
-        },
+    reset_every = spec["reset_every"]
+    config = hr.RuntimeConfig(
+        timeouts=Timeouts(heartbeat=spec["heartbeat"], pg=spec["pg_timeout"]),
+        compile=CompileConfig(backend=spec["backend"]),
+        drift=DriftConfig(digest_every=1, reset_every=reset_every),
     )
-    t = profile.timeouts
-    store = connect()
-    dist.init_process_group("gloo", store=dist.PrefixStore("pg", store), rank=rank, world_size=world, timeout=timeout)
-    side = SideChannel(store, rank=rank, world_size=world, timeout_s=t.pg)
-    side.create_group()
-
-    device, dtype = torch.device("cpu"), torch.float32
-    ctx = RegionContext(
-        rank=rank, world_size=world, device=device, dtype=dtype, group=dist.group.WORLD,
-        dims=dict(profile.region.dims), seed=profile.region.seed, profile=profile,
-    )
-    reg = reference.build(ctx)
-    sample = region.make_call_inputs(reg, 0)
-    names = region.input_names(reg, len(sample))
-    contract = CallContract(
-        tensors=tuple(
-            TensorSpec(name=n, shape=tuple(x.shape), dtype=str(x.dtype).removeprefix("torch."))
-            for n, x in zip(names, sample)
-        )
-    )
-    channel = Channel(
-        control_group=side.group, data_group=dist.group.WORLD, device=device, leader=LEADER, rank=rank,
-        contract=contract,
-    )
-    # The stock loop's channel, as hardening/harness/stock.py builds it.
-    stock_channel = Channel(
-        control_group=dist.group.WORLD, data_group=dist.group.WORLD, device=device, leader=LEADER, rank=rank,
-        contract=contract,
-    )
-    lc = KVCacheLifecycle(reset_fn=reg.reset_cache)
-    schedule = CacheSchedule(reset_every=profile.drift.reset_every)
-    stock_lc = KVCacheLifecycle(reset_fn=reg.reset_cache, checked=False)
-    stock_schedule = CacheSchedule(reset_every=profile.drift.reset_every)
-    reset_every = profile.drift.reset_every
-    probe = CompileProbe()
-    probe.install()
-    compiled = compile_region(reg.module, profile.compile, probe)
-
     out_dir = Path(spec["out"])
-    state = RankState(rank=rank, world_size=world, record_path=out_dir / f"record{rank}.json")
-    state.on_phase = lambda phase: store.set(f"phase/{rank}", phase)
-    terminator = Terminator(state, connect())  # a real end (record, abort, exit code) if the watchdog fires
-    guard = RecompileGuard() if profile.compile.enabled and profile.gates.max_recompiles == 0 else None
+    session = hr.Session(
+        config, rank=rank, world_size=world, store_host="127.0.0.1", store_port=spec["port"], store_prefix="bench",
+        record_path=out_dir / f"record{rank}.json", fingerprint={"bench": "overhead"}, parent_pid=os.getppid(),
+    )  # fmt: skip
     pc = time.perf_counter
 
-    def make_envelope(call_id: int, plan: CacheSchedule) -> Any:
-        """The leader's envelope as ControlPlane builds it."""
-        return call_envelope(call_id, plan, dict(zip(names, region.make_call_inputs(reg, call_id))), phase="steady")
+    with session as s:
+        # -- 1. build, as a user's program does: region, weights, compile, control plane --
+        profile = load_profile("cpu", {"world.ranks": world, "region.dims": spec["dims"]})
+        ctx = RegionContext(
+            rank=rank, world_size=world, device=s.device, dtype=s.dtype, group=dist.group.WORLD,
+            dims=dict(profile.region.dims), seed=profile.region.seed, profile=profile,
+        )  # fmt: skip
+        reg = reference.build(ctx)
+        s.check_weights(reg.module, manifest=reg.weight_manifest, replicated=reg.replicated_params)
+        compiled = s.compile(reg.module)
+        contract = contract_of(reg)
+        names = [t.name for t in contract.tensors]
+        plane = s.control_plane(contract, cache=hr.KVCache(reset_every=reset_every, reset_fn=reg.reset_cache))
+        layout = plane.channel.layout
+        assert layout is not None, "the reference region's inputs live on the host: the frame travels fused"
 
-    # -- the loops; each returns its pieces' seconds ---------------------------------------
-    plain_id = 0
-    stock_id = 0
-    hard_id = 0
+        def make_inputs(call_id: int) -> dict[str, torch.Tensor]:
+            return dict(zip(names, region.make_call_inputs(reg, call_id)))
 
-    def plain_call() -> list[float]:
-        nonlocal plain_id
-        call_id, plain_id = plain_id, plain_id + 1
-        t0 = pc()
-        if call_id == 0 or (reset_every and call_id % reset_every == 0):
-            reg.reset_cache()
-        if leader:
-            tensors = reg.make_inputs(call_id)
-        else:
-            tensors = tuple(torch.empty(s.shape, dtype=getattr(torch, s.dtype)) for s in contract.tensors)
-        t1 = pc()
-        for x in tensors:
-            dist.broadcast(x, src=LEADER)
-        t2 = pc()
-        compiled(*tensors)
-        t3 = pc()
-        return [t1 - t0, t2 - t1, t3 - t2]
+        # -- 2. the loops: each call returns (outside the region, region) seconds ----------
+        # A and F reset the cache at the same period as B's schedule; their own call ids.
+        bare_ids = iter(range(1 << 62))
 
-    def stock_call() -> list[float]:
-        """A steady call of the stock loop (hardening/harness/stock.py), in pieces."""
-        nonlocal stock_id
-        call_id, stock_id = stock_id, stock_id + 1
-        t0 = pc()
-        state.begin_call(call_id, deadline_bound=True)
-        try:
-            t1 = pc()
+        def bare_inputs() -> tuple[torch.Tensor, ...]:
+            call_id = next(bare_ids)
+            if call_id == 0 or (reset_every and call_id % reset_every == 0):
+                reg.reset_cache()
             if leader:
-                env = make_envelope(call_id, stock_schedule)
-                t2 = pc()
-                env = stock.send(env, stock_channel)
-            else:
-                t2 = pc()
-                env = stock.receive(stock_channel)
-            t3 = pc()
-            tokens = tokens_of(env.tensors)
-            seams.cache_transition(stock_lc, op=env.plan["cache_op"], epoch=env.cache_epoch, tokens=tokens, call_id=call_id)
-            t4 = pc()
-            inputs = tuple(seams.call_inputs(env.tensors, call_id).values())
-            compiled(*inputs)
-            t5 = pc()
-        finally:
-            state.end_call()
-        t6 = pc()
-        return [(t1 - t0) + (t6 - t5), t2 - t1, t3 - t2, t4 - t3, t5 - t4]
+                return tuple(make_inputs(call_id).values())
+            return tuple(torch.empty(t.shape, dtype=envelope.ALLOWED_DTYPES[t.dtype]) for t in contract.tensors)
 
-    def hardened_call(digest: bool) -> list[float]:
-        """A steady call as ControlPlane.serve runs it (the recompile guard is
-        entered once around the block, by ``block``), timed in pieces."""
-        nonlocal hard_id
-        call_id, hard_id = hard_id, hard_id + 1
-        t0 = pc()
-        state.begin_call(call_id, deadline_bound=True)
-        try:
-            t1 = pc()
-            if leader:
-                env = make_envelope(call_id, schedule)
-                t2 = pc()
-                env = envelope.send(env, channel, digest=digest)
-                t3 = pc()
-            else:
-                t2 = pc()
-                env = envelope.receive(channel)
-                t3 = pc()
-                drift.check_input(env, rank=rank, leader=LEADER)
-            t4 = pc()
-            tokens = tokens_of(env.tensors)
-            seams.cache_transition(lc, op=env.plan["cache_op"], epoch=env.cache_epoch, tokens=tokens, call_id=call_id)
-            t5 = pc()
-            inputs = tuple(seams.call_inputs(env.tensors, call_id).values())
-            compiled(*inputs)
-            t6 = pc()
-        finally:
-            state.end_call()
-        t7 = pc()
-        return [(t1 - t0) + (t7 - t6), t2 - t1, t3 - t2, t4 - t3, t5 - t4, t6 - t5]
-
-    probe_env = make_envelope(1, CacheSchedule(reset_every=reset_every))
-    header, meta, _ = envelope.preflight(probe_env, Channel(
-        control_group=None, data_group=None, device=device, leader=0, rank=rank, contract=contract, last_call_id=0))
-    blob_len = len(header) + len(meta)
-    frame_room = envelope.CONTROL_FRAME - 8 * envelope.PREFIX_LEN
-    # B's frame payload: the digest words, then header+meta (C's is header+meta alone).
-    digest_bytes = 8 * digest.digest_len(len(probe_env.tensors))
-    payload_len = digest_bytes + blob_len
-    specs = [(n, tuple(x.shape), str(x.dtype).removeprefix("torch.")) for n, x in probe_env.tensors.items()]
-    stock_header = {"kind": int(probe_env.kind), "call_id": 1, "cache_epoch": probe_env.cache_epoch,
-                    "plan": probe_env.plan, "meta": probe_env.meta, "specs": specs}  # fmt: skip
-
-    def collectives_call() -> list[float]:
-        """The control-plane collectives alone: B's control frame, S's object list."""
-        t0 = pc()
-        dist.broadcast(torch.zeros(envelope.CONTROL_FRAME, dtype=torch.uint8), src=LEADER, group=side.group)
-        if payload_len > frame_room:
-            dist.broadcast(torch.zeros(payload_len - frame_room, dtype=torch.uint8), src=LEADER, group=side.group)
-        t1 = pc()
-        stock.broadcast_object(stock_header if leader else None, stock_channel)
-        t2 = pc()
-        return [t1 - t0, t2 - t1]
-
-    run_call = {
-        "A": plain_call, "S": stock_call, "B": lambda: hardened_call(True), "C": lambda: hardened_call(False), "D": collectives_call,
-    }
-
-    class _BlockTerminator(Terminator):
-        """The runtime's Terminator (record, abort, exit code on a real end), plus a stop
-        flag so that the watchdog thread runs only during the hardened blocks."""
-
-        def __init__(self, *a: Any, **k: Any) -> None:
-            super().__init__(*a, **k)
-            self.stopped = False
-
-        @property
-        def ending(self) -> bool:
-            return self.stopped or super().ending
-
-    def start_watchdog() -> tuple[Watchdog, _BlockTerminator]:
-        term = _BlockTerminator(state, terminator.store)
-        dog = Watchdog(
-            state, term, watchdog_store, heartbeat_s=t.heartbeat, peer_lost_s=t.peer_lost,
-            first_heartbeat_s=t.setup, call_deadline_s=t.call_deadline, parent_pid=os.getppid(),
-        )
-        dog.start()
-        return dog, term
-
-    watchdog_store = connect()  # the watchdog's own client, as in run_rank
-
-    def block(variant: str, calls: int) -> dict[str, Any]:
-        dog = term = None
-        if variant in ("B", "C"):
-            dog, term = start_watchdog()
-        dist.barrier(group=side.group)  # every rank starts the block together
-        totals, pieces = [], []
-        # B and C run inside the recompile guard entered once around the block, as the
-        # worker enters it once around its steady loop; its enter/exit is in the wall time
-        # (so in the mean per call), not in any call's pieces.
-        hardened = variant in ("B", "C") and guard is not None
-        b0 = pc()
-        with guard if hardened else contextlib.nullcontext():
-            for _ in range(calls):
-                c0 = pc()
-                p = run_call[variant]()
-                totals.append(pc() - c0)
-                pieces.append(p)
-        wall = pc() - b0
-        if dog is not None:
-            term.stopped = True
-            dog.join(timeout=5 * t.heartbeat + 1)
-        return {"totals": totals, "pieces": pieces, "wall": wall, "ticks": dog._seq if dog is not None else 0}
-
-    # -- warmup: the first call compiles (in A, before any guarded block), then each loop settles
-    state.enter("warmup")
-    for variant in VARIANTS:
-        block(variant, spec["warmup"])
-    after_warmup = probe.counters()
-    state.enter("steady")  # the watchdog judges peers by this phase (peer_lost, not setup)
-
-    results: dict[str, list[dict[str, Any]]] = {v: [] for v in VARIANTS}
-    for i in range(spec["repeats"]):
-        order = VARIANTS[i % len(VARIANTS) :] + VARIANTS[: i % len(VARIANTS)]
-        for variant in order:
-            results[variant].append(block(variant, spec["calls"]))
-
-    steady = probe.counters().delta(after_warmup)
-
-    # -- local costs of the pieces, without any collective (no peer to wait for) ----------
-    dist.barrier(group=side.group)
-    local: dict[str, float] = {}
-
-    def local_time(name: str, fn: Any, reps: int = 300) -> None:
-        for _ in range(20):
-            fn()
-        xs = []
-        for _ in range(reps):
+        def bare_call() -> tuple[float, float]:
             t0 = pc()
-            fn()
-            xs.append(pc() - t0)
-        local[name] = statistics.median(xs)
+            tensors = bare_inputs()
+            for x in tensors:
+                dist.broadcast(x, src=LEADER)
+            t1 = pc()
+            compiled(*tensors)
+            return t1 - t0, pc() - t1
 
-    scratch = Channel(control_group=None, data_group=None, device=device, leader=0, rank=rank, contract=contract, last_call_id=0)
-    local_time("preflight", lambda: envelope.preflight(probe_env, scratch))
-    blob = header + meta
-    local_time("input_digest", lambda: digest.input_digest(blob, probe_env.tensors))
-    arrived = envelope.Envelope(
-        kind=probe_env.kind, call_id=1, cache_epoch=probe_env.cache_epoch, plan=probe_env.plan, meta=probe_env.meta,
-        tensors=dict(probe_env.tensors), blob=blob, digest=digest.input_digest(blob, probe_env.tensors),
-    )
-    local_time("check_input", lambda: drift.check_input(arrived, rank=rank, leader=LEADER))
-    if guard is not None:
+        def fused_call() -> tuple[float, float]:
+            t0 = pc()
+            tensors = bare_inputs()
+            buffer = torch.empty(layout.size, dtype=torch.uint8)
+            views = [layout.slot(buffer, i, t) for i, t in enumerate(contract.tensors)]
+            if leader:
+                for view, x in zip(views, tensors):
+                    view.copy_(x)
+            dist.broadcast(buffer, src=LEADER)
+            t1 = pc()
+            compiled(*views)
+            return t1 - t0, pc() - t1
+
+        stock_channel = Channel(
+            control_group=dist.group.WORLD, data_group=dist.group.WORLD, device=s.device, leader=LEADER, rank=rank,
+            contract=contract,
+        )  # as hardening/harness/stock.py builds it
+        stock_cache = KVCacheLifecycle(reset_fn=reg.reset_cache, checked=False)
+        stock_schedule = CacheSchedule(reset_every=reset_every)
+        stock_ids = iter(range(1 << 62))
+
+        def stock_call() -> tuple[float, float]:
+            call_id = next(stock_ids)
+            t0 = pc()
+            s.state.begin_call(call_id, deadline_bound=True)
+            if leader:
+                env = stock.send(call_envelope(call_id, stock_schedule, make_inputs(call_id), phase="steady"), stock_channel)
+            else:
+                env = stock.receive(stock_channel)
+            seams.cache_transition(stock_cache, op=env.plan["cache_op"], epoch=env.cache_epoch, tokens=tokens_of(env.tensors), call_id=call_id)
+            inputs = tuple(seams.call_inputs(env.tensors, call_id).values())
+            t1 = pc()
+            compiled(*inputs)
+            t2 = pc()
+            s.state.end_call()
+            return t1 - t0 + (pc() - t2), t2 - t1
+
+        probe_env = call_envelope(1, CacheSchedule(reset_every=reset_every), make_inputs(1), phase="steady")
+        header, meta, specs = envelope.preflight(probe_env, Channel(
+            control_group=None, data_group=None, device=s.device, contract=contract, last_call_id=0))  # fmt: skip
+        payload = 8 * digest.digest_len(len(specs)) + len(header) + len(meta)
+        frame_room = envelope.CONTROL_FRAME - 8 * envelope.PREFIX_LEN
+        stock_header = {"kind": 1, "call_id": 1, "cache_epoch": probe_env.cache_epoch, "plan": probe_env.plan,
+                        "meta": probe_env.meta, "specs": [(t.name, t.shape, t.dtype) for t in specs]}  # fmt: skip
+
+        def collectives_call() -> tuple[float, float, float]:
+            t0 = pc()
+            dist.broadcast(torch.empty(layout.size, dtype=torch.uint8), src=LEADER)
+            if payload > frame_room:
+                dist.broadcast(torch.empty(payload - frame_room, dtype=torch.uint8), src=LEADER)
+            t1 = pc()
+            for t in contract.tensors:
+                dist.broadcast(torch.empty(t.shape, dtype=envelope.ALLOWED_DTYPES[t.dtype]), src=LEADER)
+            t2 = pc()
+            stock.broadcast_object(stock_header if leader else None, stock_channel)
+            return t1 - t0, t2 - t1, pc() - t2
+
+        simple = {"A": bare_call, "F": fused_call, "S": stock_call, "D": collectives_call}
+
+        def block(variant: str, calls: int) -> dict[str, Any]:
+            dist.barrier(group=s.side.group)  # every rank starts the block together
+            totals, pieces = [], []
+            b0 = pc()
+            if variant in simple:
+                for _ in range(calls):
+                    c0 = pc()
+                    p = simple[variant]()
+                    totals.append(pc() - c0)
+                    pieces.append(p)
+            else:
+                # The user's loop, nothing added: time between yields is the Session's.
+                s.config.drift.digest_every = 1 if variant == "B" else 0
+                last = pc()
+                for call in plane.serve(calls, make_inputs=make_inputs):
+                    t0 = pc()
+                    compiled(*call.inputs)
+                    t1 = pc()
+                    totals.append(t1 - last)
+                    pieces.append((t0 - last, t1 - t0))
+                    last = t1
+            return {"totals": totals, "pieces": pieces, "wall": pc() - b0}
+
+        # -- 3. warmup through the control plane (lockstep, the compile gate), then each
+        #       loop settles; then the timed, interleaved blocks ------------------------
+        plane.warmup(compiled, calls=2, make_inputs=make_inputs)
+        for variant in VARIANTS:
+            block(variant, spec["warmup"])
+        results: dict[str, list[dict[str, Any]]] = {v: [] for v in VARIANTS}
+        for i in range(spec["repeats"]):
+            order = VARIANTS[i % len(VARIANTS) :] + VARIANTS[: i % len(VARIANTS)]
+            for variant in order:
+                results[variant].append(block(variant, spec["calls"]))
+        steady = s.probe.counters().delta(plane.after_warmup)
+
+        # -- 4. the runtime's local pieces, without any collective -------------------------
+        dist.barrier(group=s.side.group)
+        local: dict[str, float] = {}
+
+        def local_time(name: str, fn: Any, reps: int = 300) -> None:
+            for _ in range(20):
+                fn()
+            xs = []
+            for _ in range(reps):
+                t0 = pc()
+                fn()
+                xs.append(pc() - t0)
+            local[name] = statistics.median(xs)
+
+        scratch = Channel(control_group=None, data_group=None, device=s.device, contract=contract, last_call_id=0)
+        inputs = make_inputs(1)
+        buffer = torch.empty(layout.size, dtype=torch.uint8)
+        staged = {t.name: layout.slot(buffer, i, t) for i, t in enumerate(contract.tensors)}
+        for name, view in staged.items():
+            view.copy_(inputs[name])
+        blob = header + meta
+        arrived = envelope.Envelope(
+            kind=probe_env.kind, call_id=1, cache_epoch=probe_env.cache_epoch, plan=probe_env.plan, meta=probe_env.meta,
+            tensors=staged, blob=blob, digest=digest.input_digest(blob, staged),
+        )  # fmt: skip
+        local_time("make_inputs", lambda: make_inputs(1))
+        local_time("preflight", lambda: envelope.preflight(probe_env, scratch))
+        local_time("stage", lambda: [layout.slot(buffer, i, t).copy_(inputs[t.name]) for i, t in enumerate(contract.tensors)])
+        local_time("input_digest", lambda: digest.input_digest(blob, staged))
+        local_time("check_input", lambda: drift.check_input(arrived, rank=rank, leader=LEADER))
+        guard = RecompileGuard()
         local_time("guard", lambda: (guard.__enter__(), guard.__exit__(None, None, None)))
-    scratch_lc = KVCacheLifecycle()
-    scratch_lc.state.epoch = 1
-    local_time("lifecycle", lambda: seams.cache_transition(scratch_lc, op="advance", epoch=1, tokens=1, call_id=0))
-    dist.barrier(group=side.group)
+        scratch_cache = KVCacheLifecycle()
+        scratch_cache.state.epoch = 1
+        local_time("cache", lambda: seams.cache_transition(scratch_cache, op="advance", epoch=1, tokens=1, call_id=0))
+        s.config.drift.digest_every = 1
+
     report = {
         "rank": rank,
         "results": results,
-        "warmup_counters": after_warmup.to_json(),
+        "warmup_counters": plane.after_warmup.to_json(),
         "steady_counters": steady.to_json(),
-        "guard": guard.mechanism if guard is not None else "off",
         "local": local,
         "threads": torch.get_num_threads(),
-        "blob_len": blob_len,
+        "payload": payload,
         "frame_room": frame_room,
-        "digest_bytes": digest_bytes,
+        "buffer": layout.size,
+        "ticks": s.watchdog._seq,
     }
     (out_dir / f"rank{rank}.json").write_text(json.dumps(report))
-    dist.barrier(group=side.group)  # nobody leaves while a peer still needs the groups
 
 
 # ------------------------------------------------------------------------------------------
@@ -468,30 +355,28 @@ def summarize(reports: list[dict[str, Any]], args: argparse.Namespace, elapsed: 
         for v in VARIANTS
         for r in ranks
     }
-    # Spread of the per-block ratio (each block against the baseline's block of the same repeat).
+
     def block_ratios(v: str, base: str, r: int) -> list[float]:
+        """Each block's wall time against the baseline's block of the same repeat."""
         a = [b["wall"] for b in reports[r]["results"][base]]
         x = [b["wall"] for b in reports[r]["results"][v]]
         return sorted(xi / ai for xi, ai in zip(x, a))
 
     dims = {k: getattr(args, k) for k in ("hidden", "heads", "tokens", "cache", "mlp", "batch")}
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    blob_len, room, digest_bytes = reports[0]["blob_len"], reports[0]["frame_room"], reports[0]["digest_bytes"]
-
-    def fits(payload: int) -> str:
-        return (f"{payload} bytes, fits the frame: 1 control broadcast per call" if payload <= room
-                else f"{payload} bytes, longer than the frame: 2 control broadcasts per call")
+    r0 = reports[0]
+    long = r0["payload"] > r0["frame_room"]
     head = [
         f"ranks {args.ranks} (gloo, 127.0.0.1), reference region dims {json.dumps(dims)}, float32, "
         f"torch.compile backend {args.backend!r}",
         f"{args.repeats} repeats x {args.calls} calls per loop, interleaved {'/'.join(VARIANTS)} blocks "
         f"(order rotated per repeat), {args.warmup} warmup calls per loop",
         f"torch {torch.__version__}, python {sys.version.split()[0]}, {cores} cores, "
-        f"{reports[0]['threads']} intra-op thread(s) per rank, reset_every {args.reset_every}, "
-        f"watchdog heartbeat {args.heartbeat} s, recompile guard: {reports[0]['guard']}; total run {elapsed:.0f} s, "
+        f"{r0['threads']} intra-op thread(s) per rank, reset_every {args.reset_every}, "
+        f"watchdog heartbeat {args.heartbeat} s; total run {elapsed:.0f} s, "
         f"1-min load average {load[0]:.2f} before / {load[1]:.2f} after (others' load inflates every collective)",
-        f"control frame payload ({room} bytes after the prefix): B digest+header+meta {fits(digest_bytes + blob_len)}; "
-        f"C header+meta {fits(blob_len)}; the frame is the only control collective of a call",
+        f"B's fused frame: {r0['buffer']} bytes (control frame + input slots), digest+header+meta {r0['payload']} bytes "
+        + ("(longer than the frame: one more broadcast per call)" if long else f"(fits the frame's {r0['frame_room']}): one collective per call"),
     ]
     cols = ["loop"]
     for r in ranks:
@@ -510,13 +395,14 @@ def summarize(reports: list[dict[str, Any]], args: argparse.Namespace, elapsed: 
                 br = block_ratios(v, base, 0)
                 row += [f"{med[v, 0] / med[base, 0]:.3f}", f"{mean[v, 0] / mean[base, 0]:.3f}", f"{br[0]:.2f}..{br[-1]:.2f}"]
         rows.append(row)
-    lines = head + ["", tabulate(rows, headers=cols, tablefmt="github", disable_numparse=True)]
-    lines.append("")
+    lines = head + ["", tabulate(rows, headers=cols, tablefmt="github", disable_numparse=True), ""]
     pairs = {
-        ("B", "S"): "hardened, digest every call, vs stock",
+        ("B", "F"): "hardened, digest every call, vs the floor",
         ("B", "A"): "hardened, digest every call, vs bare",
-        ("C", "S"): "hardened, digest off, vs stock",
+        ("B", "S"): "hardened, digest every call, vs stock",
+        ("C", "F"): "hardened, digest off, vs the floor",
         ("C", "A"): "hardened, digest off, vs bare",
+        ("A", "F"): "bare per tensor vs the floor",
         ("S", "A"): "stock vs bare",
         ("B", "C"): "the input digest alone: leader computes, followers check, no collective",
     }
@@ -528,7 +414,6 @@ def summarize(reports: list[dict[str, Any]], args: argparse.Namespace, elapsed: 
             f"(rank 0 median), {1e3 * (mean[v, 0] - mean[base, 0]):+.3f} ms/call (rank 0 mean)"
         )
 
-    # Breakdown: per-piece mean and median, microseconds; means add up to the mean per call.
     bcols = ["loop", "piece"]
     for r in ranks:
         bcols += [f"rank {r} median us", f"rank {r} mean us"]
@@ -540,17 +425,9 @@ def summarize(reports: list[dict[str, Any]], args: argparse.Namespace, elapsed: 
                 xs = [p[i] for b in reports[r]["results"][v] for p in b["pieces"]]
                 row += [_us(statistics.median(xs)), _us(sum(xs) / len(xs))]
             brows.append(row)
-        row = [v, "whole call (timed around the call)"]
-        for r in ranks:
-            xs = [x for b in reports[r]["results"][v] for x in b["totals"]]
-            row += [_us(statistics.median(xs)), _us(sum(xs) / len(xs))]
-        brows.append(row)
     lines += ["", "where the time goes (per call):", tabulate(brows, headers=bcols, tablefmt="github", disable_numparse=True)]
     lcols = ["piece alone, no collective", *(f"rank {r} median us" for r in ranks)]
-    lrows = [
-        [title, *(_us(reports[r]["local"][name]) if name in reports[r]["local"] else "-" for r in ranks)]
-        for name, title in LOCAL_TITLES.items()
-    ]
+    lrows = [[title, *(_us(reports[r]["local"][name]) for r in ranks)] for name, title in LOCAL_TITLES.items()]
     lines += ["", tabulate(lrows, headers=lcols, tablefmt="github", disable_numparse=True)]
 
     problems = []
@@ -560,13 +437,12 @@ def summarize(reports: list[dict[str, Any]], args: argparse.Namespace, elapsed: 
             problems.append(f"rank {r}: {steady['compiles']} compile(s) / {steady['recompiles']} recompile(s) after warmup")
         if reports[r]["warmup_counters"]["graph_breaks"]:
             problems.append(f"rank {r}: {reports[r]['warmup_counters']['graph_breaks']} graph break(s)")
-    ticks = [sum(b["ticks"] for v in ("B", "C") for b in reports[r]["results"][v]) for r in ranks]
     lines += [
         "",
-        f"compile: {reports[0]['warmup_counters']['graphs']} graph(s), no compile after warmup"
+        f"compile: {r0['warmup_counters']['graphs']} graph(s), no compile after warmup"
         if not problems
         else "WARNING: " + "; ".join(problems),
-        f"watchdog ticks during the hardened blocks: {', '.join(f'rank {r}: {n}' for r, n in zip(ranks, ticks))}",
+        "watchdog ticks over the whole run: " + ", ".join(f"rank {r}: {reports[r]['ticks']}" for r in ranks),
     ]
     return "\n".join(lines)
 
@@ -585,7 +461,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--backend", default="eager", choices=("eager", "aot_eager", "inductor"))
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads per rank")
-    parser.add_argument("--reset-every", type=int, default=4, help="KV-cache reset period (profile drift.reset_every)")
+    parser.add_argument("--reset-every", type=int, default=4, help="KV-cache reset period (drift.reset_every)")
     parser.add_argument("--heartbeat", type=float, default=0.2, help="watchdog heartbeat seconds")
     parser.add_argument("--pg-timeout", type=float, default=30.0, help="process-group and store timeout seconds")
     parser.add_argument("--timeout", type=float, default=400.0, help="hard cap on the whole run, seconds")
@@ -621,7 +497,7 @@ def main() -> None:
                     "backend": args.backend, "threads": args.threads, "reset_every": args.reset_every,
                     "heartbeat": args.heartbeat, "pg_timeout": args.pg_timeout, "calls": args.calls,
                     "repeats": args.repeats, "warmup": args.warmup,
-                }
+                }  # fmt: skip
                 procs.append(subprocess.Popen([sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)]))
             deadline = started + args.timeout
             while any(p.poll() is None for p in procs):

@@ -302,9 +302,10 @@ def test_check_weights_names_a_differing_replicated_parameter(store_port: int) -
 
 
 @pytest.mark.timeout(120)
-def test_input_digest_in_the_frame_on_two_ranks() -> None:
+@pytest.mark.parametrize("mode", ["split", "fused"])
+def test_input_digest_in_the_frame_on_two_ranks(mode: str) -> None:
     # The leader: send(digest=True). The follower: receive, then check_input.
-    pair = pairlib().run_pair()
+    pair = pairlib().run_pair(mode)
     leader, follower = pair[0], pair[1]
     clean = follower["digest_clean"]
     assert clean["ok"] and clean["call_id"] == 4, clean

@@ -178,9 +178,11 @@ def test_digest_words_survive_the_frame_encoding() -> None:
 pair_test = pytest.mark.timeout(120)
 
 
-@pytest.fixture(scope="module")
-def pair() -> dict[int, dict[str, Any]]:
-    return pairlib().run_pair()
+@pytest.fixture(scope="module", params=["split", "fused"])
+def pair(request: pytest.FixtureRequest) -> dict[int, dict[str, Any]]:
+    """Every scenario, with the frame travelling alone before its tensors (device data
+    planes) and fused with them in one buffer (host data planes)."""
+    return pairlib().run_pair(request.param)
 
 
 NEG_ZERO_F32 = struct.unpack("<i", struct.pack("<f", -0.0))[0]
@@ -226,6 +228,12 @@ def test_calls_round_trip_bit_identical(pair: dict[int, dict[str, Any]]) -> None
     assert got["calls"][3]["plan"]["cache_op"] == "recompute"
     assert got["calls"][3]["meta"]["recompute_override"] == {"window": "full"}
     assert sent["last_call_id"] == got["last_call_id"] == 3
+    # Fused, both ranks compute on views of the one buffer that travelled (the leader
+    # too: on exactly the bytes its peers got), each slot on a cache line.
+    fused = pair[0]["mode"] == "fused"
+    for call in (*sent["calls"], *got["calls"]):
+        assert call["storages"] == (1 if fused else 2)
+        assert call["aligned"] or not fused
 
 
 @pair_test
@@ -404,3 +412,45 @@ def test_varying_dims_are_checked_against_the_input() -> None:
         varying_of(reg, "ids", 0)
     with pytest.raises(ValueError, match="must be 0 <= low <= high"):
         varying_of(Region(module=torch.nn.Identity(), make_inputs=lambda k: (), varying_dims={"ids": {0: (9, 2)}}), "ids", 1)
+
+
+# -- the fused layout: one host buffer, frame then one aligned slot per tensor -------------
+
+
+def test_host_layout_gives_each_tensor_an_aligned_slot_after_the_frame() -> None:
+    layout = envelope.host_layout(CONTRACT, torch.device("cpu"))
+    assert layout is not None
+    sizes = [math.prod(s.shape) * torch.empty((), dtype=envelope.ALLOWED_DTYPES[s.dtype]).element_size() for s in CONTRACT.tensors]
+    assert layout.offsets[0] >= envelope.CONTROL_FRAME
+    assert all(o % 64 == 0 for o in layout.offsets)
+    # Slots never overlap, and the buffer ends with the last one.
+    for (start, size), nxt in zip(zip(layout.offsets, sizes), (*layout.offsets[1:], layout.size)):
+        assert start + size <= nxt
+    assert layout.size == layout.offsets[-1] + sizes[-1]
+    buffer = torch.zeros(layout.size, dtype=torch.uint8)
+    views = [layout.slot(buffer, i, s) for i, s in enumerate(CONTRACT.tensors)]
+    for view, spec in zip(views, CONTRACT.tensors):
+        view.fill_(1)
+        assert tuple(view.shape) == spec.shape and str(view.dtype) == f"torch.{spec.dtype}"
+        assert view.untyped_storage().data_ptr() == buffer.untyped_storage().data_ptr()
+    assert int(buffer[: envelope.CONTROL_FRAME].sum()) == 0  # no slot reaches into the frame
+
+
+def test_a_varying_contract_is_fused_at_its_largest_call_while_small() -> None:
+    ids = TensorSpec(name="input_ids", shape=(1, 8), dtype="int64", varying=((1, 1, 2048),))
+    layout = envelope.host_layout(CallContract(tensors=(ids,)), torch.device("cpu"))
+    assert layout is not None and layout.size == layout.offsets[0] + 8 * 2048
+    # A short call is the head of its slot.
+    view = layout.slot(torch.zeros(layout.size, dtype=torch.uint8), 0, TensorSpec(name="input_ids", shape=(1, 3), dtype="int64"))
+    assert tuple(view.shape) == (1, 3) and view.data_ptr() % 64 == 0
+    # Hidden states of up to 2048 tokens would ship 8 MiB on every call, used or not: split.
+    states = TensorSpec(name="h", shape=(1, 8, 1024), dtype="float32", varying=((1, 1, 2048),))
+    assert envelope.host_layout(CallContract(tensors=(states,)), torch.device("cpu")) is None
+    # Fixed shapes always fuse: the same bytes travel either way, one broadcast fewer.
+    big = TensorSpec(name="h", shape=(1, 2048, 1024), dtype="float32")
+    assert envelope.host_layout(CallContract(tensors=(big,)), torch.device("cpu")) is not None
+
+
+def test_device_tensors_travel_split_where_they_live() -> None:
+    assert envelope.host_layout(CONTRACT, torch.device("cuda", 0)) is None
+    assert envelope.host_layout(None, torch.device("cpu")) is None

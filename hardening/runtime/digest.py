@@ -51,15 +51,23 @@ def host_bytes(tensor: torch.Tensor) -> memoryview:
     return memoryview(buffer).cast("B")
 
 
-def _tensor_words(tensor: torch.Tensor) -> torch.Tensor:
-    if tensor.device.type != "cpu":
-        return checksum(tensor).cpu()
-    view = host_bytes(tensor.detach().contiguous())
-    return torch.tensor([zlib.crc32(view), len(view)], dtype=torch.int64)
-
-
 def input_digest(blob: bytes, tensors: dict[str, torch.Tensor]) -> list[int]:
-    """``1 + 2n`` ints: CRC of header+meta bytes, then two words per tensor (in order)."""
-    parts = [torch.tensor([zlib.crc32(blob)], dtype=torch.int64)]
-    parts += [_tensor_words(t) for t in tensors.values()]
-    return torch.cat(parts).tolist()
+    """``1 + 2n`` ints: CRC of header+meta bytes, then two words per tensor (in order).
+
+    Host tensors cost one CRC-32 each and no torch op (a call's inputs are small: the
+    per-op overhead would be as large as the CRC); device tensors are summed where they
+    live and leave the device in one transfer."""
+    words = [zlib.crc32(blob)]
+    on_device = []
+    for tensor in tensors.values():
+        if tensor.device.type == "cpu":
+            view = host_bytes(tensor if tensor.is_contiguous() else tensor.contiguous())
+            words += [zlib.crc32(view), len(view)]
+        else:
+            on_device.append((len(words), checksum(tensor)))
+            words += [0, 0]
+    if on_device:
+        sums = torch.stack([c for _, c in on_device]).tolist()
+        for (at, _), pair in zip(on_device, sums):
+            words[at : at + 2] = pair
+    return words

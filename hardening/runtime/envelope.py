@@ -1,18 +1,25 @@
 """The control-plane envelope: one framed, validated message per call, leader to all ranks.
 
-Frame, in this order, every rank calling the same collectives:
+The control frame is ``uint8[1024]``: prefix (magic, protocol version, kind, header
+length, meta length, tensor count, digest length), then the leader's input digest when
+the call is checked, the header (canonical JSON: call_id, cache_epoch, plan, tensor_specs
+manifest) and the meta (canonical JSON: sorted keys, no NaN, no pickle). Its size never
+depends on the call, so it can never mismatch; a longer payload continues in one more
+broadcast whose length the prefix announces. It travels one of two ways, chosen once per
+channel from the call contract (:func:`host_layout`), identically on every rank:
 
-1. control frame ``uint8[1024]`` broadcast on the control group: prefix (magic, protocol
-   version, kind, header length, meta length, tensor count, digest length) then the
-   leader's input digest when this call is checked, the header (canonical JSON: call_id,
-   cache_epoch, plan, tensor_specs manifest) and the meta (canonical JSON: sorted keys,
-   no NaN, no pickle). Fixed size, so it can never mismatch; a longer payload continues
-   in one more broadcast whose length the prefix announces.
-2. the tensors of the manifest, in order, on the data group (where they live).
+- **fused** (the data plane is the host, e.g. gloo on CPU): frame and tensors are one
+  ``uint8`` buffer, one broadcast on the data group. Each tensor of the contract has a
+  fixed, aligned slot after the frame (sized for its largest declared shape); receivers
+  get views into the buffer, no copy. A call costs exactly one collective before the
+  region -- fewer than a loop that broadcasts its raw input tensors one by one -- and a
+  frame is atomic: a receiver that refuses it has nothing left to drain.
+- **split** (device tensors, e.g. NCCL; or a varying contract whose largest call would
+  make the buffer large): the frame on the gloo control group, then the tensors of the
+  manifest, in order, on the data group, where they live.
 
-That is one control collective per call, against two for a stock
-``broadcast_object_list`` loop, and no point where the ranks wait for each other outside
-the data plane: the runtime's per-call cost is the frame and the digest, nothing more.
+Either way there is no point where the ranks wait for each other outside the data plane:
+the runtime's per-call cost is the frame and the digest, nothing more.
 
 **Commit last**: the leader serializes meta, checks every dtype, shape and the plan,
 stages every tensor on the device and computes its digest *before* broadcasting the
@@ -44,7 +51,7 @@ from hardening.runtime.digest import digest_len as digest_words
 from hardening.runtime.digest import host_bytes, input_digest
 from hardening.errors import ContractError, PeerError, PreflightError
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 MAGIC = 0x48415244  # "HARD"
 PREFIX_LEN = 7
 
@@ -127,14 +134,63 @@ class Envelope:
     """The leader's input digest of this call, when the call is checked (filled by send/receive)."""
 
 
+@dataclass(frozen=True, slots=True)
+class Layout:
+    """The one host buffer of a fused frame: the control frame, then one aligned slot per
+    contract tensor, in contract order."""
+
+    offsets: tuple[int, ...]
+    """Byte offset of each tensor's slot in the buffer."""
+    size: int
+    """Bytes of the whole buffer (frame and every slot at its largest)."""
+
+    def slot(self, buffer: torch.Tensor, index: int, spec: TensorSpec) -> torch.Tensor:
+        """Tensor ``index`` of a call, shaped as its manifest entry says: a view into ``buffer``."""
+        start = self.offsets[index]
+        nbytes = math.prod(spec.shape) * _itemsize(spec.dtype)
+        return buffer[start : start + nbytes].view(ALLOWED_DTYPES[spec.dtype]).view(spec.shape)
+
+
+_SLOT_ALIGN = 64  # every slot starts on a cache line: compiled kernels may assume aligned inputs
+FUSE_VARYING_LIMIT = 256 * 1024
+"""A contract with varying dims travels fused only while its largest call stays this small:
+every call ships the whole buffer, used or not."""
+
+
+_ITEMSIZE = {name: torch.empty((), dtype=dtype).element_size() for name, dtype in ALLOWED_DTYPES.items()}
+
+
+def _itemsize(dtype: str) -> int:
+    return _ITEMSIZE[dtype]
+
+
+def host_layout(contract: CallContract | None, device: torch.device) -> Layout | None:
+    """The fused layout for ``contract`` when its tensors live on the host (they can share
+    the frame's buffer), else None: device tensors travel where they live."""
+    if contract is None or device.type != "cpu" or any(s.dtype not in ALLOWED_DTYPES for s in contract.tensors):
+        return None
+    offsets, end = [], CONTROL_FRAME
+    for spec in contract.tensors:
+        largest = list(spec.shape)
+        for dim, _, high in spec.varying:
+            largest[dim % len(largest)] = high
+        end = -(-end // _SLOT_ALIGN) * _SLOT_ALIGN
+        offsets.append(end)
+        end += math.prod(largest) * _itemsize(spec.dtype)
+    varying = any(s.varying for s in contract.tensors)
+    if varying and end > FUSE_VARYING_LIMIT:
+        return None
+    return Layout(offsets=tuple(offsets), size=end)
+
+
 @dataclass(kw_only=True, slots=True)
 class Channel:
     """Where envelopes travel and who sends them."""
 
     control_group: Any
-    """Gloo group for the control frame (host bytes, never device copies)."""
+    """Gloo group for the control frame when it travels alone (host bytes, never device copies)."""
     data_group: Any
-    """Group the tensors travel on (the data plane)."""
+    """Group the tensors travel on (the data plane), and a fused frame with them."""
     device: torch.device
     leader: int = 0
     """Global rank of the sender."""
@@ -142,6 +198,9 @@ class Channel:
     contract: CallContract | None = None
     last_call_id: int = -1
     """Last CALL id seen on this rank (monotonic check)."""
+    layout: Layout | None = None
+    """Set when frame and tensors travel fused (:func:`host_layout`); the same on every
+    rank, since the call contract is."""
 
 
 def canonical_json(value: Any, *, what: str) -> bytes:
@@ -214,15 +273,20 @@ def preflight(env: Envelope, channel: Channel) -> tuple[bytes, bytes, list[Tenso
         raise PreflightError(f"plan cache_op {op!r} is not one of {CACHE_OPS}")
     if op == "recompute" and "recompute_override" not in env.meta:
         raise PreflightError("cache_op recompute needs meta.recompute_override (no silent fallback to advance)")
-    header = canonical_json(
+    # What the leader's code (or a fault at its seam) put into the header is checked; the
+    # manifest is built here from shapes and dtypes just validated, and is JSON by construction.
+    bad = _find_unserializable({"call_id": env.call_id, "cache_epoch": env.cache_epoch, "plan": env.plan}, "header")
+    if bad:
+        raise PreflightError(bad)
+    header = json.dumps(
         {
             "call_id": env.call_id,
             "cache_epoch": env.cache_epoch,
             "plan": env.plan,
             "tensor_specs": [[s.name, list(s.shape), s.dtype] for s in specs],
         },
-        what="header",
-    )
+        sort_keys=True, separators=(",", ":"), allow_nan=False,
+    ).encode()  # fmt: skip
     return header, meta, specs
 
 
@@ -231,14 +295,25 @@ _PREFIX_BYTES = PREFIX_LEN * 8
 _PREFIX_FORMAT = f"={PREFIX_LEN}q"  # native int64, as every rank of one job reads it
 
 
-def _bcast_control(prefix: list[int] | None, payload: bytes, channel: Channel) -> tuple[list[int], bytes]:
-    """One fixed-size broadcast carries prefix and payload; a longer payload needs one more."""
-    frame = torch.zeros(CONTROL_FRAME, dtype=torch.uint8)
+def _buffer(channel: Channel) -> torch.Tensor:
+    """A frame's buffer: the control frame alone, or fused, the frame and every slot."""
+    return torch.empty(channel.layout.size if channel.layout is not None else CONTROL_FRAME, dtype=torch.uint8)
+
+
+def _bcast_control(
+    prefix: list[int] | None, payload: bytes, channel: Channel, buffer: torch.Tensor | None = None
+) -> tuple[list[int], bytes, torch.Tensor]:
+    """One broadcast carries prefix and payload (fused, also the call's tensors, which the
+    leader staged into ``buffer``); a payload longer than the frame needs one more
+    broadcast, on the same group. Returns the prefix, the payload and the buffer."""
+    layout = channel.layout
+    buffer = _buffer(channel) if buffer is None else buffer
+    group = channel.data_group if layout is not None else channel.control_group
+    raw = host_bytes(buffer)
     if prefix is not None:
         head = struct.pack(_PREFIX_FORMAT, *prefix) + payload[: CONTROL_FRAME - _PREFIX_BYTES]
-        frame[: len(head)] = torch.frombuffer(bytearray(head), dtype=torch.uint8)
-    dist.broadcast(frame, src=channel.leader, group=channel.control_group)
-    raw = host_bytes(frame)
+        raw[: len(head)] = head
+    dist.broadcast(buffer, src=channel.leader, group=group)
     values = list(struct.unpack_from(_PREFIX_FORMAT, raw))
     length = 8 * values[6] + values[3] + values[4] if values[0] == MAGIC else 0
     received = bytes(raw[_PREFIX_BYTES : _PREFIX_BYTES + min(length, CONTROL_FRAME - _PREFIX_BYTES)])
@@ -246,10 +321,10 @@ def _bcast_control(prefix: list[int] | None, payload: bytes, channel: Channel) -
     if rest > 0:
         more = torch.empty(rest, dtype=torch.uint8)
         if prefix is not None:
-            more.copy_(torch.frombuffer(bytearray(payload[len(received) :]), dtype=torch.uint8))
-        dist.broadcast(more, src=channel.leader, group=channel.control_group)
+            host_bytes(more)[:] = payload[len(received) :]
+        dist.broadcast(more, src=channel.leader, group=group)
         received += bytes(host_bytes(more))
-    return values, received
+    return values, received, buffer
 
 
 def send(env: Envelope, channel: Channel, *, digest: bool = False) -> Envelope:
@@ -257,13 +332,23 @@ def send(env: Envelope, channel: Channel, *, digest: bool = False) -> Envelope:
 
     ``digest=True`` puts the leader's input digest into the frame, so that every follower
     checks what it received against it (:func:`hardening.runtime.drift.check_input`).
+    Fused, the envelope's tensors become views of the buffer that was sent: the leader
+    computes on exactly the bytes its peers received.
     """
+    buffer = None
     try:
         header, meta, specs = preflight(env, channel)
-        # Staged before the commit: a tensor that cannot reach the device fails here,
-        # where the peers can still be told with an ERROR frame.
-        for spec in specs:
-            env.tensors[spec.name] = env.tensors[spec.name].to(channel.device).contiguous()
+        # Staged before the commit: a tensor that cannot reach the device (or its slot)
+        # fails here, where the peers can still be told with an ERROR frame.
+        if channel.layout is not None and specs:
+            buffer = _buffer(channel)
+            for i, spec in enumerate(specs):
+                slot = channel.layout.slot(buffer, i, spec)
+                slot.copy_(env.tensors[spec.name].to(channel.device))  # a no-op on the host
+                env.tensors[spec.name] = slot
+        else:
+            for spec in specs:
+                env.tensors[spec.name] = env.tensors[spec.name].to(channel.device).contiguous()
         env.blob = header + meta
         env.digest = input_digest(env.blob, env.tensors) if digest and env.kind is Kind.CALL else None
     except Exception as exc:
@@ -272,11 +357,12 @@ def send(env: Envelope, channel: Channel, *, digest: bool = False) -> Envelope:
     # Commitment point: from here every peer expects the whole frame.
     words = env.digest or []
     prefix = [MAGIC, PROTOCOL_VERSION, int(env.kind), len(header), len(meta), len(specs), len(words)]
-    _bcast_control(prefix, _words_bytes(words) + env.blob, channel)
+    _bcast_control(prefix, _words_bytes(words) + env.blob, channel, buffer)
     if env.kind is Kind.CALL:
         channel.last_call_id = env.call_id
-    for spec in specs:
-        dist.broadcast(env.tensors[spec.name], src=channel.leader, group=channel.data_group)
+    if channel.layout is None:
+        for spec in specs:
+            dist.broadcast(env.tensors[spec.name], src=channel.leader, group=channel.data_group)
     return env
 
 
@@ -288,7 +374,7 @@ def send_error(reason: str, channel: Channel, *, call_id: int) -> None:
 
 def receive(channel: Channel) -> Envelope:
     """Follower side: the next envelope, validated (then run ``drift.check_input`` on it)."""
-    (magic, version, kind, header_len, meta_len, count, digest_len), payload = _bcast_control(None, b"", channel)
+    (magic, version, kind, header_len, meta_len, count, digest_len), payload, buffer = _bcast_control(None, b"", channel)
     if magic != MAGIC:
         raise ContractError(f"control-plane frame without the envelope magic (got {magic:#x}): an ad-hoc broadcast?")
     if version != PROTOCOL_VERSION:
@@ -320,9 +406,14 @@ def receive(channel: Channel) -> Envelope:
     specs = [TensorSpec(name=n, shape=tuple(s), dtype=d) for n, s, d in header.get("tensor_specs", [])]
     if kind_ is Kind.CALL:
         _validate_call(env, specs, count, channel)
+    elif specs:
+        raise ContractError(f"a {kind_.name} frame with {len(specs)} tensor(s): only a CALL carries tensors")
     if digest_len not in (0, digest_words(count)):
         raise ContractError(f"the frame carries a {digest_len}-word input digest, {count} tensor(s) need {digest_words(count)}")
-    for spec in specs:
+    for i, spec in enumerate(specs):
+        if channel.layout is not None:  # validated against the contract: it fits its slot
+            env.tensors[spec.name] = channel.layout.slot(buffer, i, spec)
+            continue
         tensor = torch.empty(spec.shape, dtype=ALLOWED_DTYPES[spec.dtype], device=channel.device)
         dist.broadcast(tensor, src=channel.leader, group=channel.data_group)
         env.tensors[spec.name] = tensor

@@ -151,16 +151,19 @@ def build_fingerprint(
     return {key: json.dumps(value, sort_keys=True, default=str) for key, value in sorted(fp.items())}
 
 
-def check_parity(side: SideChannel, fingerprint: dict[str, str], *, tag: str = "parity") -> None:
+IGNORE_HINT = "(a key that legitimately differs per rank or host goes in the profile's parity.ignore)"
+
+
+def check_parity(side: SideChannel, fingerprint: dict[str, str], *, tag: str = "parity", hint: str = IGNORE_HINT) -> None:
     """Raise ParityError on every rank if any rank's fingerprint differs (hash first)."""
     hashes = side.exchange(f"{tag}/hash", _digest(fingerprint))
     if len(set(hashes)) == 1:
         return
     per_rank = side.exchange(f"{tag}/full", fingerprint)
-    raise ParityError(format_mismatch(per_rank))
+    raise ParityError(format_mismatch(per_rank, hint=hint))
 
 
-def format_mismatch(per_rank: list[dict[str, str]]) -> str:
+def format_mismatch(per_rank: list[dict[str, str]], *, hint: str = IGNORE_HINT) -> str:
     """The diff table: only the keys whose values differ, one column per rank."""
     keys = sorted({k for fp in per_rank for k in fp})
     rows = []
@@ -175,7 +178,8 @@ def format_mismatch(per_rank: list[dict[str, str]]) -> str:
     return (
         f"ranks disagree on {len(rows)} fingerprint key(s): {names}\n"
         + tabulate(rows, headers=header, tablefmt="simple", disable_numparse=True)
-        + "\n(a key that legitimately differs per rank or host goes in the profile's parity.ignore)"
+        + "\n"
+        + hint
     )
 
 

@@ -268,6 +268,12 @@ class Session:
         contract = inputs if isinstance(inputs, CallContract) else CallContract(tensors=tuple(s.named(n) for n, s in inputs.items()))
         if self._plane is not None:
             raise ContractError("control_plane() called twice: one Session serves one control plane")
+        # Every rank derives the frame's layout from its own contract: they must agree
+        # before the first frame, or the first broadcast would not even line up.
+        check_parity(
+            self.side, contract_keys(contract), tag="contract",
+            hint="(every rank must describe the same inputs to control_plane(): the leader's calls are checked against it)",
+        )  # fmt: skip
         cache = cache or KVCache()
         if cache.reset_every is None:
             cache = KVCache(reset_every=self.config.drift.reset_every, reset_fn=cache.reset_fn)
@@ -334,7 +340,7 @@ class ControlPlane:
         self.contract = contract
         self.channel = Channel(
             control_group=session.side.group, data_group=dist.group.WORLD, device=session.device,
-            leader=LEADER, rank=session.rank, contract=contract,
+            leader=LEADER, rank=session.rank, contract=contract, layout=envelope.host_layout(contract, session.device),
         )  # fmt: skip
         self.cache = KVCacheLifecycle(reset_fn=cache.reset_fn)
         self.schedule = CacheSchedule(reset_every=int(cache.reset_every or 0))
@@ -484,6 +490,15 @@ def call_envelope(
         plan={"expected_generator_calls": expected_calls, "cache_op": op},
         meta={"phase": phase, **(meta or {}), **extra}, tensors=dict(tensors),
     )  # fmt: skip
+
+
+def contract_keys(contract: CallContract) -> dict[str, str]:
+    """The call contract as parity keys: each tensor's shape and dtype, their order, and
+    the region calls per envelope."""
+    keys = {f"contract.{s.name}": s.describe() for s in contract.tensors}
+    keys["contract.order"] = ",".join(s.name for s in contract.tensors)
+    keys["contract.expected_generator_calls"] = str(contract.expected_generator_calls)
+    return keys
 
 
 def tokens_of(tensors: dict[str, torch.Tensor]) -> int:

@@ -1,13 +1,16 @@
 """One rank of a real 2-rank gloo pair that runs every envelope / input-digest scenario
-in sequence and writes what it saw as JSON (``argv: rank port result_path``).
+in sequence and writes what it saw as JSON (``argv: rank port result_path mode``).
 
-Both ranks run the same scenario list in lockstep and speak the protocol as
-``worker.step`` does: every CALL is the control frame, then its tensors; a checked call
-carries the leader's input digest, which the follower compares with
-``drift.check_input``. Every scenario records, per rank, either ``{"ok": ..., ...}`` or
-the error it raised (class, message, root_cause_rank). Where a receiver refuses a frame
-after the leader committed it, the receiver drains that frame's tensors by hand (the
-test knows the manifest) so that later scenarios still run on an aligned channel. The process is
+Both ranks run the same scenario list in lockstep and speak the protocol as the
+Session's control plane does, the frame travelling as ``mode`` says: ``split`` (the
+control frame on the side group, then its tensors on the data group, as with device
+tensors) or ``fused`` (frame and tensors in one buffer on the data group, as on the
+host). A checked call carries the leader's input digest, which the follower compares
+with ``drift.check_input``. Every scenario records, per rank, either ``{"ok": ..., ...}``
+or the error it raised (class, message, root_cause_rank). Where a receiver refuses a
+split frame after the leader committed it, the receiver drains that frame's tensors by
+hand (the test knows the manifest) so that later scenarios still run on an aligned
+channel; a fused frame leaves nothing to drain. The process is
 bounded: gloo groups time out after 20 s and ``faulthandler`` ends it after 50 s
 whatever happens.
 """
@@ -36,6 +39,7 @@ from hardening.runtime.sidechannel import SideChannel  # noqa: E402
 RANK = int(sys.argv[1])
 PORT = int(sys.argv[2])
 RESULT = sys.argv[3]
+MODE = sys.argv[4]
 LEADER = 0
 CPU = torch.device("cpu")
 CONTRACT = CallContract(
@@ -46,7 +50,7 @@ CONTRACT = CallContract(
 )
 # Header+meta bytes that fit in the fixed control frame after the prefix.
 FRAME_ROOM = envelope.CONTROL_FRAME - 8 * envelope.PREFIX_LEN
-results: dict[str, Any] = {"rank": RANK, "pid": os.getpid(), "frame_room": FRAME_ROOM}
+results: dict[str, Any] = {"rank": RANK, "pid": os.getpid(), "frame_room": FRAME_ROOM, "mode": MODE}
 
 
 def make_tensors(k: int) -> dict[str, torch.Tensor]:
@@ -118,6 +122,9 @@ def describe(env: Envelope) -> dict[str, Any]:
         "shapes": {n: list(t.shape) for n, t in env.tensors.items()},
         "bits": {n: bits(t) for n, t in env.tensors.items()},
         "checksums": {n: checksum(t).tolist() for n, t in env.tensors.items()},
+        # Fused: every tensor a view of the one buffer that travelled, on a 64-byte boundary.
+        "storages": len({t.untyped_storage().data_ptr() for t in env.tensors.values()}),
+        "aligned": all(t.data_ptr() % 64 == 0 for t in env.tensors.values()),
     }
 
 
@@ -141,7 +148,10 @@ def error_of(exc: BaseException) -> dict[str, Any]:
 
 
 def drain(specs: list[tuple[tuple[int, ...], torch.dtype]], channel: Channel) -> None:
-    """Consume the tensors of a committed frame the receiver refused."""
+    """Consume the tensors of a committed split frame the receiver refused (a fused one
+    brought them in the same broadcast)."""
+    if channel.layout is not None:
+        return
     for shape, dtype in specs:
         dist.broadcast(torch.empty(shape, dtype=dtype), src=LEADER, group=channel.data_group)
 
@@ -182,7 +192,9 @@ def main() -> None:
         leader=LEADER,
         rank=RANK,
         contract=CONTRACT,
+        layout=envelope.host_layout(CONTRACT, CPU) if MODE == "fused" else None,
     )
+    assert (channel.layout is not None) == (MODE == "fused"), MODE
     is_leader = RANK == LEADER
     XC = [((2, 3), torch.float32), ((4,), torch.bfloat16)]
 
@@ -371,7 +383,9 @@ def main() -> None:
 
     # 14. SHUTDOWN on channels without a contract (a digest asked for is not sent: not a CALL).
     def shutdown() -> dict[str, Any]:
-        bare = Channel(control_group=side.group, data_group=dist.group.WORLD, device=CPU, leader=LEADER, rank=RANK)
+        bare = Channel(
+            control_group=side.group, data_group=dist.group.WORLD, device=CPU, leader=LEADER, rank=RANK, layout=channel.layout
+        )
         bare.last_call_id = 28
         if is_leader:
             env = envelope.send(Envelope(kind=Kind.SHUTDOWN, call_id=29, meta={"reason": "done"}), bare, digest=True)

@@ -22,15 +22,17 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
-_cache: dict[str, Any] = {}
+_cache: dict[tuple[str, str], Any] = {}
 
 
-def run_pair(timeout_s: float = 75.0) -> dict[int, dict[str, Any]]:
-    """Results of both ranks, keyed by rank; raises AssertionError with logs on failure."""
-    if "results" in _cache:
-        return _cache["results"]
-    if "failure" in _cache:
-        raise AssertionError(_cache["failure"])
+def run_pair(mode: str = "split", timeout_s: float = 75.0) -> dict[int, dict[str, Any]]:
+    """Results of both ranks, keyed by rank, with the frame travelling ``mode`` (``split``:
+    control frame, then tensors; ``fused``: one buffer); raises AssertionError with logs
+    on failure."""
+    if ("results", mode) in _cache:
+        return _cache["results", mode]
+    if ("failure", mode) in _cache:
+        raise AssertionError(_cache["failure", mode])
     import torch.distributed as dist
 
     master = dist.TCPStore("127.0.0.1", 0, None, True, timeout=timedelta(seconds=30), wait_for_workers=False)
@@ -43,7 +45,7 @@ def run_pair(timeout_s: float = 75.0) -> dict[int, dict[str, Any]]:
             logs.append(log)
             procs.append(
                 subprocess.Popen(
-                    [sys.executable, str(HERE / "envelope_pair.py"), str(rank), str(master.port), str(tmp / f"rank{rank}.json")],
+                    [sys.executable, str(HERE / "envelope_pair.py"), str(rank), str(master.port), str(tmp / f"rank{rank}.json"), mode],
                     cwd=REPO,
                     stdin=subprocess.DEVNULL,
                     stdout=log,
@@ -77,9 +79,9 @@ def run_pair(timeout_s: float = 75.0) -> dict[int, dict[str, Any]]:
             text = "\n".join(problems)
             for rank in (0, 1):
                 text += f"\n--- rank {rank} log ---\n" + (tmp / f"rank{rank}.log").read_text(errors="replace")[-4000:]
-            _cache["failure"] = text
+            _cache["failure", mode] = text
             raise AssertionError(text)
-        _cache["results"] = results
+        _cache["results", mode] = results
         shutil.rmtree(tmp, ignore_errors=True)  # kept only when it failed
         return results
     finally:
