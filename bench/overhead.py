@@ -35,7 +35,9 @@ piece of either rank shows on both), split into the region call and everything a
 (for B and C: the Session's work between two calls, plus the wait for the peer). The
 main table gives the median and the mean per call of each loop (the mean is block wall
 time over calls, so it also carries B's and C's guard enter/exit, once per block) and the
-ratios to F (the floor), A (bare) and S (stock). A last table times the runtime's local
+ratios to F (the floor), A (bare) and S (stock); "paired blocks" is the median of each
+block's wall time over the baseline's block of the same repeat (adjacent in time, so
+the machine's drift cancels). A last table times the runtime's local
 pieces alone, without any collective, so that collective latency and Python cost can be
 told apart.
 
@@ -47,7 +49,7 @@ lockstep and the compile gate, the SHUTDOWN envelope, the done barrier. Each ran
 wall times: anything else running on the machine's cores inflates every collective (the
 header prints the load average before and after the run).
 
-    python bench/overhead.py [--calls 100] [--repeats 15] [--hidden 256 ...]
+    python bench/overhead.py [--calls 20] [--repeats 100] [--hidden 256 ...]
 """
 
 from __future__ import annotations
@@ -410,7 +412,7 @@ def summarize(reports: list[dict[str, Any]], args: argparse.Namespace, elapsed: 
         lines.append(
             f"{v}/{base} ({what}): median {med[v, 0] / med[base, 0]:.3f} (rank 0), "
             + ", ".join(f"{med[v, r] / med[base, r]:.3f} (rank {r})" for r in ranks if r)
-            + f"; mean {mean[v, 0] / mean[base, 0]:.3f} (rank 0); absolute {1e3 * (med[v, 0] - med[base, 0]):+.3f} ms/call "
+            + f"; mean {mean[v, 0] / mean[base, 0]:.3f} (rank 0); paired blocks {statistics.median(block_ratios(v, base, 0)):.3f} (rank 0 median); absolute {1e3 * (med[v, 0] - med[base, 0]):+.3f} ms/call "
             f"(rank 0 median), {1e3 * (mean[v, 0] - mean[base, 0]):+.3f} ms/call (rank 0 mean)"
         )
 
@@ -450,8 +452,8 @@ def summarize(reports: list[dict[str, Any]], args: argparse.Namespace, elapsed: 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ranks", type=int, default=2)
-    parser.add_argument("--calls", type=int, default=100, help="calls per timed block")
-    parser.add_argument("--repeats", type=int, default=15, help="timed blocks per loop (interleaved)")
+    parser.add_argument("--calls", type=int, default=20, help="calls per timed block")
+    parser.add_argument("--repeats", type=int, default=100, help="timed blocks per loop (interleaved)")
     parser.add_argument("--warmup", type=int, default=8, help="untimed calls per loop before timing")
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--heads", type=int, default=8)

@@ -63,11 +63,9 @@ class RecompileAfterWarmup(Fault):
     int_params = ("call",)
 
     def wrap(self, original: Callable[..., Any]) -> Callable[..., Any]:
-        at_call = self.int_param("call", self.ctx.warmup_calls)
-
         def call_inputs(tensors: dict[str, torch.Tensor], call_id: int) -> dict[str, torch.Tensor]:
             tensors = original(tensors, call_id)
-            if not self.acts_here or call_id != at_call:
+            if not self.acts_here or call_id != self.at_call():
                 return tensors
             for name, t in tensors.items():
                 other = restrided(t) if isinstance(t, torch.Tensor) else None

@@ -90,8 +90,9 @@ class FaultContext:
 
     rank: int
     world_size: int
-    warmup_calls: int
-    """Warmup calls of the profile: call ids >= this are steady-state calls."""
+    warmup_calls: int | None = None
+    """Call ids >= this are steady-state calls: set by the loop when its steady state
+    starts (the program's own warmup, whatever a profile says), None until then."""
     on_fire: Callable[["Fault"], None] = lambda fault: None
     """Called once, when the fault first changes behaviour on this rank."""
     on_skip: Callable[["Fault"], None] = lambda fault: None
@@ -135,7 +136,7 @@ class Fault:
     def validate(cls, spec: FaultSpec, *, world_size: int, calls: int | None = None) -> None:
         """Usage check before launch: parameters and ranks exist, and ``call`` (when given
         and ``calls``, the number of calls a case runs, is known) is one that happens."""
-        cls(spec, FaultContext(rank=0, world_size=world_size, warmup_calls=1))
+        cls(spec, FaultContext(rank=0, world_size=world_size))
         for r in cls._ranks(spec, world_size):
             if not 0 <= r < world_size:
                 raise FaultSpecError(f"fault spec {spec.text!r}: rank {r} does not exist with {world_size} ranks")
@@ -157,6 +158,11 @@ class Fault:
     @property
     def acts_here(self) -> bool:
         return self.ctx.rank in self._ranks(self.spec, self.ctx.world_size)
+
+    def at_call(self) -> int | None:
+        """The call a fault with a ``call`` parameter acts at: ``call=``, else the first
+        steady-state call (None while that is not known yet)."""
+        return self.int_param("call", -1) if "call" in self.spec.params else self.ctx.warmup_calls
 
     def int_param(self, key: str, default: int) -> int:
         spec = getattr(self, "spec", None)

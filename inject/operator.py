@@ -24,9 +24,6 @@ class _AtCall(Fault):
     int_params = ("call",)
     default_ranks = "0"
 
-    def at_call(self) -> int:
-        return self.int_param("call", self.ctx.warmup_calls)
-
     def due(self, call_id: int) -> bool:
         return self.acts_here and call_id == self.at_call() and self.fired_at is None
 
@@ -262,6 +259,7 @@ class SkipCacheReset(Fault):
                 self.acts_here
                 and self.fired_at is None
                 and op == "reset"
+                and self.ctx.warmup_calls is not None
                 and call_id >= self.ctx.warmup_calls
             ):
                 self.fire()

@@ -54,6 +54,43 @@ def test_a_program_that_never_uses_the_runtime_is_never_a_pass(tmp_path: Path) -
     assert om01["verdict"] == "unknown"  # its fault never fired: unknown, never a pass
 
 
+_LONG_WARMUP = """
+import torch, torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
+import hardening.runtime as hr
+
+def make(k):
+    return {"x": torch.full((2, 4), float(k))}
+
+@hr.record
+def main():
+    with hr.Session.from_env(hr.RuntimeConfig()) as s:
+        layer = s.compile(lambda x: funcol.all_reduce(x * 2, "sum", dist.group.WORLD))
+        plane = s.control_plane({"x": hr.Spec(shape=(2, 4), dtype="float32")})
+        plane.warmup(layer, calls=4, make_inputs=make)  # the profile says 2
+        for c in plane.serve(4, make_inputs=make):
+            layer(c.x)
+
+main()
+"""
+
+
+@pytest.mark.multiproc
+@pytest.mark.timeout(200)
+def test_a_fault_acts_at_the_programs_first_steady_call_not_the_profiles(tmp_path: Path) -> None:
+    # The profile warms up 2 calls, the program 4: call 2 is still warmup there (inputs
+    # not digested), so a fault at the profile's first steady call would change an
+    # unchecked input and go unseen. It acts at call 4, the program's first steady call.
+    program = tmp_path / "long_warmup.py"
+    program.write_text(_LONG_WARMUP)
+    out, report = _hardening(tmp_path, "suite", "operator", "--only", "OM-11", "--program", str(program), "--json", "r.json")
+    assert out.returncode == ExitCode.OK, out.stdout[-4000:] + out.stderr[-3000:]
+    (case,) = report["cases"]
+    assert case["verdict"] == "pass", case
+    follower = case["ranks"][1]
+    assert follower["error_class"] == "DriftError" and "at call 4" in follower["message"], follower
+
+
 @pytest.mark.parametrize(
     "args, says",
     [

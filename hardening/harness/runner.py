@@ -355,8 +355,7 @@ class Runner:
             }
             # The fault spec is identical on every rank and part of every rank's parity.
             env = {
-                "HARDENING_FAULT": live.case.fault or "", "HARDENING_WARMUP_CALLS": str(self.profile.warmup_calls),
-                "RANK": str(rank), "WORLD_SIZE": str(self.world_size),
+                "HARDENING_FAULT": live.case.fault or "", "RANK": str(rank), "WORLD_SIZE": str(self.world_size),
             }  # fmt: skip
             line = json.dumps({"op": "spawn", "spec": spec, "env": env}) + "\n"
             try:

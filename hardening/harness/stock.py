@@ -41,7 +41,7 @@ def run_rank(spec: RankSpec, profile: Profile) -> NoReturn:
     try:
         store = store_keys.connect(spec.store_host, spec.store_port, prefix=spec.store_prefix, timeout_s=profile.timeouts.setup)
         state.on_phase = lambda phase: store.set(store_keys.key("phase", spec.rank), phase)
-        install_fault(state, store)
+        fault = install_fault(state, store)
         device, dtype = device_of(profile, spec.rank), DTYPES[profile.region.dtype]
 
         state.enter("init")
@@ -91,6 +91,8 @@ def run_rank(spec: RankSpec, profile: Profile) -> NoReturn:
         for k in range(warmup_calls):
             step(k, "warmup")
         state.enter("steady")
+        if fault is not None:
+            fault.warmup_calls = warmup_calls
         for call_id in range(warmup_calls, warmup_calls + profile.steps):
             step(call_id, "steady")
         if spec.rank == LEADER:

@@ -158,6 +158,7 @@ every call ships the whole buffer, used or not."""
 
 
 _ITEMSIZE = {name: torch.empty((), dtype=dtype).element_size() for name, dtype in ALLOWED_DTYPES.items()}
+_DTYPE_NAMES = {dtype: name for name, dtype in ALLOWED_DTYPES.items()}
 
 
 def _itemsize(dtype: str) -> int:
@@ -243,25 +244,7 @@ def preflight(env: Envelope, channel: Channel) -> tuple[bytes, bytes, list[Tenso
         raise PreflightError(f"call_id {env.call_id} does not follow {channel.last_call_id}: ids must be monotonic")
     contract = channel.contract
     assert contract is not None, "a CALL needs the call contract"
-    specs = []
-    for name, tensor in env.tensors.items():
-        dtype = str(tensor.dtype).removeprefix("torch.")
-        if dtype not in ALLOWED_DTYPES:
-            raise PreflightError(f"tensor {name!r} has dtype {dtype}, not in the allowed set {sorted(ALLOWED_DTYPES)}")
-        specs.append(TensorSpec(name=name, shape=tuple(tensor.shape), dtype=dtype))
-    expected = {s.name: s for s in contract.tensors}
-    extra = [s.name for s in specs if s.name not in expected]
-    if extra:
-        raise ContractError(f"tensor(s) {extra} are not in the call contract {list(expected)}: no ad-hoc broadcasts")
-    for spec in specs:
-        why = expected[spec.name].mismatch(spec)
-        if why:
-            raise PreflightError(f"tensor {spec.name!r} {why}")
-    missing = [n for n in expected if n not in env.tensors]
-    if missing:
-        raise PreflightError(f"tensor(s) {missing} required by the call contract are missing")
-    if [s.name for s in specs] != list(expected):
-        raise PreflightError(f"tensors in order {[s.name for s in specs]}, the call contract sends {list(expected)}")
+    specs = _as_contracted(env.tensors, contract) or _checked_specs(env, contract)
     calls = env.plan.get("expected_generator_calls")
     if calls != contract.expected_generator_calls:
         raise PreflightError(
@@ -283,11 +266,53 @@ def preflight(env: Envelope, channel: Channel) -> tuple[bytes, bytes, list[Tenso
             "call_id": env.call_id,
             "cache_epoch": env.cache_epoch,
             "plan": env.plan,
-            "tensor_specs": [[s.name, list(s.shape), s.dtype] for s in specs],
+            "tensor_specs": manifest(specs),
         },
         sort_keys=True, separators=(",", ":"), allow_nan=False,
     ).encode()  # fmt: skip
     return header, meta, specs
+
+
+def manifest(specs: list[TensorSpec] | tuple[TensorSpec, ...]) -> list[list[Any]]:
+    """The header's ``tensor_specs``: ``[name, shape, dtype]`` per tensor, in order."""
+    return [[s.name, list(s.shape), s.dtype] for s in specs]
+
+
+def _as_contracted(tensors: dict[str, Any], contract: CallContract) -> list[TensorSpec] | None:
+    """The contract's own entries when every tensor is exactly its entry (name, order,
+    dtype, shape): the common case, recognised without building anything. None sends the
+    call through the checks that name what differs."""
+    if len(tensors) != len(contract.tensors):
+        return None
+    for (name, tensor), spec in zip(tensors.items(), contract.tensors):
+        dtype = _DTYPE_NAMES.get(getattr(tensor, "dtype", None))
+        if name != spec.name or dtype != spec.dtype or tuple(getattr(tensor, "shape", ())) != spec.shape:
+            return None
+    return list(contract.tensors)
+
+
+def _checked_specs(env: Envelope, contract: CallContract) -> list[TensorSpec]:
+    """Each tensor's manifest entry, or the error naming the first that breaks the contract."""
+    specs = []
+    for name, tensor in env.tensors.items():
+        dtype = str(tensor.dtype).removeprefix("torch.")
+        if dtype not in ALLOWED_DTYPES:
+            raise PreflightError(f"tensor {name!r} has dtype {dtype}, not in the allowed set {sorted(ALLOWED_DTYPES)}")
+        specs.append(TensorSpec(name=name, shape=tuple(tensor.shape), dtype=dtype))
+    expected = {s.name: s for s in contract.tensors}
+    extra = [s.name for s in specs if s.name not in expected]
+    if extra:
+        raise ContractError(f"tensor(s) {extra} are not in the call contract {list(expected)}: no ad-hoc broadcasts")
+    for spec in specs:
+        why = expected[spec.name].mismatch(spec)
+        if why:
+            raise PreflightError(f"tensor {spec.name!r} {why}")
+    missing = [n for n in expected if n not in env.tensors]
+    if missing:
+        raise PreflightError(f"tensor(s) {missing} required by the call contract are missing")
+    if [s.name for s in specs] != list(expected):
+        raise PreflightError(f"tensors in order {[s.name for s in specs]}, the call contract sends {list(expected)}")
+    return specs
 
 
 CONTROL_FRAME = 1024
@@ -403,7 +428,11 @@ def receive(channel: Channel) -> Envelope:
         blob=blob,
         digest=list(struct.unpack_from(f"={digest_len}q", payload)) if digest_len else None,
     )
-    specs = [TensorSpec(name=n, shape=tuple(s), dtype=d) for n, s, d in header.get("tensor_specs", [])]
+    listed, contract = header.get("tensor_specs", []), channel.contract
+    if kind_ is Kind.CALL and contract is not None and listed == manifest(contract.tensors):
+        specs = list(contract.tensors)  # exactly the contract (the common case): nothing to build
+    else:
+        specs = [TensorSpec(name=n, shape=tuple(s), dtype=d) for n, s, d in listed]
     if kind_ is Kind.CALL:
         _validate_call(env, specs, count, channel)
     elif specs:
@@ -436,7 +465,7 @@ def _validate_call(env: Envelope, specs: list[TensorSpec], count: int, channel: 
     contract = channel.contract
     assert contract is not None, "a CALL needs the call contract"
     expected = {s.name: s for s in contract.tensors}
-    for spec in specs:
+    for spec in specs if specs != list(contract.tensors) else ():
         if spec.dtype not in ALLOWED_DTYPES:
             raise ContractError(f"manifest tensor {spec.name!r} has dtype {spec.dtype}, not allowed")
         if spec.name not in expected:

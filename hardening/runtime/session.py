@@ -151,6 +151,8 @@ class Session:
         self.terminator = Terminator(self.state, None)
         self.compile_config = config.compile
         self.probe: CompileProbe | None = None
+        self.fault: Any = None
+        """The installed fault's context, under a harness that set ``HARDENING_FAULT``."""
         self.side: SideChannel | None = None
         self.store: Any = None
         self._plane: ControlPlane | None = None
@@ -205,7 +207,7 @@ class Session:
         self.store = self._connect(t.setup)
         self.terminator.store = self._connect(t.setup)
         s.on_phase = lambda phase: self.store.set(store_keys.key("phase", self.rank), phase)
-        install_fault(self.state, self.store)  # before any seam it may replace is reached
+        self.fault = install_fault(self.state, self.store)  # before any seam it may replace is reached
         self.watchdog = Watchdog(
             s, self.terminator, self._connect(t.setup), heartbeat_s=t.heartbeat, peer_lost_s=t.peer_lost,
             first_heartbeat_s=t.setup, call_deadline_s=t.call_deadline, parent_pid=self._parent_pid,
@@ -440,6 +442,9 @@ class ControlPlane:
 
     def _calls(self, calls: int, make_inputs: Any, meta: dict[str, Any] | None) -> Iterator[Call]:
         self.session.state.enter("steady")
+        fault = self.session.fault
+        if fault is not None and fault.warmup_calls is None:
+            fault.warmup_calls = self.next_call  # a fault's "first steady call" is this program's
         with self._guard if self._guard is not None else contextlib.nullcontext():
             for _ in range(calls):
                 call = self._begin(make_inputs, phase="steady", meta=meta)
@@ -507,12 +512,13 @@ def tokens_of(tensors: dict[str, torch.Tensor]) -> int:
     return int(first.shape[-2]) if first is not None and first.dim() >= 2 else 1
 
 
-def install_fault(state: RankState, store: Any) -> None:
+def install_fault(state: RankState, store: Any) -> Any:
     """The fault ``HARDENING_FAULT`` names (set identically on every rank by a harness),
     acting on the ranks it names; when it acts or finds it cannot, the rank's record and
-    the store say so (the store first: the fault may kill the rank next)."""
+    the store say so (the store first: the fault may kill the rank next). Returns its
+    ``FaultContext`` (None without a fault): the loop tells it where steady state starts."""
     if not os.environ.get("HARDENING_FAULT", "").strip():
-        return
+        return None
     from hardening.inject import FaultContext, install_from_env  # only when asked: faults are test code
 
     def on_fire(fault: Any) -> None:
@@ -523,10 +529,9 @@ def install_fault(state: RankState, store: Any) -> None:
         state.fault_skipped = fault.skipped
         store.set(store_keys.key("skipped", state.rank), fault.skipped)
 
-    warmup_calls = int(os.environ.get("HARDENING_WARMUP_CALLS", "2"))
-    install_from_env(
-        FaultContext(rank=state.rank, world_size=state.world_size, warmup_calls=warmup_calls, on_fire=on_fire, on_skip=on_skip)
-    )
+    ctx = FaultContext(rank=state.rank, world_size=state.world_size, on_fire=on_fire, on_skip=on_skip)
+    install_from_env(ctx)
+    return ctx
 
 
 def summary(total: CompileCounters, steady: CompileCounters | None, *, warmup: CompileCounters) -> dict[str, Any]:
