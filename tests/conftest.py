@@ -34,3 +34,21 @@ def store_port() -> Iterator[int]:
         yield master.port
     finally:
         del master
+
+
+@pytest.fixture
+def probe() -> Iterator[object]:
+    """An installed ``CompileProbe`` on a freshly reset Dynamo, removed after the test."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters as dynamo_counters
+
+    from hardening.runtime.compile.probe import CompileProbe
+
+    # reset() clears registered callbacks, so it must come before install(), never after.
+    torch._dynamo.reset()
+    dynamo_counters.clear()
+    p = CompileProbe()
+    p.install()
+    yield p
+    p.remove()
+    torch._dynamo.reset()

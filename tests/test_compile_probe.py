@@ -1,37 +1,22 @@
-"""Compile health: counters against real torch.compile (backend eager, CPU), gates, guard."""
+"""The compile probe against real torch.compile (backend eager, CPU): graphs, compiles,
+recompiles and breaks with their reasons, checked against torch's own ground truth."""
 
 from __future__ import annotations
+
+import time
 
 import pytest
 import torch
 import torch._dynamo
 from torch._dynamo.utils import counters as dynamo_counters
 
-from hardening.runtime.compile.backend import compile_region, counting_backend
-from hardening.runtime.compile.counters import CompileCounters, local_gate_problems, normalize_reason, symmetry_problems
-from hardening.runtime.compile.guard import RecompileGuard
+from compile_harness import EAGER, _x
+from hardening.runtime.compile.backend import compile_region
+from hardening.runtime.compile.counters import CompileCounters, local_gate_problems
 from hardening.runtime.compile.probe import CompileProbe, graph_break_from_exception
-from hardening.runtime.compile.trace import start_torch_trace
 from hardening.runtime.config import CompileConfig, GateConfig
 
-EAGER = CompileConfig(backend="eager")
 GATES = GateConfig()
-
-
-@pytest.fixture
-def probe():
-    # reset() clears registered callbacks, so it must come before install(), never after.
-    torch._dynamo.reset()
-    dynamo_counters.clear()
-    p = CompileProbe()
-    p.install()
-    yield p
-    p.remove()
-    torch._dynamo.reset()
-
-
-def _x() -> torch.Tensor:
-    return torch.randn(4, 4)
 
 
 def test_clean_function(probe):
@@ -145,102 +130,6 @@ def test_recompile_counted_without_guard(probe):
     assert d.recompile_reasons == c.recompile_reasons[len(before.recompile_reasons) :]
 
 
-@pytest.mark.parametrize("mechanism", ["auto", "stance"])
-def test_recompile_guard_raises(probe, mechanism):
-    region = compile_region(lambda x: x.sum(0) * 3, EAGER, probe)
-    x = _x()
-    region(x)
-    guard = RecompileGuard(mechanism=mechanism)
-    with pytest.raises(RuntimeError) as info:
-        with guard:
-            region(x)  # a cache hit passes under the guard
-            region(x.t())
-    assert guard.mechanism == ("config" if mechanism == "auto" else "stance")
-    reason = RecompileGuard.reason(info.value)
-    assert reason is not None and "stride" in reason
-    assert RecompileGuard.reason(RuntimeError("something else")) is None
-    # The guard is gone after the block: the recompile is allowed again.
-    region(x.t())
-    assert probe.counters().recompiles >= 1
-
-
-def test_recompile_guard_rejects_unknown_mechanism():
-    with pytest.raises(ValueError):
-        RecompileGuard(mechanism="bogus")
-
-
-def test_symmetry_problems():
-    rank0 = CompileCounters(graphs=1, compiles=1, graph_signatures=["abc"])
-    rank1 = CompileCounters(
-        graphs=1, compiles=2, recompiles=1, graph_signatures=["abc"], recompile_reasons=["0/0: k == 1"]
-    )
-    problems = symmetry_problems([rank0, rank1])
-    recompiles = [p for p in problems if p.startswith("recompiles differ")]
-    assert recompiles == ["recompiles differ: rank 1 has 1 (reason: 0/0: k == 1), ranks 0 have 0"]
-    assert any(p.startswith("compiles differ") for p in problems)
-    same = CompileCounters.from_json(rank0.to_json())
-    assert symmetry_problems([rank0, same]) == []
-    assert symmetry_problems([rank0]) == []
-    # The majority is "the others"; the odd rank is named even when it is not the last.
-    three = symmetry_problems([rank1, rank0, CompileCounters.from_json(rank0.to_json())])
-    assert any(p.startswith("recompiles differ: rank 0 has 1") and p.endswith("ranks 1,2 have 0") for p in three)
-
-
-def test_normalize_reason():
-    a = "Unsupported method call <function all_reduce at 0x7f83cbffe660>\n  Developer debug context: x"
-    b = "Unsupported method call   <function all_reduce at 0x7fd7bb3ea660>\nother"
-    assert normalize_reason(a) == normalize_reason(b) == "Unsupported method call <function all_reduce at 0x?>"
-    assert normalize_reason("\n\n  first  line \nsecond") == "first line"
-    assert len(normalize_reason("x" * 1000)) <= 300
-    assert normalize_reason("0/0: ___check_obj_id(L['m'], 140234) x") == normalize_reason(
-        "0/0: ___check_obj_id(L['m'], 139999) x"
-    )
-
-
-def test_counters_json_round_trip_and_delta():
-    earlier = CompileCounters(graphs=1, compiles=1, graph_signatures=["s1"], notes=["n"])
-    later = CompileCounters(
-        graphs=3,
-        compiles=2,
-        recompiles=1,
-        graph_breaks=1,
-        break_reasons=["b"],
-        recompile_reasons=["r"],
-        graph_signatures=["s1", "s2", "s3"],
-        notes=["n"],
-    )
-    assert CompileCounters.from_json(later.to_json()) == later
-    d = later.delta(earlier)
-    assert (d.graphs, d.compiles, d.recompiles, d.graph_breaks) == (2, 1, 1, 1)
-    assert d.graph_signatures == ["s2", "s3"] and d.break_reasons == ["b"] and d.notes == ["n"]
-    with pytest.raises(ValueError):
-        earlier.delta(later)
-    with pytest.raises(ValueError):
-        CompileCounters.from_json({"graphs": 1, "bogus": 2})
-    with pytest.raises(ValueError):
-        CompileCounters.from_json({"graphs": -1})
-
-
-def test_compile_region_disabled_and_backend_validation(probe):
-    def fn(x):
-        return x + 1
-
-    assert compile_region(fn, CompileConfig(enabled=False), probe) is fn
-    with pytest.raises(ValueError):
-        counting_backend(probe, "cudagraphs")
-    with pytest.raises(ValueError):
-        counting_backend(probe, "inductor", mode="no-such-mode")
-    assert callable(counting_backend(probe, "inductor", mode="max-autotune-no-cudagraphs"))
-    counting_backend(probe, "eager", mode="max-autotune-no-cudagraphs")
-    assert any("ignored" in n for n in probe.counters().notes)
-
-
-def test_aot_eager_counts_graph(probe):
-    compile_region(lambda x: x.cos() * 2, CompileConfig(backend="aot_eager"), probe)(_x())
-    c = probe.counters()
-    assert (c.graphs, c.compiles, c.graph_breaks) == (1, 1, 0)
-
-
 def test_probe_requires_install_and_remove_is_idempotent():
     p = CompileProbe()
     with pytest.raises(ValueError):
@@ -290,24 +179,6 @@ def test_fallbacks_when_private_apis_are_missing(monkeypatch, capsys):
     assert c.graph_breaks == 1  # from counters["graph_break"] (a call-like break)
     assert any("start callback unavailable" in n for n in c.notes)
     assert any("graph_break_reasons unavailable" in n for n in c.notes)
-
-
-# -- torch trace artifact (best effort) ---------------------------------------------------
-
-
-def test_start_torch_trace_says_why_when_torch_cannot(monkeypatch, tmp_path) -> None:
-    # A torch without the structured-trace internals: an explanation, never an exception.
-    import torch._logging._internal as logs
-
-    monkeypatch.delattr(logs, "_init_logs")
-    out = start_torch_trace(str(tmp_path / "trace"))
-    assert out.startswith("unavailable: ") and "structured trace" in out
-    assert not (tmp_path / "trace").exists()
-
-
-# -- counts and reasons against torch's own ground truth, per kind of break ------------------
-
-import time  # noqa: E402
 
 
 def _call_like(x):
@@ -395,14 +266,14 @@ def test_breaks_match_torch_explain_and_name_the_users_line(fn, says, user_error
     else:
         assert c.graph_breaks == truth.graph_break_count == len(c.break_reasons)
         for reason in c.break_reasons:
-            assert says in reason and "test_compile_health.py:" in reason
-            assert line < int(reason.rsplit("test_compile_health.py:", 1)[1].split()[0]) <= line + 8
+            assert says in reason and "test_compile_probe.py:" in reason
+            assert line < int(reason.rsplit("test_compile_probe.py:", 1)[1].split()[0]) <= line + 8
     # Under fullgraph the same break raises; the reason names it and the user's line.
     with pytest.raises(Exception) as info:
         compile_region(fn, CompileConfig(backend="eager", fullgraph=True), CompileProbe())(x)
     torch._dynamo.reset()
     assert type(info.value).__name__ == ("UserError" if user_error else "Unsupported")
     reason = graph_break_from_exception(info.value)
-    assert reason is not None and "test_compile_health.py:" in reason, reason
+    assert reason is not None and "test_compile_probe.py:" in reason, reason
     if says and not user_error:
         assert says in reason
