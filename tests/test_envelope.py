@@ -451,6 +451,26 @@ def test_a_varying_contract_is_fused_at_its_largest_call_while_small() -> None:
     assert envelope.host_layout(CallContract(tensors=(big,)), torch.device("cpu")) is not None
 
 
+@pair_test
+def test_inputs_of_every_kind_round_trip_checked(pair: dict[int, dict[str, Any]]) -> None:
+    s, g = pair[0]["odd_inputs"], pair[1]["odd_inputs"]
+    assert s["ok"] and g["ok"], (s, g)
+    for side in (s, g):
+        assert side["shapes"] == {"b": [3], "e": [0], "ids": [1, 7], "t": [3, 2]}
+        assert side["dtypes"] == {"b": "torch.bool", "e": "torch.bfloat16", "ids": "torch.int64", "t": "torch.float32"}
+        assert all(side["equal"].values()), side["equal"]  # bit for bit, the follower's digest agreed
+        assert side["checked"]
+    assert g["aligned"] or pair[0]["mode"] == "split"
+
+
+def test_a_contract_must_hold_the_shape_it_is_described_with() -> None:
+    # (4, 8) with dim 0 declared 1..2 would size a slot for 2 rows and view 4: refused.
+    with pytest.raises(ValueError, match="dim 0 is 4 in its shape"):
+        TensorSpec(name="x", shape=(4, 8), dtype="float32", varying=((0, 1, 2),))
+    with pytest.raises(ValueError, match="varying dim 2 does not exist"):
+        TensorSpec(name="x", shape=(4, 8), dtype="float32", varying=((2, 1, 2),))
+
+
 def test_device_tensors_travel_split_where_they_live() -> None:
     assert envelope.host_layout(CONTRACT, torch.device("cuda", 0)) is None
     assert envelope.host_layout(None, torch.device("cpu")) is None

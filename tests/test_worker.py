@@ -150,7 +150,7 @@ main()
          {0: "ValueError", 1: "ValueError"}, "['compile.enabled'] are the runtime's own"),
         # Ranks that describe different inputs are named before the first frame, which
         # (fused on the host) would not even have the same size on both ranks.
-        ("contract-skew", "{}", "pass", {0: "ParityError", 1: "ParityError"}, "contract.x"),
+        ("contract-skew", "{}", "pass", {0: "ParityError", 1: "ParityError"}, "contract.tensor.x"),
     ],
 )
 def test_a_program_that_misuses_the_session_ends_with_a_named_cause(

@@ -11,9 +11,11 @@ channel from the call contract (:func:`host_layout`), identically on every rank:
 - **fused** (the data plane is the host, e.g. gloo on CPU): frame and tensors are one
   ``uint8`` buffer, one broadcast on the data group. Each tensor of the contract has a
   fixed, aligned slot after the frame (sized for its largest declared shape); receivers
-  get views into the buffer, no copy. A call costs exactly one collective before the
-  region -- fewer than a loop that broadcasts its raw input tensors one by one -- and a
-  frame is atomic: a receiver that refuses it has nothing left to drain.
+  get views into the buffer, no copy. A call costs one collective before the region (two
+  when digest, header and meta outgrow the frame) -- fewer than a loop that broadcasts
+  its raw input tensors one by one -- and a frame is atomic: a receiver that refuses it
+  has nothing left to drain. Every frame, SHUTDOWN and ERROR included, ships the whole
+  buffer: the price of a size that never depends on the call.
 - **split** (device tensors, e.g. NCCL; or a varying contract whose largest call would
   make the buffer large): the frame on the gloo control group, then the tensors of the
   manifest, in order, on the data group, where they live.
@@ -85,6 +87,16 @@ class TensorSpec:
     call to call (token count, sequence length) within ``low..high``; every other
     dimension, the rank and the dtype are fixed."""
 
+    def __post_init__(self) -> None:
+        for dim, low, high in self.varying:
+            if not -len(self.shape) <= dim < len(self.shape):
+                raise ValueError(f"tensor {self.name!r}: varying dim {dim} does not exist in shape {self.shape}")
+            if not 0 <= low <= self.shape[dim] <= high:
+                raise ValueError(
+                    f"tensor {self.name!r}: dim {dim} is {self.shape[dim]} in its shape {self.shape}, outside its "
+                    f"declared {low}..{high} (the bounds must hold the shape the contract is described with)"
+                )
+
     def mismatch(self, actual: "TensorSpec") -> str | None:
         """Why ``actual`` (a call's manifest entry) breaks this contract entry, or None."""
         if actual.dtype != self.dtype or len(actual.shape) != len(self.shape):
@@ -147,7 +159,7 @@ class Layout:
     def slot(self, buffer: torch.Tensor, index: int, spec: TensorSpec) -> torch.Tensor:
         """Tensor ``index`` of a call, shaped as its manifest entry says: a view into ``buffer``."""
         start = self.offsets[index]
-        nbytes = math.prod(spec.shape) * _itemsize(spec.dtype)
+        nbytes = math.prod(spec.shape) * _ITEMSIZE[spec.dtype]
         return buffer[start : start + nbytes].view(ALLOWED_DTYPES[spec.dtype]).view(spec.shape)
 
 
@@ -159,10 +171,6 @@ every call ships the whole buffer, used or not."""
 
 _ITEMSIZE = {name: torch.empty((), dtype=dtype).element_size() for name, dtype in ALLOWED_DTYPES.items()}
 _DTYPE_NAMES = {dtype: name for name, dtype in ALLOWED_DTYPES.items()}
-
-
-def _itemsize(dtype: str) -> int:
-    return _ITEMSIZE[dtype]
 
 
 def host_layout(contract: CallContract | None, device: torch.device) -> Layout | None:
@@ -177,7 +185,7 @@ def host_layout(contract: CallContract | None, device: torch.device) -> Layout |
             largest[dim % len(largest)] = high
         end = -(-end // _SLOT_ALIGN) * _SLOT_ALIGN
         offsets.append(end)
-        end += math.prod(largest) * _itemsize(spec.dtype)
+        end += math.prod(largest) * _ITEMSIZE[spec.dtype]
     varying = any(s.varying for s in contract.tensors)
     if varying and end > FUSE_VARYING_LIMIT:
         return None
@@ -337,7 +345,7 @@ def _bcast_control(
     raw = host_bytes(buffer)
     if prefix is not None:
         head = struct.pack(_PREFIX_FORMAT, *prefix) + payload[: CONTROL_FRAME - _PREFIX_BYTES]
-        raw[: len(head)] = head
+        raw[:CONTROL_FRAME] = head + bytes(CONTROL_FRAME - len(head))  # nothing uninitialized on the wire
     dist.broadcast(buffer, src=channel.leader, group=group)
     values = list(struct.unpack_from(_PREFIX_FORMAT, raw))
     length = 8 * values[6] + values[3] + values[4] if values[0] == MAGIC else 0
@@ -408,6 +416,8 @@ def receive(channel: Channel) -> Envelope:
         kind_ = Kind(kind)
     except ValueError:
         raise ContractError(f"unknown envelope kind {kind}") from None
+    if digest_len not in (0, digest_words(count)):
+        raise ContractError(f"the frame carries a {digest_len}-word input digest, {count} tensor(s) need {digest_words(count)}")
     blob = payload[8 * digest_len :]
     try:
         header = json.loads(blob[:header_len]) if header_len else {}
@@ -437,8 +447,6 @@ def receive(channel: Channel) -> Envelope:
         _validate_call(env, specs, count, channel)
     elif specs:
         raise ContractError(f"a {kind_.name} frame with {len(specs)} tensor(s): only a CALL carries tensors")
-    if digest_len not in (0, digest_words(count)):
-        raise ContractError(f"the frame carries a {digest_len}-word input digest, {count} tensor(s) need {digest_words(count)}")
     for i, spec in enumerate(specs):
         if channel.layout is not None:  # validated against the contract: it fits its slot
             env.tensors[spec.name] = channel.layout.slot(buffer, i, spec)

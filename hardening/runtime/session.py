@@ -151,7 +151,7 @@ class Session:
         self.terminator = Terminator(self.state, None)
         self.compile_config = config.compile
         self.probe: CompileProbe | None = None
-        self.fault: Any = None
+        self.fault_context: Any = None
         """The installed fault's context, under a harness that set ``HARDENING_FAULT``."""
         self.side: SideChannel | None = None
         self.store: Any = None
@@ -207,7 +207,7 @@ class Session:
         self.store = self._connect(t.setup)
         self.terminator.store = self._connect(t.setup)
         s.on_phase = lambda phase: self.store.set(store_keys.key("phase", self.rank), phase)
-        self.fault = install_fault(self.state, self.store)  # before any seam it may replace is reached
+        self.fault_context = install_fault(self.state, self.store)  # before any seam it may replace is reached
         self.watchdog = Watchdog(
             s, self.terminator, self._connect(t.setup), heartbeat_s=t.heartbeat, peer_lost_s=t.peer_lost,
             first_heartbeat_s=t.setup, call_deadline_s=t.call_deadline, parent_pid=self._parent_pid,
@@ -273,7 +273,7 @@ class Session:
         # Every rank derives the frame's layout from its own contract: they must agree
         # before the first frame, or the first broadcast would not even line up.
         check_parity(
-            self.side, contract_keys(contract), tag="contract",
+            self.side, contract_keys(contract, self.device), tag="runtime/contract",
             hint="(every rank must describe the same inputs to control_plane(): the leader's calls are checked against it)",
         )  # fmt: skip
         cache = cache or KVCache()
@@ -442,7 +442,7 @@ class ControlPlane:
 
     def _calls(self, calls: int, make_inputs: Any, meta: dict[str, Any] | None) -> Iterator[Call]:
         self.session.state.enter("steady")
-        fault = self.session.fault
+        fault = self.session.fault_context
         if fault is not None and fault.warmup_calls is None:
             fault.warmup_calls = self.next_call  # a fault's "first steady call" is this program's
         with self._guard if self._guard is not None else contextlib.nullcontext():
@@ -497,12 +497,14 @@ def call_envelope(
     )  # fmt: skip
 
 
-def contract_keys(contract: CallContract) -> dict[str, str]:
-    """The call contract as parity keys: each tensor's shape and dtype, their order, and
-    the region calls per envelope."""
-    keys = {f"contract.{s.name}": s.describe() for s in contract.tensors}
+def contract_keys(contract: CallContract, device: torch.device) -> dict[str, str]:
+    """The call contract as parity keys: each tensor's shape and dtype, their order, the
+    region calls per envelope, and how its frames travel from this rank's device."""
+    layout = envelope.host_layout(contract, device)
+    keys = {f"contract.tensor.{s.name}": s.describe() for s in contract.tensors}
     keys["contract.order"] = ",".join(s.name for s in contract.tensors)
     keys["contract.expected_generator_calls"] = str(contract.expected_generator_calls)
+    keys["contract.frame"] = f"fused, {layout.size} bytes" if layout is not None else "split"
     return keys
 
 

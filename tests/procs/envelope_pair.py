@@ -381,7 +381,47 @@ def main() -> None:
     scenario("after_unmovable", lambda: described_call(call(lambda: make_call(27)), 27))
     scenario("digest_both", digest(28, "both"))
 
-    # 14. SHUTDOWN on channels without a contract (a digest asked for is not sent: not a CALL).
+    # 14. Inputs of every awkward kind on a channel of their own: bool, a 0-element bf16,
+    #     token ids whose length varies (7 of up to 16), a non-contiguous float tensor on
+    #     the leader; checked, so the follower digests what arrived.
+    odd_contract = CallContract(
+        tensors=(
+            TensorSpec(name="b", shape=(3,), dtype="bool"),
+            TensorSpec(name="e", shape=(0,), dtype="bfloat16"),
+            TensorSpec(name="ids", shape=(1, 4), dtype="int64", varying=((1, 1, 16),)),
+            TensorSpec(name="t", shape=(3, 2), dtype="float32"),
+        )
+    )
+    odd = Channel(
+        control_group=side.group, data_group=dist.group.WORLD, device=CPU, leader=LEADER, rank=RANK, contract=odd_contract,
+        layout=envelope.host_layout(odd_contract, CPU) if MODE == "fused" else None,
+    )  # fmt: skip
+
+    def odd_tensors() -> dict[str, torch.Tensor]:
+        t = torch.arange(6, dtype=torch.float32).reshape(2, 3).t()  # (3, 2), not contiguous
+        return {"b": torch.tensor([True, False, True]), "e": torch.empty(0, dtype=torch.bfloat16),
+                "ids": torch.arange(7).reshape(1, 7), "t": t}  # fmt: skip
+
+    def odd_inputs() -> dict[str, Any]:
+        env = Envelope(kind=Kind.CALL, call_id=0, cache_epoch=1, plan={"expected_generator_calls": 1, "cache_op": "advance"})
+        if is_leader:
+            env.tensors = odd_tensors()
+            env = envelope.send(env, odd, digest=True)
+        else:
+            env = envelope.receive(odd)
+            drift.check_input(env, rank=RANK, leader=LEADER)
+        source = odd_tensors()
+        return {
+            "shapes": {n: list(t.shape) for n, t in env.tensors.items()},
+            "dtypes": {n: str(t.dtype) for n, t in env.tensors.items()},
+            "equal": {n: bool(torch.equal(t, source[n])) for n, t in env.tensors.items()},
+            "aligned": all(t.data_ptr() % 64 == 0 for t in env.tensors.values() if t.numel()),
+            "checked": env.digest is not None,
+        }
+
+    scenario("odd_inputs", odd_inputs)
+
+    # 15. SHUTDOWN on channels without a contract (a digest asked for is not sent: not a CALL).
     def shutdown() -> dict[str, Any]:
         bare = Channel(
             control_group=side.group, data_group=dist.group.WORLD, device=CPU, leader=LEADER, rank=RANK, layout=channel.layout
