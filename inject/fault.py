@@ -162,9 +162,9 @@ class Fault:
     def at_call(self) -> int | None:
         """The call a fault with a ``call`` parameter acts at: ``call=``, else the first
         steady-state call (None while that is not known yet)."""
-        return self.int_param("call", -1) if "call" in self.spec.params else self.ctx.warmup_calls
+        return self.int_param("call", self.ctx.warmup_calls)
 
-    def int_param(self, key: str, default: int) -> int:
+    def int_param(self, key: str, default: int | None) -> int | None:
         spec = getattr(self, "spec", None)
         return _int_param(spec.params if spec else {}, key, default, spec.text if spec else "")
 
@@ -207,7 +207,7 @@ def flip_low_bit(tensor: Any, index: int = 0) -> None:
         bits[index] ^= 1
 
 
-def _int_param(params: dict[str, str], key: str, default: int, text: str) -> int:
+def _int_param(params: dict[str, str], key: str, default: int | None, text: str) -> int | None:
     value = params.get(key)
     if value is None:
         return default

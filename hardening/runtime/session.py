@@ -272,14 +272,15 @@ class Session:
             raise ContractError("control_plane() called twice: one Session serves one control plane")
         # Every rank derives the frame's layout from its own contract: they must agree
         # before the first frame, or the first broadcast would not even line up.
+        layout = envelope.host_layout(contract, self.device)
         check_parity(
-            self.side, contract_keys(contract, self.device), tag="runtime/contract",
+            self.side, contract_keys(contract, layout), tag="runtime/contract",
             hint="(every rank must describe the same inputs to control_plane(): the leader's calls are checked against it)",
         )  # fmt: skip
         cache = cache or KVCache()
         if cache.reset_every is None:
             cache = KVCache(reset_every=self.config.drift.reset_every, reset_fn=cache.reset_fn)
-        self._plane = ControlPlane(self, contract, cache)
+        self._plane = ControlPlane(self, contract, cache, layout)
         self.store.set(store_keys.key("ready", self.rank), "1")  # past build
         return self._plane
 
@@ -337,12 +338,12 @@ class Session:
 class ControlPlane:
     """The per-call envelope between the leader and every other rank."""
 
-    def __init__(self, session: Session, contract: CallContract, cache: KVCache) -> None:
+    def __init__(self, session: Session, contract: CallContract, cache: KVCache, layout: envelope.Layout | None) -> None:
         self.session = session
         self.contract = contract
         self.channel = Channel(
             control_group=session.side.group, data_group=dist.group.WORLD, device=session.device,
-            leader=LEADER, rank=session.rank, contract=contract, layout=envelope.host_layout(contract, session.device),
+            leader=LEADER, rank=session.rank, contract=contract, layout=layout,
         )  # fmt: skip
         self.cache = KVCacheLifecycle(reset_fn=cache.reset_fn)
         self.schedule = CacheSchedule(reset_every=int(cache.reset_every or 0))
@@ -497,10 +498,9 @@ def call_envelope(
     )  # fmt: skip
 
 
-def contract_keys(contract: CallContract, device: torch.device) -> dict[str, str]:
+def contract_keys(contract: CallContract, layout: envelope.Layout | None) -> dict[str, str]:
     """The call contract as parity keys: each tensor's shape and dtype, their order, the
-    region calls per envelope, and how its frames travel from this rank's device."""
-    layout = envelope.host_layout(contract, device)
+    region calls per envelope, and how its frames travel (``layout``, from this rank's device)."""
     keys = {f"contract.tensor.{s.name}": s.describe() for s in contract.tensors}
     keys["contract.order"] = ",".join(s.name for s in contract.tensors)
     keys["contract.expected_generator_calls"] = str(contract.expected_generator_calls)
