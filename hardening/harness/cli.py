@@ -87,9 +87,25 @@ def _parser() -> argparse.ArgumentParser:
         "--torch-trace", action="store_true",
         help="every rank writes torch's structured compile trace to rank<r>/torch_trace/ (for tlparse)",
     )  # fmt: skip
+    s.add_argument(
+        "--baseline", metavar="FILE",
+        help="compare what the region compiles to with FILE (hardening baseline update): fail on a new break, "
+        "graph, recompile or collective",
+    )  # fmt: skip
+    s.add_argument(
+        "--fail-on-improvement", action="store_true",
+        help="with --baseline: also fail when the region compiles better than FILE records (ratchet the file)",
+    )  # fmt: skip
     s.add_argument("--json", metavar="FILE", help="write the JSON report here")
     s.add_argument("--junit", metavar="FILE", help="write a JUnit XML report here")
     s.add_argument("--artifacts", metavar="DIR", help="run directory (default .hardening/runs/<time>-<suite>)")
+    b = sub.add_parser("baseline", help="record what a region compiles to, per rank, for suite --baseline")
+    b.add_argument("action", choices=["update"], help="update: run the control case and write its entries")
+    b.add_argument("--out", metavar="FILE", required=True, help="the baseline file (other regions' entries are kept)")
+    b.add_argument("--target", help="region factory module:function or file.py:function (overrides region.target)")
+    b.add_argument("--profile", help=f"shipped profile name or a YAML file; default {DEFAULT_PROFILE}")
+    b.add_argument("--ranks", type=int, help="number of ranks (overrides world.ranks)")
+    b.add_argument("--artifacts", metavar="DIR", help="run directory (default .hardening/runs/<time>-baseline)")
     ls = sub.add_parser("list", help="show the operator matrix: id, fault, expectation, budget")
     ls.add_argument("suite", nargs="?", default="all")
     f = sub.add_parser("fault", help="check a fault spec (name:rank=N:call=K) and say what it does")
@@ -117,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "suite":
             return _suite(args, stop)
+        if args.command == "baseline":
+            return _baseline_update(args, stop)
         if args.command == "list":
             return _list(args)
         if args.command == "fault":
@@ -348,41 +366,57 @@ def _make_run_dir(artifacts: str | None, suite: str) -> Path:
 
 def _suite(args: argparse.Namespace, stop: StopRequest) -> int:
     # 1. The request, checked whole before anything starts: profile and flags, cases,
-    #    target form, report paths; then the run directory.
+    #    target form, baseline, report paths; then the run directory.
     profile = _load_profile(args)
     cases = _select_cases(args.name, args.only, profile.world.ranks)
     if not cases:
         return ExitCode.NO_CASES
     target_source = _validate(profile, cases, args)
+    gate = _baseline_gate(profile, cases, args) if args.baseline is not None else None
+    if args.fail_on_improvement and gate is None:
+        raise UsageError("--fail-on-improvement needs --baseline FILE")
     outputs = {flag: _check_output(path, flag) for flag, path in (("--json", args.json), ("--junit", args.junit)) if path is not None}
     if len(set(outputs.values())) < len(outputs):
         raise UsageError("--json and --junit name the same file")
-    if args.artifacts is not None:
-        _refuse_reports_inside(outputs, Path(args.artifacts).expanduser().resolve())
-    run_dir = _make_run_dir(args.artifacts, args.name)
+    run_dir = _new_run_dir(args.artifacts, args.name, outputs)
+
+    # 2. Run; 3. judge what the control compiled to against the baseline; 4. reports.
+    result, internal = _run_cases(args.name, profile, cases, run_dir, stop, target_source)
+    if gate is not None:
+        gate.judge(result)
+    return _report(result, run_dir, outputs, internal, after=gate.summary() if gate is not None else "")
+
+
+def _new_run_dir(artifacts: str | None, suite: str, outputs: dict[str, Path]) -> Path:
+    if artifacts is not None:
+        _refuse_reports_inside(outputs, Path(artifacts).expanduser().resolve())
+    run_dir = _make_run_dir(artifacts, suite)
     try:
         _refuse_reports_inside(outputs, run_dir)
     except UsageError:
-        if args.artifacts is None:
+        if artifacts is None:
             run_dir.rmdir()  # ours, new and empty
         raise
+    return run_dir
 
-    from hardening.harness.reports import render_table, write_json, write_junit
+
+def _run_cases(suite: str, profile, cases: list, run_dir: Path, stop: StopRequest, target_source: str):
+    """Every case through one Runner; returns the result and the internal error, if any.
+    The result object is ours: every case the runner finishes is in it, whatever ends the
+    run (a signal, a dead fork server, a bug here)."""
     from hardening.harness.results import SuiteResult
     from hardening.harness.runner import HarnessError, Runner, TargetError
 
     print(
-        f"hardening: suite {args.name}, {len(cases)} case(s), {profile.world.ranks} ranks, "
+        f"hardening: suite {suite}, {len(cases)} case(s), {profile.world.ranks} ranks, "
         f"profile {profile.name} ({profile.world.backend}/{profile.world.device}, compile "
         f"{profile.compile.backend if profile.compile.enabled else 'off'}"
         f"{', fullgraph' if profile.compile.fullgraph else ''})"
         f"{f', program {profile.program}' if profile.program else ''}, run dir {run_dir}",
         file=sys.stderr,
     )
-    # 2. Run. The result object is ours: every case the runner finishes is in it, whatever
-    #    ends the run (a signal, a dead fork server, a bug here).
     result = SuiteResult(
-        suite=args.name, profile=profile.name, num_ranks=profile.world.ranks, run_dir=str(run_dir), started_at=time.time()
+        suite=suite, profile=profile.name, num_ranks=profile.world.ranks, run_dir=str(run_dir), started_at=time.time()
     )
     internal = None
     try:
@@ -401,13 +435,18 @@ def _suite(args: argparse.Namespace, stop: StopRequest) -> int:
     if stop.requested:
         result.interrupted = True
         result.interrupted_by = stop.signal_name
+    return result, internal
 
-    # 3. Reports: the run's own result.json first (it must exist whatever follows), then
-    #    the table, then the files the user asked for.
+
+def _report(result, run_dir: Path, outputs: dict[str, Path], internal: str | None, *, after: str = "") -> int:
+    """The run's own result.json first (it must exist whatever follows), then the table
+    (and ``after`` it), then the files the user asked for; returns the exit code."""
+    from hardening.harness.reports import render_table, write_json, write_junit
+
     write_json(result, run_dir / "result.json")
     _link_latest(run_dir)
     try:
-        print(render_table(result), flush=True)
+        print(render_table(result) + (f"\n\n{after}" if after else ""), flush=True)
     except BrokenPipeError:  # `hardening suite ... | head`: the reports below still get written
         _silence_stdout()
     lost = False
@@ -421,6 +460,152 @@ def _suite(args: argparse.Namespace, stop: StopRequest) -> int:
         print(f"hardening: internal error: {internal}", file=sys.stderr)
     code = exit_code_for(result)
     return ExitCode.INTERNAL_ERROR if lost and code is not ExitCode.INTERRUPTED else code
+
+
+# -- baselines -----------------------------------------------------------------------------
+
+CONTROL_CASE = "C-00"
+"""The unfaulted compile case: what a baseline records and what --baseline judges."""
+
+
+class _BaselineGate:
+    """``suite --baseline FILE``: the runtime's break and recompile gates opened to what
+    the file records (so known breaks pass and one more still trips C-02), then the
+    control's per-rank counters compared with the file."""
+
+    def __init__(self, path: str, region: str, filed_as: str, expected: dict, ratchet: str, *, fail_on_improvement: bool):
+        self.path, self.region, self.filed_as, self.expected = path, region, filed_as, expected
+        self.ratchet, self.fail_on_improvement = ratchet, fail_on_improvement
+        self.comparison = None
+        self.unchecked = ""
+
+    def judge(self, result) -> None:
+        from hardening.harness.baseline import RankCompile, compare
+        from hardening.harness.results import Verdict
+
+        control = next((c for c in result.cases if c.id == CONTROL_CASE), None)
+        run = {r.rank: RankCompile.from_counters(r.counters) for r in (control.ranks if control else []) if r.counters}
+        if control is None or sorted(run) != sorted(self.expected):
+            self.unchecked = f"{CONTROL_CASE} " + ("was not run" if control is None else "ended before every rank counted")
+            return
+        self.comparison = c = compare(self.expected, run)
+        completed = control.verdict is Verdict.PASS
+        if not completed:
+            # A control the runtime's gate stopped: its counters still name what is new,
+            # but fewer of anything proves nothing about a run cut short.
+            c.improvements, c.moved = [], []
+        failing = c.regressions + (c.improvements if self.fail_on_improvement else [])
+        if failing:
+            control.verdict = Verdict.FAIL
+            more = f" (+{len(failing) - 1} more)" if len(failing) > 1 else ""
+            control.reason = f"baseline {self.path}: {failing[0]}{more}" + ("" if completed else f"; {control.reason}")
+        result.baseline = {
+            "file": self.path, "region": self.region, "filed_as": self.filed_as, "regressions": c.regressions,
+            "improvements": c.improvements, "moved": c.moved, "ratchet": self.ratchet,
+        }  # fmt: skip
+
+    def summary(self) -> str:
+        """What the comparison found, for after the table; "" when nothing changed."""
+        c = self.comparison
+        lines = []
+        if self.filed_as != self.region:
+            lines.append(f"baseline {self.path}: region {self.region} compared with {self.filed_as}, the only region it holds")
+        if c is None:
+            lines.append(f"baseline {self.path}: not checked: {self.unchecked}")
+            return "\n".join(lines)
+        lines += [f"baseline {self.path}: REGRESSION {line}" for line in c.regressions]
+        lines += [f"baseline {self.path}: improved: {line}" for line in c.improvements]
+        lines += [f"baseline {self.path}: stale: {line}" for line in c.moved]
+        if c.improvements or c.moved:
+            lines.append(f"ratchet the baseline: {self.ratchet}")
+        return "\n".join(lines)
+
+
+def _region_of(profile, flag: str) -> str:
+    from hardening.harness.baseline import region_name
+
+    if profile.program is not None:
+        raise UsageError(f"{flag} works on regions (--target): a --program runs its own Session with its own gates")
+    return region_name(profile.region.target)
+
+
+def _ratchet_command(args: argparse.Namespace, out: str) -> str:
+    import shlex
+
+    words = ["hardening", "baseline", "update"]
+    for flag in ("target", "profile", "ranks"):
+        if getattr(args, flag, None) is not None:
+            words += [f"--{flag}", str(getattr(args, flag))]
+    return shlex.join([*words, "--out", out])
+
+
+def _baseline_gate(profile, cases: list, args: argparse.Namespace) -> "_BaselineGate":
+    from hardening.harness.baseline import BaselineError, load, renamed, select
+
+    region = _region_of(profile, "--baseline")
+    if not profile.compile.enabled:
+        raise UsageError(f"--baseline: compile is off in profile {profile.name}: there is nothing to compare")
+    try:
+        filed_as, expected = select(load(args.baseline), region, profile.name, source=args.baseline)
+    except BaselineError as exc:
+        raise UsageError(f"--baseline {exc}") from None
+    expected = renamed(expected, filed_as, region)
+    if sorted(expected) != list(range(profile.world.ranks)):
+        raise UsageError(
+            f"--baseline {args.baseline}: records ranks {','.join(map(str, sorted(expected)))} of {filed_as}, "
+            f"this run has {profile.world.ranks}; record this world size with {_ratchet_command(args, args.baseline)}"
+        )
+    if CONTROL_CASE not in {c.id for c in cases}:
+        print(f"hardening: --baseline: {CONTROL_CASE} is not selected: only the gates are opened to the baseline", file=sys.stderr)
+    # Known breaks and recompiles pass the runtime's gates; one more still trips them.
+    profile.gates.max_graph_breaks = max(len(r.breaks) for r in expected.values())
+    profile.gates.max_recompiles = max(r.recompiles for r in expected.values())
+    return _BaselineGate(
+        args.baseline, region, filed_as, expected, _ratchet_command(args, args.baseline),
+        fail_on_improvement=args.fail_on_improvement,
+    )  # fmt: skip
+
+
+def _baseline_update(args: argparse.Namespace, stop: StopRequest) -> int:
+    """Run the control case with the gates open and write what every rank compiled."""
+    from hardening.harness import baseline
+    from hardening.harness.results import Verdict
+
+    # 1. The request: profile, region, the file (readable if it exists, writable).
+    profile = _load_profile(args)
+    region = _region_of(profile, "baseline update")
+    if not profile.compile.enabled:
+        raise UsageError(f"baseline update: compile is off in profile {profile.name}: there is nothing to record")
+    out = _check_output(args.out, "--out")
+    existing: list = []
+    if out.exists():
+        try:
+            existing = baseline.load(args.out)
+        except baseline.BaselineError as exc:
+            raise UsageError(f"--out {exc} (fix or remove it; other regions' entries are kept)") from None
+    cases = _select_cases("compile", CONTROL_CASE, profile.world.ranks)
+    target_source = _validate(profile, cases, args)
+    profile.gates.max_graph_breaks = profile.gates.max_recompiles = 1_000_000  # record, don't judge
+    run_dir = _new_run_dir(args.artifacts, "baseline", {"--out": out})
+
+    # 2. Run the control; 3. write the file only from a control that completed.
+    result, internal = _run_cases("baseline", profile, cases, run_dir, stop, target_source)
+    control = result.cases[0] if result.cases else None
+    if control is None or control.verdict is not Verdict.PASS or internal:
+        why = control.reason if control is not None else (result.harness_error or "the run was stopped")
+        return _report(result, run_dir, {}, internal, after=f"baseline {args.out}: not written: {CONTROL_CASE} did not complete: {why}")
+    per_rank = {r.rank: baseline.RankCompile.from_counters(r.counters) for r in control.ranks}
+    entries = [e for rank, rc in sorted(per_rank.items()) for e in rc.entries(region, profile.name, rank)]
+    before = baseline.regions(existing).get((region, profile.name))
+    baseline.write(out, baseline.merged(existing, region, profile.name, entries))
+    change = "new" if before is None else ("unchanged" if baseline.compare(before, per_rank).unchanged else "updated")
+    breaks = max(len(rc.breaks) for rc in per_rank.values())
+    graphs = max(rc.graphs for rc in per_rank.values())
+    return _report(
+        result, run_dir, {}, internal,
+        after=f"baseline {args.out}: {change}: {region} under profile {profile.name}, {len(per_rank)} ranks, "
+        f"{graphs} graph(s), {breaks} break site(s), {len(entries)} entries",
+    )  # fmt: skip
 
 
 def _link_latest(run_dir: Path) -> None:

@@ -150,6 +150,9 @@ class SuiteResult:
     environment: dict[str, Any] = field(default_factory=dict)
     harness_error: str | None = None
     """Set when the harness could not run the suite at all."""
+    baseline: dict[str, Any] | None = None
+    """With ``--baseline``: the file, its regressions, improvements and stale entries, and
+    the command that ratchets it (``harness.baseline.Comparison``)."""
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -164,6 +167,7 @@ class SuiteResult:
             "run_dir": self.run_dir,
             "environment": self.environment,
             "harness_error": self.harness_error,
+            "baseline": self.baseline,
             "summary": summarize(self),
             "cases": [c.to_json() for c in self.cases],
         }

@@ -115,6 +115,40 @@ def graph_collectives(gm: Any) -> list[Activity]:
     return found
 
 
+def collective_signature(node: Any) -> str:
+    """One line for a collective node of an FX graph, the same on every rank that issues
+    the same collective: ``all_reduce(sum) of float32 (8, 64) on group '0' at tp.py:31``.
+    Everything before `` at `` is what ranks must agree on; the line only says where."""
+    op = _OP_IN_LINE.search(str(node.target))
+    name = op.group(1) if op is not None else _op_name(node.target)
+    strings = [a for a in (node.args[1:] if node.args else ()) if isinstance(a, str)]
+    reduce_op = next((a for a in strings if not a.isdigit()), "")
+    group = next((a for a in strings if a.isdigit()), "")
+    value = node.meta.get("example_value", node.meta.get("val"))
+    shape = getattr(value, "shape", None)
+    dtype = str(getattr(value, "dtype", "?")).removeprefix("torch.")
+    dims = "?" if shape is None else "(" + ", ".join(str(s) for s in shape) + ("," if len(shape) == 1 else "") + ")"
+    text = f"{name}({reduce_op}) of {dtype} {dims}" + (f" on group {group!r}" if group else "")
+    where = _user_line(node.meta.get("stack_trace") or "")
+    return text + (f" at {where}" if where else "")
+
+
+def graph_collective_signatures(gm: Any) -> list[str]:
+    """:func:`collective_signature` of every collective an FX graph issues, in order."""
+    return [
+        collective_signature(node)
+        for node in getattr(getattr(gm, "graph", None), "nodes", ())
+        if node.op == "call_function"
+        and (op := _OP_IN_LINE.search(str(node.target))) is not None
+        and op.group(1) not in ("wait_tensor", "wait")
+    ]
+
+
+def without_location(signature: str) -> str:
+    """The part of a collective signature ranks must agree on (its line may differ)."""
+    return signature.rsplit(" at ", 1)[0]
+
+
 def record_graph(gm: Any, compiled: Any, record: IssuedRecord = ISSUED) -> Any:
     """``compiled`` (a backend's output for ``gm``) noting its collectives in ``record``
     each time it returns. Graphs without collectives are returned as they are: the

@@ -133,11 +133,17 @@ class CompileCounters:
     graph_signatures: list[str] = field(default_factory=list)
     """Short hash of each graph's op sequence; rank-independent, unlike ``gm.code``."""
 
+    graph_collectives: list[str] = field(default_factory=list)
+    """Per graph, in order: the collectives it issues (``activity.collective_signature``,
+    joined by ``"; "``), ``""`` for a graph that issues none."""
+
     notes: list[str] = field(default_factory=list)
     """Feature-detection fallbacks taken, each saying which weaker signal was used instead."""
 
     _INT_FIELDS = ("graphs", "compiles", "recompiles", "graph_breaks")
-    _LIST_FIELDS = ("break_reasons", "skip_reasons", "recompile_reasons", "graph_signatures", "notes")
+    _LIST_FIELDS = (
+        "break_reasons", "skip_reasons", "recompile_reasons", "graph_signatures", "graph_collectives", "notes",
+    )  # fmt: skip
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict (plain ints and lists of str)."""

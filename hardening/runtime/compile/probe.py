@@ -27,6 +27,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from hardening.runtime.activity import graph_collective_signatures
 from hardening.runtime.compile.counters import (
     _ADDRESS,
     _CHAINED_BREAK,
@@ -121,6 +122,9 @@ class CompileProbe:
         self._callback: Callable[..., None] | None = None
         self._compile_ids: list[str] = []
         self._graph_sigs: list[str] = []
+        self._graph_collectives: list[str] = []
+        self.graphs: list[Any] = []
+        """The FX graph modules the counting backend received, in order (for debug dumps)."""
         self._notes: list[str] = []
         # Global lists are consumed incrementally (from the callback, the backend and
         # counters()) so a bounded or reset global loses as little as possible.
@@ -309,8 +313,11 @@ class CompileProbe:
     def note_graph(self, gm: Any) -> None:
         """A graph Dynamo produced: its op signature, then the counters it changed."""
         signature = graph_signature(gm)
+        collectives = "; ".join(graph_collective_signatures(gm))
         with self._lock:
             self._graph_sigs.append(signature)
+            self._graph_collectives.append(collectives)
+            self.graphs.append(gm)
         self._sync()
 
     # ---- reading ----------------------------------------------------------------------------
@@ -362,6 +369,7 @@ class CompileProbe:
                 skip_reasons=list(self._skip_reasons),
                 recompile_reasons=list(self._recompile_reasons),
                 graph_signatures=list(self._graph_sigs),
+                graph_collectives=list(self._graph_collectives),
                 notes=list(self._notes),
             )
 
