@@ -3,8 +3,11 @@
 Rank 0 all-reduces inside ``forward``, rank 1 does not (a branch on the rank, as code
 that logs or debugs "on the first rank only" does). Without the runtime both ranks wait
 for the process-group timeout (30 s here, 1800 s with gloo's default, 600 s NCCL's).
-With it, the first warmup call ends at ``timeouts.call_deadline`` on every rank: rank 0
-names the collective it is blocked in and the line of this file that issued it.
+With it, every rank raises ``CompileGateError: collectives differ across ranks in call 0
+... rank 0: all_reduce(sum) of float32 (8, 64) on group '0' at conditional_collective.py:32;
+rank 1: none`` right after the first compile, before rank 0 issues it. With
+``compile: {check_collectives: false}`` the first warmup call ends at
+``timeouts.call_deadline`` instead: rank 0 names the collective it is blocked in.
 
     hardening suite compile --only C-00 --target examples/conditional_collective.py:build
 """

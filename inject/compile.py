@@ -1,4 +1,4 @@
-"""Compile-family faults (C-01..C-04, W-01): divergence in how ranks compile and warm up."""
+"""Compile-family faults (C-01..C-05, W-01): divergence in how ranks compile and warm up."""
 
 from __future__ import annotations
 
@@ -39,20 +39,63 @@ class GraphBreak(Fault):
             module = original(module)
             if not self.acts_here:
                 return module
-            forward = module.forward if isinstance(module, torch.nn.Module) else module
 
-            def forward_with_break(*args: Any, **kwargs: Any) -> Any:
-                out = forward(*args, **kwargs)
-                torch._dynamo.graph_break()
-                return out
+            def with_break(forward: Callable[..., Any]) -> Callable[..., Any]:
+                def forward_with_break(*args: Any, **kwargs: Any) -> Any:
+                    out = forward(*args, **kwargs)
+                    torch._dynamo.graph_break()
+                    return out
+
+                return forward_with_break
 
             self.fire()
-            if isinstance(module, torch.nn.Module):
-                module.forward = forward_with_break  # the module stays what the caller holds
-                return module
-            return forward_with_break
+            return replace_forward(module, with_break)
 
         return module_to_compile
+
+
+class ConditionalCollective(Fault):
+    name = "conditional_collective"
+    matrix_id = "C-05"
+    summary = "an all_reduce of the region's first input that only this rank issues, inside the compiled region"
+    target = "hardening.runtime.seams:module_to_compile"
+
+    def wrap(self, original: Callable[..., Any]) -> Callable[..., Any]:
+        def module_to_compile(module: Any) -> Any:
+            module = original(module)
+            if not self.acts_here:
+                return module
+            import torch.distributed as dist
+            import torch.distributed._functional_collectives as funcol
+
+            def with_collective(forward: Callable[..., Any]) -> Callable[..., Any]:
+                def forward_with_collective(*args: Any, **kwargs: Any) -> Any:
+                    # ``x + all_reduce(x) * 0``: the region's value is unchanged and the
+                    # collective is used, so no compiler may drop it.
+                    args_l, kwargs_d = list(args), dict(kwargs)
+                    for holder, key in [(args_l, i) for i in range(len(args_l))] + [(kwargs_d, k) for k in kwargs_d]:
+                        x = holder[key]
+                        if isinstance(x, torch.Tensor) and x.dtype != torch.bool:
+                            holder[key] = x + funcol.all_reduce(x, "sum", dist.group.WORLD) * 0
+                            break
+                    return forward(*args_l, **kwargs_d)
+
+                return forward_with_collective
+
+            self.fire()
+            return replace_forward(module, with_collective)
+
+        return module_to_compile
+
+
+def replace_forward(module: Any, make: Callable[[Callable[..., Any]], Callable[..., Any]]) -> Any:
+    """``module`` with its forward replaced by ``make(forward)``; a module stays the
+    object the caller holds (its parameters, hooks and name), a function is replaced."""
+    forward = module.forward if isinstance(module, torch.nn.Module) else module
+    if isinstance(module, torch.nn.Module):
+        module.forward = make(forward)
+        return module
+    return make(forward)
 
 
 class RecompileAfterWarmup(Fault):
@@ -134,4 +177,4 @@ class ShortWarmup(Fault):
         return planned_warmup_calls
 
 
-FAULTS = [CompileOnOneRank, GraphBreak, RecompileAfterWarmup, BackendDivergence, ShortWarmup]
+FAULTS = [CompileOnOneRank, GraphBreak, RecompileAfterWarmup, BackendDivergence, ConditionalCollective, ShortWarmup]

@@ -57,6 +57,21 @@ def build_cases() -> list[Case]:
             description="Same config, different kernel: the measured backend, not the flag, is compared.",
         ),
         Case(
+            id="C-05",
+            suite=SUITE,
+            title="a collective only rank 0 issues, inside the compiled region",
+            fault="conditional_collective:rank=0",
+            # The fault acts at build time: the budget holds the first compile, which the
+            # check follows at once (it runs before the graph does). Where the region's own
+            # collectives are not in Dynamo's graph (DTensor issues them as it runs), rank 0
+            # cannot know rank 1 lacks it: rank 1 names it when its call ends, rank 0 follows.
+            expect=crashes(
+                "CompileGateError", match=r"collectives differ.*rank 0: all_reduce\(sum\) of .* at \S+:\d+; rank 1: ",
+                within_s=3, followers_ok=True,
+            ),
+            description="Named from the compiled graphs' collectives, compared across ranks before they run.",
+        ),
+        Case(
             id="W-01",
             suite=SUITE,
             title="one rank runs fewer warmup calls",

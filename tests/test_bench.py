@@ -35,3 +35,11 @@ def test_detect_bench_runs_hardened_and_stock(tmp_path: Path) -> None:
     text = _run(tmp_path, "detect.py", "--suites", "compile", "--only", "C-01", "--repeat", "1", "--stock-cap", "20")
     row = next(line for line in text.splitlines() if line.startswith("| C-01"))
     assert "crashed PASS" in row and "ParityError" in row and "silent" in row
+
+
+@pytest.mark.multiproc
+@pytest.mark.timeout(300)
+def test_collective_check_bench_runs_both_modes(tmp_path: Path) -> None:
+    text = _run(tmp_path, "collective_check.py", "--layers", "2", "--repeats", "1", "--steady", "5")
+    row = next(line for line in text.splitlines() if line.startswith("| 2 |"))
+    assert row.count("ms") >= 4 and row.count("|") == 8, text[-2000:]

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from hardening.harness.triage import ptrace_problem
+from hardening.suites import get_suite
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO / "examples"
@@ -97,6 +98,7 @@ def test_compile_suite_end_to_end(tmp_path: Path) -> None:
         "C-02": ["CompileGateError", "CompileGateError"],
         "C-03": ["PeerError", "CompileGateError"],
         "C-04": ["ParityError", "ParityError"],
+        "C-05": ["CompileGateError", "CompileGateError"],
         "W-01": ["WarmupError", "WarmupError"],
     }
     for case_id, errors in expected.items():
@@ -109,12 +111,15 @@ def test_compile_suite_end_to_end(tmp_path: Path) -> None:
     assert "graph_break" in cases["C-02"]["ranks"][0]["message"]
     assert "stride" in cases["C-03"]["ranks"][1]["message"]
     assert cases["C-03"]["root_cause_rank"] == 1
+    # The rank-conditional collective is named from the graphs, the same words on both ranks.
+    assert cases["C-05"]["ranks"][0]["message"] == cases["C-05"]["ranks"][1]["message"]
+    assert "collectives differ across ranks in call 0" in cases["C-05"]["ranks"][0]["message"]
     # The recompile the guard stopped is counted on the rank that made it, not on its peer.
     assert [r["counters"]["recompiles"] for r in cases["C-03"]["ranks"]] == [0, 1]
     assert "stride" in cases["C-03"]["ranks"][1]["counters"]["recompile_reasons"][0]
 
     suite = ET.parse(tmp_path / "r.xml").getroot().find("testsuite")
-    assert suite is not None and suite.get("tests") == "6" and suite.get("failures") == "0"
+    assert suite is not None and suite.get("tests") == str(len(get_suite("compile"))) and suite.get("failures") == "0"
     assert "C-01" in out.stdout and "PASS" in out.stdout  # the table is always printed
     assert not wait_gone(rank_pids(report), 5)
 

@@ -199,7 +199,7 @@ def sample(frame: FrameType | None) -> Activity:
             return Activity(COLLECTIVE, op=name, detail=_tensor_detail(f.f_locals), where=_user_frame(frames))
         if _is_library(filename):
             continue
-        if filename.startswith(_HERE) and os.path.basename(filename) == "sidechannel.py":
+        if filename.startswith(_HERE) and os.path.basename(filename) in ("sidechannel.py", "collectives.py"):
             tag = f.f_locals.get("tag")
             return Activity(SIDE, op=f"side-channel step {tag!r}" if isinstance(tag, str) else "", where=_user_frame(frames))
         break

@@ -65,6 +65,11 @@ class CompileConfig:
     dynamic: bool | None = False
     """torch.compile ``dynamic`` argument."""
 
+    check_collectives: bool = True
+    """Before a compiled graph first runs in warmup, ranks agree on the collectives it
+    issues (``runtime.compile.collectives``): a rank-conditional collective is a
+    ``CompileGateError`` instead of a hang. Off: such a hang ends at the call deadline."""
+
     def validate(self) -> None:
         if self.backend not in ("eager", "aot_eager", "inductor"):
             raise ValueError(f"backend: must be eager, aot_eager or inductor, got {short(self.backend)}")

@@ -91,7 +91,7 @@ RUNTIME_KEYS = frozenset(
     {
         "python.version", "torch.version", "torch.cuda", "torch.nccl", "world.size", "world.backend", "dtype",
         "compile.enabled", "compile.backend", "compile.mode", "compile.fullgraph", "compile.dynamic",
-        "compile.stance", "dynamo.disable", "gates.max_graph_breaks", "gates.max_recompiles", "parity.ignore",
+        "compile.check_collectives", "compile.stance", "dynamo.disable", "gates.max_graph_breaks", "gates.max_recompiles", "parity.ignore",
     }
 )  # fmt: skip
 """The fingerprint's own keys; ``env.*`` and ``effective.*`` are the runtime's too."""
@@ -134,6 +134,7 @@ def build_fingerprint(
         "compile.mode": compile_cfg.mode,
         "compile.fullgraph": compile_cfg.fullgraph,
         "compile.dynamic": compile_cfg.dynamic,
+        "compile.check_collectives": compile_cfg.check_collectives,
         "compile.stance": compile_stance(),
         "dynamo.disable": bool(getattr(torch._dynamo.config, "disable", False)),
         "gates.max_graph_breaks": gates.max_graph_breaks,

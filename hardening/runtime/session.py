@@ -50,6 +50,7 @@ from hardening.runtime import drift, envelope, seams, warmup
 from hardening.runtime import store as store_keys
 from hardening.runtime.compile import gates
 from hardening.runtime.compile.backend import compile_region
+from hardening.runtime.compile.collectives import CollectiveCheck
 from hardening.runtime.compile.counters import CompileCounters
 from hardening.runtime.compile.guard import RecompileGuard
 from hardening.runtime.compile.probe import CompileProbe, graph_break_from_exception
@@ -151,6 +152,8 @@ class Session:
         self.terminator = Terminator(self.state, None)
         self.compile_config = config.compile
         self.probe: CompileProbe | None = None
+        self.collective_check: CollectiveCheck | None = None
+        """Agrees each compiled graph's collectives across ranks before it runs in warmup."""
         self.fault_context: Any = None
         """The installed fault's context, under a harness that set ``HARDENING_FAULT``."""
         self.side: SideChannel | None = None
@@ -252,7 +255,12 @@ class Session:
         if self.probe is None:
             self.probe = CompileProbe()
             self.probe.install()
-        return compile_region(seams.module_to_compile(module), self.compile_config, self.probe)
+        if self.collective_check is None:
+            assert self.store is not None, "enter the Session first"
+            self.collective_check = CollectiveCheck(
+                self.store, rank=self.rank, world_size=self.world_size, timeout_s=self.config.timeouts.compile or 300.0
+            )
+        return compile_region(seams.module_to_compile(module), self.compile_config, self.probe, self.collective_check)
 
     def check_weights(self, module: torch.nn.Module, *, manifest: dict[str, Any] | None = None, replicated: Sequence[str] = ()) -> None:
         """DriftError on every rank naming parameter and rank when a shard is not what the
@@ -304,7 +312,7 @@ class Session:
         if self.probe is not None and plane is not None and plane.after_warmup is not None:
             total = self.probe.counters()
             steady = total.delta(plane.after_warmup)
-            self.state.counters = summary(total, steady, warmup=plane.after_warmup)
+            self.state.counters = summary(total, steady, warmup=plane.after_warmup, check=self.collective_check)
             gates.in_steady_state(self.side, steady, self.config.gates)
         else:
             self.side.exchange("done", self.rank)  # nobody leaves while a peer still needs it
@@ -324,7 +332,7 @@ class Session:
         if reason is not None and plane is not None and plane.after_warmup is not None:
             total = self.probe.counters()
             steady = RecompileGuard.count_stopped(total.delta(plane.after_warmup), reason)
-            self.state.counters = summary(total, steady, warmup=plane.after_warmup)
+            self.state.counters = summary(total, steady, warmup=plane.after_warmup, check=self.collective_check)
             gate = CompileGateError(f"rank {self.rank} recompiled at call {self.state.call_id}, after warmup: {reason}")
         else:
             reason = graph_break_from_exception(exc)
@@ -401,11 +409,19 @@ class ControlPlane:
             raise ValueError(f"warmup(calls={calls}): at least one call (the first compile happens there)")
         s.state.enter("warmup")
 
+        check = s.collective_check
+
         def one(_: int) -> None:
             call = self._begin(make_inputs, phase="warmup")
             try:
+                if check is not None:
+                    check.begin_call(call.call_id)
                 fn(*call.inputs)
+                if check is not None:
+                    check.end_call()  # every collective of the call issued: compare the whole sequence
             finally:
+                if check is not None:
+                    check.active = False
                 self._end()
 
         try:
@@ -423,7 +439,7 @@ class ControlPlane:
         if probe is None:
             return  # nothing compiled: no gate to close
         self.after_warmup = probe.counters()
-        s.state.counters = summary(self.after_warmup, None, warmup=self.after_warmup)
+        s.state.counters = summary(self.after_warmup, None, warmup=self.after_warmup, check=s.collective_check)
         gates.after_warmup(s.side, self.after_warmup, s.config.gates, compiled=s.compile_config.enabled)
         if s.compile_config.enabled and s.config.gates.max_recompiles == 0:
             self._guard = RecompileGuard()
@@ -536,9 +552,11 @@ def install_fault(state: RankState, store: Any) -> Any:
     return ctx
 
 
-def summary(total: CompileCounters, steady: CompileCounters | None, *, warmup: CompileCounters) -> dict[str, Any]:
+def summary(
+    total: CompileCounters, steady: CompileCounters | None, *, warmup: CompileCounters, check: CollectiveCheck | None = None
+) -> dict[str, Any]:
     """Counters in the final record: top-level numbers the reports show, details nested."""
-    return {
+    out = {
         "graphs": total.graphs,
         "compiles": total.compiles,
         "graph_breaks": total.graph_breaks,
@@ -551,6 +569,10 @@ def summary(total: CompileCounters, steady: CompileCounters | None, *, warmup: C
         "total": total.to_json(),
         "steady": steady.to_json() if steady is not None else None,
     }
+    if check is not None:
+        # What the collective check could not decide is never silent either.
+        out["collective_check"] = {"seconds": round(check.checked_s, 4), "undecided": list(check.undecided)}
+    return out
 
 
 def _json(value: Any) -> str:

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from hardening.runtime import activity
 
 if TYPE_CHECKING:
+    from hardening.runtime.compile.collectives import CollectiveCheck
     from hardening.runtime.compile.probe import CompileProbe
     from hardening.runtime.config import CompileConfig
 
@@ -22,11 +23,14 @@ INNER_BACKENDS = ("eager", "aot_eager", "inductor")
 """Backends the counting backend can wrap (the values CompileConfig.backend accepts)."""
 
 
-def counting_backend(probe: CompileProbe, inner: str, *, mode: str | None = None) -> Callable[..., Any]:
+def counting_backend(
+    probe: CompileProbe, inner: str, *, mode: str | None = None, check: CollectiveCheck | None = None
+) -> Callable[..., Any]:
     """A torch.compile backend that records each Dynamo graph, then compiles it with ``inner``.
 
     ``mode`` is applied here because torch.compile refuses ``mode=`` with a callable
-    backend; only inductor has modes.
+    backend; only inductor has modes. With ``check``, a graph's collectives are agreed
+    with every peer's before it runs in warmup.
     """
     if inner not in INNER_BACKENDS:
         raise ValueError(f"backend: must be one of {', '.join(INNER_BACKENDS)}, got {inner!r}")
@@ -34,7 +38,10 @@ def counting_backend(probe: CompileProbe, inner: str, *, mode: str | None = None
 
     def backend(gm: Any, example_inputs: Any, **kwargs: Any) -> Any:
         probe.note_graph(gm)
-        return activity.record_graph(gm, compile_fn(gm, example_inputs, **kwargs))
+        compiled = compile_fn(gm, example_inputs, **kwargs)
+        if check is not None:
+            compiled = check.wrap(gm, compiled)
+        return activity.record_graph(gm, compiled)
 
     backend.__name__ = f"counting_{inner}"
     return backend
@@ -72,7 +79,9 @@ def _inner_compiler(probe: CompileProbe, inner: str, mode: str | None) -> Callab
     return inductor_with_mode
 
 
-def compile_region(module_or_fn: Any, cfg: CompileConfig, probe: CompileProbe) -> Callable[..., Any]:
+def compile_region(
+    module_or_fn: Any, cfg: CompileConfig, probe: CompileProbe, check: CollectiveCheck | None = None
+) -> Callable[..., Any]:
     """``torch.compile`` the region through the probe's counting backend, or return it as is.
 
     ``mode`` goes to the counting backend, not torch.compile, which refuses a mode together
@@ -84,7 +93,7 @@ def compile_region(module_or_fn: Any, cfg: CompileConfig, probe: CompileProbe) -
 
     return torch.compile(
         module_or_fn,
-        backend=counting_backend(probe, cfg.backend, mode=cfg.mode),
+        backend=counting_backend(probe, cfg.backend, mode=cfg.mode, check=check if cfg.check_collectives else None),
         fullgraph=cfg.fullgraph,
         dynamic=cfg.dynamic,
     )
