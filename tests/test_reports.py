@@ -350,3 +350,48 @@ def test_report_files_honour_the_umask_and_never_replace_a_device(tmp_path: Path
     assert stat.S_IMODE((tmp_path / "r.json").stat().st_mode) == 0o644
     atomic_write_bytes("/dev/null", b"{}")  # written through, not renamed over
     assert Path("/dev/null").is_char_device()
+
+
+# -- debug artifacts (depyf dump, TORCH_TRACE, tlparse HTML) ----------------------------------
+
+
+def _artifact_suite() -> SuiteResult:
+    def arts(r: int) -> dict[str, str]:
+        return {
+            "depyf": f"/runs/r3/C-00/rank{r}/depyf",
+            "torch_trace": f"/runs/r3/C-00/rank{r}/torch_trace",
+            "tlparse": "unavailable: tlparse not installed (pip install tlparse)",
+        }
+
+    failing = CaseResult(
+        id="C-00", title="control", fault=None, expectation="completes", outcome=Outcome.CRASHED,
+        verdict=Verdict.FAIL, reason="rank 0: CompileGateError: 1 graph break(s) > max 0", wall_s=2.0,
+        run_dir="/runs/r3/C-00",
+        ranks=[
+            _rank(r, case="C-00", exit_code=25, error_class="CompileGateError", phase="warmup",
+                  message="compile gate failed after warmup", artifacts=arts(r))
+            for r in (0, 1)
+        ],
+    )  # fmt: skip
+    return SuiteResult(suite="compile", profile="cpu", num_ranks=2, cases=[failing], wall_s=3.0, run_dir="/runs/r3")
+
+
+def test_every_report_names_a_failing_cases_artifacts(tmp_path: Path) -> None:
+    suite = _artifact_suite()
+    table = render_table(suite)
+    details = table[table.index("C-00 FAIL"):]
+    for r in (0, 1):
+        assert f"depyf: /runs/r3/C-00/rank{r}/depyf" in details
+        assert f"torch_trace: /runs/r3/C-00/rank{r}/torch_trace" in details
+    assert "tlparse: unavailable: tlparse not installed" in details
+
+    write_json(suite, tmp_path / "r.json")
+    ranks = json.loads((tmp_path / "r.json").read_text())["cases"][0]["ranks"]
+    assert [r["artifacts"]["depyf"] for r in ranks] == ["/runs/r3/C-00/rank0/depyf", "/runs/r3/C-00/rank1/depyf"]
+
+    tc = _junit(suite, tmp_path).find("testsuite/testcase")
+    body = tc.find("failure").text
+    assert "depyf: /runs/r3/C-00/rank1/depyf" in body and "torch_trace: /runs/r3/C-00/rank0/torch_trace" in body
+    out = tc.find("system-out").text
+    assert "rank 0 depyf: /runs/r3/C-00/rank0/depyf" in out
+    assert "rank 1 tlparse: unavailable: tlparse not installed" in out

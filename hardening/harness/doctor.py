@@ -3,9 +3,11 @@
 This file owns the environment check. Each check is one row (check | status | detail):
 ``FAIL`` means suites cannot run at all here (torch too old, no gloo, no functional
 collectives), ``WARN`` means a feature degrades and the detail says which one (no GPU:
-the h200 profile; no C compiler: inductor on CPU; no py-spy or ptrace: hang stacks).
-It is fast and side-effect free: no network, no process group, no compilation; the only
-child process is ``py-spy --version``.
+the h200 profile; no C compiler: inductor on CPU; no py-spy or ptrace: hang stacks; no
+depyf: decompiled dumps). The optional ``tlparse`` is reported, found or not, as ok: its
+absence costs only the HTML view of traces that are kept anyway. It is fast and
+side-effect free: no network, no process group, no compilation; the only child process is
+``py-spy --version``.
 """
 
 from __future__ import annotations
@@ -225,20 +227,37 @@ def _older_than(version: str, floor: tuple[int, ...]) -> bool:
 
 
 def _depyf() -> Check:
+    """depyf writes the decompiled dump of a failing compile case (a dependency, so only
+    a broken or hand-trimmed install lacks it; the gates never need it)."""
     try:
         depyf = importlib.import_module("depyf")
-    except Exception:
+    except Exception as exc:  # an install broken in any way is "missing" here
         return Check(
             name="depyf",
             status=WARN,
-            detail="not installed (optional, pip install 'hardening[debug]'): no decompiled graph dumps",
+            detail=f"missing ({type(exc).__name__}; pip install 'depyf>=0.18'): failing compile cases "
+            "get no decompiled bytecode in their depyf dump (FX graphs are still written)",
         )
-    return Check(name="depyf", status=OK, detail=f"{getattr(depyf, '__version__', '?')} (optional)")
+    return Check(name="depyf", status=OK, detail=f"{getattr(depyf, '__version__', '?')} at {os.path.dirname(depyf.__file__)}")
+
+
+def _tlparse() -> Check:
+    """tlparse renders the ranks' compile traces as one HTML report (an optional extra:
+    a binary; without it the traces are still kept). Found on PATH, never run here."""
+    path = shutil.which("tlparse")
+    if path is None:
+        return Check(
+            name="tlparse",
+            status=OK,
+            detail="missing (optional, pip install 'hardening[tlparse]'): failing compile cases keep their "
+            "TORCH_TRACE directories but get no all-ranks HTML",
+        )
+    return Check(name="tlparse", status=OK, detail=f"at {path}")
 
 
 def run_doctor() -> tuple[bool, str]:
     """``(ok, report)``: ok is False only when a FAIL row exists."""
-    checks = [_python(), *_torch_checks(), _compiler(), *_py_spy(), _depyf()]
+    checks = [_python(), *_torch_checks(), _compiler(), *_py_spy(), _depyf(), _tlparse()]
     ok = not any(c.status == FAIL for c in checks)
     table = tabulate(
         [[c.name, c.status, c.detail] for c in checks],

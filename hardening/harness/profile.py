@@ -39,6 +39,9 @@ MAX_RANKS = 64
 MAX_DIM = 2**24
 """Largest size in ``region.dims``."""
 
+ARTIFACT_POLICIES = ("on_failure", "always", "never")
+"""Values of ``triage.artifacts``."""
+
 class ProfileError(ConfigError):
     """A profile (or a flag overriding it) is unusable; the message names file and key."""
 
@@ -130,12 +133,21 @@ class TriageConfig:
     """Seconds allowed for one py-spy dump."""
 
     torch_trace: bool = False
-    """Each rank writes torch's structured compile trace (``TORCH_TRACE``) to
-    ``rank<r>/torch_trace/`` of its case, for ``tlparse``. Best effort, never a gate."""
+    """Every case keeps each rank's structured compile trace (``TORCH_TRACE``,
+    ``rank<r>/torch_trace/``, for ``tlparse``), passing ones too. Best effort, never a gate."""
+
+    artifacts: str = "on_failure"
+    """The debug artifacts of a compiled region: each rank's ``TORCH_TRACE`` directory and
+    depyf dump (``rank<r>/depyf/``), plus tlparse's all-ranks HTML when ``tlparse`` is
+    installed. ``on_failure``: written by every compiled rank (a trace must start before
+    the first compile, long before a failure shows) and kept only by cases that did not
+    pass; ``always``: passing cases keep them too; ``never``: not written at all."""
 
     def validate(self) -> None:
         if not 0 < self.timeout <= MAX_SECONDS:
             raise ValueError(f"timeout: must be positive and at most {MAX_SECONDS:g} seconds")
+        if self.artifacts not in ARTIFACT_POLICIES:
+            raise ValueError(f"artifacts: must be one of {', '.join(ARTIFACT_POLICIES)}, got {short(self.artifacts)}")
 
 
 @dataclass(kw_only=True, slots=True)

@@ -33,14 +33,14 @@ from typing import Any, Callable
 
 import yaml
 
-from hardening.harness import judge, triage
+from hardening.harness import artifacts, judge, triage
 from hardening.harness.cases import Case
 from hardening.errors import CAUSE_BY_EXIT_CODE
 from hardening.harness.interrupt import StopRequest
 from hardening.runtime import store as store_keys
 from hardening.runtime.records import RankRecord
 from hardening.harness.profile import Profile, profile_to_dict
-from hardening.harness.results import NO_RECORD, TORN_DOWN, CaseResult, Outcome, RankResult, SuiteResult
+from hardening.harness.results import NO_RECORD, TORN_DOWN, CaseResult, Outcome, RankResult, SuiteResult, Verdict
 
 # How the fork server starts: ``python -c`` puts '' (the cwd) first on sys.path, as
 # ``-m`` puts the cwd; drop it before the first import, so that a numpy.py or yaml.py
@@ -319,6 +319,7 @@ class Runner:
         ranks = self._collect(live)
         outcome, t_detect = judge.classify(case, ranks, harness_error=harness_error, interrupted=live.interrupted)
         verdict, reason = judge.judge(case.expect, outcome, ranks)
+        artifacts.settle(self.profile, live.case_dir, ranks, passed=verdict in (Verdict.PASS, Verdict.SKIPPED))
         if harness_error:
             reason = harness_error
         elif outcome is Outcome.HUNG and live.deadline_reason:

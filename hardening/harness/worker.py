@@ -24,7 +24,8 @@ import torch.distributed as dist
 from hardening.harness import region
 from hardening.harness.profile import Profile, load_profile
 from hardening.harness.region import Region, RegionContext
-from hardening.runtime.compile.trace import start_torch_trace
+from hardening.runtime.compile.dump import DUMP_DIR, write_dump
+from hardening.runtime.compile.trace import TRACE_DIR, start_torch_trace
 from hardening.runtime.config import RuntimeConfig
 from hardening.runtime.envelope import CallContract, TensorSpec
 from hardening.runtime.session import KVCache, Session, cuda_device
@@ -57,7 +58,7 @@ class RankSpec:
 def run_rank(spec: RankSpec) -> NoReturn:
     profile = load_profile(spec.profile_path)
     if profile.program is not None:
-        run_program(spec, profile.program)
+        run_program(spec, profile.program, trace=wants_trace(profile))
     if not profile.hardened:
         from hardening.harness import stock
 
@@ -77,8 +78,10 @@ def run_rank(spec: RankSpec) -> NoReturn:
         parent_pid=spec.parent_pid,
     )
     try:
-        if profile.triage.torch_trace:  # before anything compiles
-            session.state.artifacts["torch_trace"] = start_torch_trace(str(Path(spec.rank_dir) / "torch_trace"))
+        if wants_trace(profile):  # before anything compiles
+            session.state.artifacts["torch_trace"] = start_trace(Path(spec.rank_dir))
+        if wants_dump(profile):
+            session.state.on_end = lambda ok: dump_on_end(session, Path(spec.rank_dir))
         with session as s:
             serve_region(s, profile)
     except BaseException as exc:  # noqa: BLE001 - every end must be recorded, KeyboardInterrupt included
@@ -86,11 +89,16 @@ def run_rank(spec: RankSpec) -> NoReturn:
     session.terminator.end(None)
 
 
-def run_program(spec: RankSpec, program: str) -> NoReturn:
+def run_program(spec: RankSpec, program: str, *, trace: bool = False) -> NoReturn:
     """Run the user's own program as this rank, as ``python program.py`` would, with what
     ``Session.from_env`` needs to join this case: the store, the record path, the parent.
     Its ``@hr.record`` ends the process with the record the runner judges; a program that
-    returns without one is ``no_final_record``, never a completion."""
+    returns without one is ``no_final_record``, never a completion.
+
+    ``trace``: its compile trace goes to ``rank<r>/torch_trace`` like a region's (the
+    runner finds it there; the program's own Session writes no depyf dump)."""
+    if trace:
+        start_trace(Path(spec.rank_dir))
     os.environ.update(
         {
             "HARDENING_STORE": f"{spec.store_host}:{spec.store_port}",
@@ -112,6 +120,40 @@ def run_program(spec: RankSpec, program: str) -> NoReturn:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+def wants_trace(profile: Profile) -> bool:
+    """Whether this rank writes torch's structured compile trace. From the first compile:
+    a trace cannot be started once a failure shows, so every compiled rank traces and the
+    runner keeps the trace only where the case did not pass (or where it was asked to)."""
+    return profile.triage.torch_trace or (profile.compile.enabled and profile.triage.artifacts != "never")
+
+
+def start_trace(rank_dir: Path) -> str:
+    """This rank's compile trace into ``rank_dir/torch_trace``, unless the caller set
+    ``TORCH_TRACE`` themselves: their directory is left as they chose it."""
+    theirs = os.environ.get("TORCH_TRACE")
+    if theirs:
+        return f"{theirs} (the caller's TORCH_TRACE, left as it is)"
+    return start_torch_trace(str(rank_dir / TRACE_DIR))
+
+
+def wants_dump(profile: Profile) -> bool:
+    """Whether this rank leaves a depyf dump as it ends (kept like the trace)."""
+    return profile.compile.enabled and profile.triage.artifacts != "never"
+
+
+def dump_on_end(session: Session, rank_dir: Path) -> None:
+    """The rank's ``on_end`` hook: its depyf dump, when it compiled anything. Every end
+    dumps, a clean one too: a rank cannot know its case's verdict (a fault that went
+    undetected fails a case whose ranks all completed); the runner drops what a passing
+    case does not keep."""
+    probe = session.probe
+    if probe is None:
+        session.state.artifacts["depyf"] = f"unavailable: nothing was compiled before this rank ended (phase {session.state.phase})"
+        return
+    limit = max(0.5, session.state.on_end_limit_s - 0.5)  # finish before the Terminator stops waiting
+    session.state.artifacts["depyf"] = write_dump(rank_dir / DUMP_DIR, list(probe.graphs), time_limit_s=limit)
 
 
 def runtime_config(profile: Profile) -> RuntimeConfig:

@@ -107,6 +107,15 @@ class RankState:
     """Publishes a phase change at once, from the main thread (a heartbeat may never come:
     a rank frozen right after entering a phase must not be judged by the old one)."""
 
+    on_end: Callable[[bool], None] | None = None
+    """Writes this rank's debug artifacts (into ``artifacts``) as it ends; the argument
+    says whether the end is clean. The :class:`Terminator` calls it only once the record
+    is written and the abort published, so no peer waits on it and it cannot change
+    anyone's cause; in a thread of its own, for at most ``on_end_limit_s``."""
+
+    on_end_limit_s: float = 5.0
+    """How long :attr:`on_end` may hold up this rank's exit."""
+
     def enter(self, phase: str) -> None:
         self.phase = phase
         self.timings[phase] = round(time.time() - self.started_at, 3)
@@ -193,9 +202,34 @@ class Terminator:
                 self.store.add(store_keys.EVENTS, 1)
             except Exception:
                 pass
+        if s.on_end is not None:
+            self._run_on_end(record)
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
+
+    def _run_on_end(self, record: RankRecord) -> None:
+        """The state's ``on_end`` hook, bounded; then the record again, with what it added.
+        Never raises: an artifact that fails or overruns is a line in the record."""
+        s, hook = self.state, self.state.on_end
+        assert hook is not None
+
+        def run() -> None:
+            try:
+                hook(record.ok)
+            except BaseException as err:  # noqa: BLE001 - best effort, reported in the record
+                s.artifacts["on_end"] = f"unavailable: {type(err).__name__}: {err}"
+
+        worker = threading.Thread(target=run, name="hardening-on-end", daemon=True)
+        worker.start()
+        worker.join(s.on_end_limit_s)
+        if worker.is_alive():  # os._exit ends it mid-write: what it wrote so far stays
+            s.artifacts["on_end"] = f"unfinished: still writing after {s.on_end_limit_s:g}s"
+        record.artifacts = dict(s.artifacts)
+        try:
+            record.write(s.record_path)
+        except OSError:
+            pass  # the first write stands
 
     def _attribute(self, exc: BaseException, root_cause_rank: int | None) -> tuple[BaseException, int | None]:
         """A plain error right after a peer aborted or died is that peer's doing (gloo

@@ -1,7 +1,7 @@
 """The JUnit XML report for CI: one ``<testcase>`` per case, judged by its verdict.
 
 This module owns the mapping from verdicts to JUnit: FAIL is a ``<failure>`` (with every
-rank's end and, for hung ranks, the captured stacks), UNKNOWN an ``<error>`` because
+rank's end, its debug artifacts and, for hung ranks, the captured stacks), UNKNOWN an ``<error>`` because
 unknown never counts as a pass, an interrupted case or a fault that cannot apply to the region ``<skipped>``. A suite the harness
 could not run, or one that was interrupted, also gets a synthetic erroring testcase so a
 partial report can never read as green.
@@ -110,7 +110,11 @@ def _add_case(parent: ET.Element, classname: str, num_ranks: int, case: CaseResu
         el.text = _text(_failure_body(case))
 
     out = [f"case directory: {case.run_dir}"] if case.run_dir else []
-    out += [f"rank {r.rank} log: {r.log_dir}" for r in sorted(case.ranks, key=lambda r: r.rank) if r.log_dir]
+    for r in sorted(case.ranks, key=lambda r: r.rank):
+        if r.log_dir:
+            out.append(f"rank {r.rank} log: {r.log_dir}")
+        # What a CI page links to (depyf dump, TORCH_TRACE, tlparse HTML), or why it is missing.
+        out += [f"rank {r.rank} {name}: {where}" for name, where in sorted((r.artifacts or {}).items())]
     if out:
         ET.SubElement(tc, "system-out").text = _text("\n".join(out) + "\n")
     return kind

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import os
 
+TRACE_DIR = "torch_trace"
+"""Name of the trace directory inside a rank's directory."""
+
 
 def start_torch_trace(directory: str) -> str:
     """Write this process's structured compile trace (what ``TORCH_TRACE`` turns on; read
