@@ -26,6 +26,18 @@ def pytest_sessionstart(session: pytest.Session) -> None:
         )
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # `pytest --hardening-suite compile` in this checkout is a user's gate run, not a run of
+    # the tool's own tests: with no test path given, only the suite's items are kept. (In a
+    # user's project the plugin's items run beside theirs, as they should.)
+    if not config.getoption("hardening_suite", default=None) or config.args_source is not pytest.Config.ArgsSource.TESTPATHS:
+        return
+    own = [item for item in items if not item.nodeid.startswith("hardening.")]
+    if own:
+        config.hook.pytest_deselected(items=own)
+        items[:] = [item for item in items if item.nodeid.startswith("hardening.")]
+
+
 @pytest.fixture
 def store_port() -> Iterator[int]:
     """Port of a fresh TCPStore master on 127.0.0.1 (port 0: the OS picks one); closed after the test."""

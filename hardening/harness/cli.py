@@ -96,6 +96,10 @@ def _parser() -> argparse.ArgumentParser:
         "--fail-on-improvement", action="store_true",
         help="with --baseline: also fail when the region compiles better than FILE records (ratchet the file)",
     )  # fmt: skip
+    s.add_argument(
+        "--keep-artifacts", action="store_true",
+        help="keep every compiled rank's depyf dump and torch_trace/, passing cases too (default: failing cases only)",
+    )  # fmt: skip
     s.add_argument("--json", metavar="FILE", help="write the JSON report here")
     s.add_argument("--junit", metavar="FILE", help="write a JUnit XML report here")
     s.add_argument("--artifacts", metavar="DIR", help="run directory (default .hardening/runs/<time>-<suite>)")
@@ -226,6 +230,7 @@ def _load_profile(args: argparse.Namespace):
         ("region.target", "--target", getattr(args, "target", None)),
         ("program", "--program", _program_path(getattr(args, "program", None), getattr(args, "target", None))),
         ("triage.torch_trace", "--torch-trace", getattr(args, "torch_trace", False) or None),
+        ("triage.artifacts", "--keep-artifacts", "always" if getattr(args, "keep_artifacts", False) else None),
     ):
         if value is not None:
             if isinstance(value, str) and not value.strip():
