@@ -55,8 +55,10 @@ _FLAGS = {
     "--hardening-program": "--program",
     "--hardening-torch-trace": "--torch-trace",
     "--hardening-artifacts": "--artifacts",
+    "--hardening-baseline": "--baseline",
+    "--hardening-fail-on-improvement": "--fail-on-improvement",
 }
-_INI = ("suite", "target", "profile")
+_INI = ("suite", "target", "profile", "baseline")
 _CLI_FLAG = re.compile(r"(?<![\w-])(" + "|".join(re.escape(f) for f in _FLAGS.values()) + r")(?![\w-])")
 
 
@@ -90,6 +92,14 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption(
         "--hardening-artifacts", metavar="DIR", help="run directory (default .hardening/runs/<time>-<suite>)"
     )  # fmt: skip
+    group.addoption(
+        "--hardening-baseline", metavar="FILE",
+        help="compare what the region compiles to with FILE (hardening baseline update; ini: hardening_baseline)",
+    )  # fmt: skip
+    group.addoption(
+        "--hardening-fail-on-improvement", action="store_true", default=False,
+        help="with --hardening-baseline: also fail when the region compiles better than FILE records",
+    )  # fmt: skip
     for key in _INI:
         parser.addini(f"hardening_{key}", f"default for --hardening-{key}", default=None)
 
@@ -110,6 +120,11 @@ def pytest_configure(config: pytest.Config) -> None:
         if stray:
             raise pytest.UsageError(f"{', '.join(stray)} without --hardening-suite: name the suite to run (compile, operator, all)")
         return  # inert: no hooks beyond these two, no imports
+    if hasattr(config, "workerinput") or (getattr(config.option, "numprocesses", None) or 0):
+        raise pytest.UsageError(
+            "--hardening-suite under pytest-xdist (-n): every worker would start its own ranks on the same "
+            "CPUs and devices; run the suite in a pytest session without -n"
+        )
     config.pluginmanager.register(SuitePlugin.from_config(config, suite), PLUGIN_NAME)
 
 
@@ -260,6 +275,9 @@ class SuitePlugin:
         self.start_error: str | None = None
         self.stop: "StopRequest | None" = None
         self.result: "SuiteResult | None" = None
+        self.gate: Any = None
+        """With ``--hardening-baseline``: the baseline gate (``harness.baseline.Gate``), a
+        checker of the runner's, which judges the control case as it ends."""
 
     @classmethod
     def from_config(cls, config: pytest.Config, suite: str) -> "SuitePlugin":
@@ -271,8 +289,10 @@ class SuitePlugin:
         if suite not in known:
             raise pytest.UsageError(f"hardening: --hardening-suite {suite!r}: unknown suite; known suites: {', '.join(known)}")
         args = argparse.Namespace(
-            name=suite, **{key: _option(config, key) for key in ("ranks", "target", "profile", "only", "program", "artifacts")},
+            name=suite,
+            **{key: _option(config, key) for key in ("ranks", "target", "profile", "only", "program", "artifacts", "baseline")},
             torch_trace=config.getoption("--hardening-torch-trace"),
+            fail_on_improvement=config.getoption("--hardening-fail-on-improvement"),
         )  # fmt: skip
         try:
             try:
@@ -283,7 +303,11 @@ class SuitePlugin:
                 raise
             cases = cli._select_cases(suite, args.only, profile.world.ranks)
             target_source = cli._validate(profile, cases, args) if cases else ""
+            if args.fail_on_improvement and args.baseline is None:
+                raise cli.UsageError("--fail-on-improvement needs --baseline FILE")
+            gate = cli._baseline_gate(profile, cases, args) if args.baseline is not None and cases else None
             plugin = cls(config, suite, profile, cases, target_source)
+            plugin.gate = gate
             if cases and not config.option.collectonly:
                 plugin.run_dir = cli._make_run_dir(args.artifacts, suite)
                 plugin.own_run_dir = args.artifacts is None
@@ -302,18 +326,28 @@ class SuitePlugin:
             f"{f', program {p.program}' if p.program else ''}, run dir {self.run_dir or '(none)'}"
         )
 
-    @pytest.hookimpl(wrapper=True)
+    @pytest.hookimpl(hookwrapper=True)  # the old-style wrapper: any pluggy this plugin may be loaded by
     def pytest_make_collect_report(self, collector: pytest.Collector) -> Iterator[None]:
         """The suites join the session's own top-level collection (after what the command
         line names), so they are collected, counted, shown by ``--collect-only`` and
         filtered by ``-k``/``-m``/``--deselect`` like any test file's nodes."""
-        report = yield
-        if isinstance(collector, pytest.Session) and report.passed and isinstance(report.result, list):
+        outcome = yield
+        report = outcome.get_result()
+        if isinstance(collector, pytest.Session) and report.passed and isinstance(report.result, list) and self._wanted():
             path = Path(sys.modules["hardening.suites"].__file__ or ".").parent
             for suite in dict.fromkeys(c.suite for c in self.cases):
                 name = f"hardening.{suite}"
                 report.result.append(SuiteNode.from_parent(collector, name=name, nodeid=name, path=path, plugin=self, suite=suite))
-        return report
+
+    def _wanted(self) -> bool:
+        """The suite joins this session: always under ``--hardening-suite``; under the ini
+        key only, not when the command line names its own tests (``pytest tests/test_x.py``
+        runs that file, not the whole gate)."""
+        if self.config.getoption("--hardening-suite") is not None:
+            return True
+        args_source = getattr(self.config, "args_source", None)
+        explicit = getattr(getattr(pytest.Config, "ArgsSource", None), "ARGS", None)
+        return explicit is None or args_source is not explicit
 
     def pytest_sessionfinish(self, session: pytest.Session) -> None:
         """Close the runner (its fork server kills any rank left), keep result.json, and
@@ -340,6 +374,9 @@ class SuitePlugin:
 
         terminalreporter.write_sep("=", f"hardening suite {self.suite}")
         terminalreporter.write_line(render_table(self.result))
+        after = self.gate.summary() if self.gate is not None else ""
+        if after:
+            terminalreporter.write_line("\n" + after)
 
     # -- running --------------------------------------------------------------------------
 
@@ -361,7 +398,8 @@ class SuitePlugin:
             suite=self.suite, profile=self.profile.name, num_ranks=self.profile.world.ranks,
             run_dir=str(self.run_dir), started_at=time.time(),
         )  # fmt: skip
-        runner = Runner(self.profile, run_dir=self.run_dir, stop=self.stop, progress=lambda line: None)
+        checks = [self.gate.check] if self.gate is not None else []
+        runner = Runner(self.profile, run_dir=self.run_dir, stop=self.stop, progress=lambda line: None, checks=checks)
         try:
             with _stop_signals(self.stop):
                 runner.__enter__()
@@ -391,6 +429,8 @@ class SuitePlugin:
         with _stop_signals(self.stop):
             result = self.runner.run_case(case, case_dir=case_dir)
         self.result.cases.append(result)
+        if self.gate is not None:
+            self.result.baseline = self.gate.report
         self._check_stop()
         return result
 

@@ -95,6 +95,19 @@ def test_a_recorded_graph_notes_its_last_collective_when_it_returns(boxed: bool)
     assert record.describe() == "its compiled graphs issued no collective in call 4"
 
 
+def test_arguments_pass_through_whatever_the_convention_says() -> None:
+    # torch 2.13 calls some AOT outputs marked _boxed_call with *args (a DTensor graph
+    # under aot_eager): the wrapper must hand over exactly what it was given.
+    from hardening.runtime.activity import around_each_run
+
+    seen = []
+    compiled = lambda *args: args  # noqa: E731
+    compiled._boxed_call = True  # type: ignore[attr-defined]
+    run = around_each_run(compiled, before=lambda: seen.append("before"), after=lambda: seen.append("after"))
+    assert run(1, 2, 3) == (1, 2, 3) and run([4]) == ([4],) and run._boxed_call is True
+    assert seen == ["before", "after", "before", "after"]
+
+
 def test_a_graph_without_collectives_is_returned_as_it_is_and_an_eager_region_claims_nothing() -> None:
     import torch.fx
 

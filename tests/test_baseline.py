@@ -77,6 +77,15 @@ def test_update_replaces_one_region_and_keeps_the_others(tmp_path: Path) -> None
     assert [p.name for p in tmp_path.iterdir()] == ["b.txt"]  # no temporary left behind
 
 
+def test_the_header_names_torch_and_the_file_is_readable_by_all(tmp_path: Path) -> None:
+    path = tmp_path / "b.txt"
+    baseline.write(path, rc().entries("tp.py:build", "cpu", 0), torch_version="2.13.0+cpu")
+    assert baseline.recorded_torch(path) == "2.13.0+cpu"
+    assert len(baseline.load(path)) == len(rc().entries("tp.py:build", "cpu", 0))  # comments are not entries
+    assert path.stat().st_mode & 0o044 == 0o044  # not mkstemp's 0600: the file is committed
+    assert baseline.recorded_torch(tmp_path / "missing.txt") is None
+
+
 def test_region_names_do_not_depend_on_where_the_checkout_is() -> None:
     assert baseline.region_name("/home/u/repo/examples/tp.py:build") == "tp.py:build"
     assert baseline.region_name("examples/tp.py:build") == "tp.py:build"

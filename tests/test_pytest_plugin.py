@@ -133,6 +133,29 @@ def test_the_whole_compile_suite_passes_quietly(pytester: pytest.Pytester) -> No
     result.stdout.fnmatch_lines([f"{n} cases: {n} pass, 0 fail, 0 unknown in *", f"{n} passed in *"])
 
 
+@pytest.mark.multiproc
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_the_baseline_gate_from_pytest(pytester: pytest.Pytester) -> None:
+    """The CLI records the baseline; pytest then gates on it: unchanged passes, a new break fails its item."""
+    source = BREAK_REGION.read_text()
+    (pytester.path / "region.py").write_text(source)
+    update = subprocess.run(
+        [sys.executable, "-m", "hardening", "baseline", "update", "--target", "region.py:build", "--out", "b.txt"],
+        cwd=pytester.path, capture_output=True, text=True, timeout=200,
+    )  # fmt: skip
+    assert update.returncode == 0, update.stdout + update.stderr
+    gate = ("--hardening-suite", "compile", "--hardening-target", "region.py:build", "--hardening-only", "C-00,C-02")
+    result = pytester.runpytest_subprocess(*gate, "--hardening-baseline", "b.txt", "-q", timeout=220)
+    assert result.ret == 0, result.stdout.str()
+    assert "baseline b.txt" not in result.stdout.str()  # unchanged: nothing said
+    (pytester.path / "region.py").write_text(source.replace("        return funcol.all_reduce(", '        print("x", h.shape)\n        return funcol.all_reduce('))
+    result = pytester.runpytest_subprocess(*gate, "--hardening-baseline", "b.txt", "-q", timeout=220)
+    assert result.ret == 1, result.stdout.str()
+    # The baseline's lines follow the table in the terminal summary; pytest's short summary comes last.
+    result.stdout.fnmatch_lines(["baseline b.txt: REGRESSION rank 0: new graph break: *print* at region.py:*", "*FAILED hardening.compile::C-00*"])
+
+
 # -- nothing started --------------------------------------------------------------------------
 
 
@@ -147,8 +170,10 @@ def test_the_whole_compile_suite_passes_quietly(pytester: pytest.Pytester) -> No
         (["--hardening-suite", "compile", "--hardening-target", "nocolon"], "*--hardening-target: *module:function*"),
         (["--hardening-suite", "compile", "--hardening-target", "missing.py:build"], "*--hardening-target: *not found*"),
         (["--hardening-target", "a:b"], "*--hardening-target without --hardening-suite*"),
+        (["--hardening-suite", "compile", "--hardening-baseline", "nope.txt"], "*--hardening-baseline nope.txt: file not found*"),
+        (["--hardening-suite", "compile", "--hardening-fail-on-improvement"], "*--hardening-fail-on-improvement needs --hardening-baseline*"),
     ],
-    ids=["suite", "only", "ranks-0", "ranks-x", "profile", "target-form", "target-file", "no-suite"],
+    ids=["suite", "only", "ranks-0", "ranks-x", "profile", "target-form", "target-file", "no-suite", "baseline", "improvement"],
 )
 def test_bad_values_are_usage_errors_naming_the_flag(pytester: pytest.Pytester, args: list[str], message: str) -> None:
     result = pytester.runpytest_inprocess(*args)
@@ -186,6 +211,19 @@ def test_the_ini_key_names_the_suite(pytester: pytest.Pytester) -> None:
     pytester.makeini("[pytest]\nhardening_suite = compile\n")
     result = pytester.runpytest_inprocess("--collect-only", "-q")
     result.stdout.fnmatch_lines(["hardening.compile::W-01[[]ranks=2[]]", f"{len(COMPILE_IDS)} tests collected*"])
+    # Naming a test file runs that file: the ini key does not add the whole gate to it.
+    pytester.makepyfile(test_mine="def test_one():\n    pass\n")
+    result = pytester.runpytest_inprocess("--collect-only", "-q", "test_mine.py")
+    result.stdout.fnmatch_lines(["test_mine.py::test_one", "1 test collected*"])
+    assert "hardening.compile" not in result.stdout.str()
+
+
+def test_xdist_is_refused(pytester: pytest.Pytester) -> None:
+    # xdist's own option, declared as it declares it (xdist itself is not installed here).
+    pytester.makeconftest("def pytest_addoption(parser):\n    parser.addoption('--numprocesses', dest='numprocesses', type=int)\n")
+    result = pytester.runpytest_inprocess("--hardening-suite", "compile", "--numprocesses", "2")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*--hardening-suite under pytest-xdist (-n)*"])
 
 
 def test_everything_deselected_leaves_no_run_directory(pytester: pytest.Pytester) -> None:

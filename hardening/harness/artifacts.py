@@ -50,10 +50,10 @@ def settle(profile: Profile, case_dir: Path, ranks: list[RankResult], *, passed:
                 shutil.rmtree(rank_dir / sub, ignore_errors=True)
                 artifacts.pop(name, None)
         if keep_dump and profile.compile.enabled and profile.hardened and "depyf" not in artifacts:
-            if profile.program is not None:
-                artifacts["depyf"] = "unavailable: a --program rank ends through its own Session, which writes no dump"
-            elif not rank.has_record:
+            if not rank.has_record:
                 artifacts["depyf"] = "unavailable: the rank did not reach its own end (killed or lost), so it left no dump"
+            else:
+                artifacts["depyf"] = f"unavailable: the rank compiled nothing before it ended (phase {rank.phase or '?'})"
         if not keep_dump:
             artifacts.pop("on_end", None)
         rank.artifacts = artifacts

@@ -88,8 +88,12 @@ def region_name(target: str) -> str:
     path, sep, fn = target.rpartition(":")
     if path.endswith(".py"):
         path = os.path.basename(path)
-    name = f"{path}{sep}{fn}"
-    return re.sub(r"\s", "_", name)
+    return field_name(f"{path}{sep}{fn}")
+
+
+def field_name(text: str) -> str:
+    """``text`` as one space-free field of a line (region and profile names)."""
+    return re.sub(r"\s", "_", text)
 
 
 # --------------------------------------------------------------------------------------------
@@ -139,17 +143,38 @@ def load(path: str | Path) -> list[Entry]:
     return parse(text, source=str(path))
 
 
-def render(entries: Iterable[Entry]) -> str:
-    return "\n".join([HEADER, *sorted({e.line() for e in entries})]) + "\n"
+_TORCH_LINE = "# recorded with torch "
 
 
-def write(path: str | Path, entries: Iterable[Entry]) -> None:
-    """Atomically: a reader (or a Ctrl-C) never sees half a file."""
+def render(entries: Iterable[Entry], *, torch_version: str | None = None) -> str:
+    """The file's text. ``torch_version``: named in the header, since break texts change
+    between torch versions (a gate on another one says so)."""
+    header = [HEADER] + ([_TORCH_LINE + torch_version] if torch_version else [])
+    return "\n".join([*header, *sorted({e.line() for e in entries})]) + "\n"
+
+
+def recorded_torch(path: str | Path) -> str | None:
+    """The torch version a baseline file says it was recorded with, if it says."""
+    try:
+        for line in Path(path).read_text().splitlines()[:5]:
+            if line.startswith(_TORCH_LINE):
+                return line[len(_TORCH_LINE) :].strip()
+    except (OSError, UnicodeDecodeError):
+        pass
+    return None
+
+
+def write(path: str | Path, entries: Iterable[Entry], *, torch_version: str | None = None) -> None:
+    """Atomically: a reader (or a Ctrl-C) never sees half a file. The mode is what a
+    plain ``open`` would give (mkstemp's 0600 would make a committed file owner-only)."""
     target = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=".baseline-", dir=target.parent or ".")
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)
         with os.fdopen(fd, "w") as fh:
-            fh.write(render(entries))
+            fh.write(render(entries, torch_version=torch_version))
         os.replace(tmp, target)
     except BaseException:
         if os.path.exists(tmp):
@@ -289,3 +314,72 @@ def compare(baseline: dict[int, RankCompile], run: dict[int, RankCompile]) -> Co
         elif before_c != after_c or (was.collectives != now.collectives and not gone):
             out.moved.append(f"rank {rank}: collectives regrouped or moved: [{'; '.join(after_c) or 'none'}]")
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# The gate: the checker applied to a run's control case
+# --------------------------------------------------------------------------------------------
+
+CONTROL_CASE = "C-00"
+"""The unfaulted compile case: what a baseline records and what a gate judges."""
+
+
+class Gate:
+    """``--baseline FILE`` for one run: :meth:`check` judges the control case's per-rank
+    counters against the file as the case ends (the runner calls it before it keeps or
+    drops the case's artifacts, so a regression keeps its dumps); :attr:`report` and
+    :meth:`summary` say what it found."""
+
+    def __init__(
+        self, path: str, region: str, filed_as: str, expected: dict[int, RankCompile], ratchet: str, *,
+        fail_on_improvement: bool,
+    ) -> None:  # fmt: skip
+        self.path, self.region, self.filed_as, self.expected = path, region, filed_as, expected
+        self.ratchet, self.fail_on_improvement = ratchet, fail_on_improvement
+        self.comparison: Comparison | None = None
+        self.unchecked = f"{CONTROL_CASE} was not run"
+        self.report: dict[str, Any] | None = None
+        """For the JSON report (``SuiteResult.baseline``): file, regressions, improvements, stale, ratchet."""
+
+    def check(self, case: Any) -> None:
+        """Judge ``case`` (a ``CaseResult``) if it is the control: a regression (or, under
+        ``fail_on_improvement``, an improvement) makes it fail, naming the first."""
+        from hardening.harness.results import Verdict
+
+        if case.id != CONTROL_CASE:
+            return
+        run = {r.rank: RankCompile.from_counters(r.counters) for r in case.ranks if r.counters}
+        if sorted(run) != sorted(self.expected):
+            self.unchecked = f"{CONTROL_CASE} ended before every rank counted"
+            return
+        self.comparison = c = compare(self.expected, run)
+        completed = case.verdict is Verdict.PASS
+        if not completed:
+            # A control the runtime's gate stopped: its counters still name what is new,
+            # but fewer of anything proves nothing about a run cut short.
+            c.improvements, c.moved = [], []
+        failing = c.regressions + (c.improvements if self.fail_on_improvement else [])
+        if failing:
+            case.verdict = Verdict.FAIL
+            more = f" (+{len(failing) - 1} more)" if len(failing) > 1 else ""
+            case.reason = f"baseline {self.path}: {failing[0]}{more}" + ("" if completed else f"; {case.reason}")
+        self.report = {
+            "file": self.path, "region": self.region, "filed_as": self.filed_as, "regressions": c.regressions,
+            "improvements": c.improvements, "moved": c.moved, "ratchet": self.ratchet,
+        }  # fmt: skip
+
+    def summary(self) -> str:
+        """What the comparison found, for after the table; "" when nothing changed."""
+        c = self.comparison
+        lines = []
+        if self.filed_as != self.region:
+            lines.append(f"baseline {self.path}: region {self.region} compared with {self.filed_as}, the only region it holds")
+        if c is None:
+            lines.append(f"baseline {self.path}: not checked: {self.unchecked}")
+            return "\n".join(lines)
+        lines += [f"baseline {self.path}: REGRESSION {line}" for line in c.regressions]
+        lines += [f"baseline {self.path}: improved: {line}" for line in c.improvements]
+        lines += [f"baseline {self.path}: stale: {line}" for line in c.moved]
+        if c.improvements or c.moved:
+            lines.append(f"ratchet the baseline: {self.ratchet}")
+        return "\n".join(lines)

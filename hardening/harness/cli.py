@@ -385,10 +385,11 @@ def _suite(args: argparse.Namespace, stop: StopRequest) -> int:
         raise UsageError("--json and --junit name the same file")
     run_dir = _new_run_dir(args.artifacts, args.name, outputs)
 
-    # 2. Run; 3. judge what the control compiled to against the baseline; 4. reports.
-    result, internal = _run_cases(args.name, profile, cases, run_dir, stop, target_source)
+    # 2. Run, the control judged against the baseline as it ends (before its artifacts
+    #    are kept or dropped); 3. reports.
+    result, internal = _run_cases(args.name, profile, cases, run_dir, stop, target_source, checks=[gate.check] if gate else [])
     if gate is not None:
-        gate.judge(result)
+        result.baseline = gate.report
     return _report(result, run_dir, outputs, internal, after=gate.summary() if gate is not None else "")
 
 
@@ -405,8 +406,9 @@ def _new_run_dir(artifacts: str | None, suite: str, outputs: dict[str, Path]) ->
     return run_dir
 
 
-def _run_cases(suite: str, profile, cases: list, run_dir: Path, stop: StopRequest, target_source: str):
-    """Every case through one Runner; returns the result and the internal error, if any.
+def _run_cases(suite: str, profile, cases: list, run_dir: Path, stop: StopRequest, target_source: str, *, checks=()):
+    """Every case through one Runner (``checks``: its extra checkers of each case, see
+    ``Runner.checks``); returns the result and the internal error, if any.
     The result object is ours: every case the runner finishes is in it, whatever ends the
     run (a signal, a dead fork server, a bug here)."""
     from hardening.harness.results import SuiteResult
@@ -426,7 +428,7 @@ def _run_cases(suite: str, profile, cases: list, run_dir: Path, stop: StopReques
     internal = None
     try:
         if not stop.requested:
-            with Runner(profile, run_dir=run_dir, stop=stop) as runner:
+            with Runner(profile, run_dir=run_dir, stop=stop, checks=list(checks)) as runner:
                 if profile.program is None:
                     runner.check_target(profile.region.target, flag=target_source)
                 runner.run_suite(result, cases)
@@ -469,61 +471,14 @@ def _report(result, run_dir: Path, outputs: dict[str, Path], internal: str | Non
 
 # -- baselines -----------------------------------------------------------------------------
 
-CONTROL_CASE = "C-00"
-"""The unfaulted compile case: what a baseline records and what --baseline judges."""
+def _torch_version() -> str | None:
+    """The installed torch's version, without importing it."""
+    from importlib.metadata import PackageNotFoundError, version
 
-
-class _BaselineGate:
-    """``suite --baseline FILE``: the runtime's break and recompile gates opened to what
-    the file records (so known breaks pass and one more still trips C-02), then the
-    control's per-rank counters compared with the file."""
-
-    def __init__(self, path: str, region: str, filed_as: str, expected: dict, ratchet: str, *, fail_on_improvement: bool):
-        self.path, self.region, self.filed_as, self.expected = path, region, filed_as, expected
-        self.ratchet, self.fail_on_improvement = ratchet, fail_on_improvement
-        self.comparison = None
-        self.unchecked = ""
-
-    def judge(self, result) -> None:
-        from hardening.harness.baseline import RankCompile, compare
-        from hardening.harness.results import Verdict
-
-        control = next((c for c in result.cases if c.id == CONTROL_CASE), None)
-        run = {r.rank: RankCompile.from_counters(r.counters) for r in (control.ranks if control else []) if r.counters}
-        if control is None or sorted(run) != sorted(self.expected):
-            self.unchecked = f"{CONTROL_CASE} " + ("was not run" if control is None else "ended before every rank counted")
-            return
-        self.comparison = c = compare(self.expected, run)
-        completed = control.verdict is Verdict.PASS
-        if not completed:
-            # A control the runtime's gate stopped: its counters still name what is new,
-            # but fewer of anything proves nothing about a run cut short.
-            c.improvements, c.moved = [], []
-        failing = c.regressions + (c.improvements if self.fail_on_improvement else [])
-        if failing:
-            control.verdict = Verdict.FAIL
-            more = f" (+{len(failing) - 1} more)" if len(failing) > 1 else ""
-            control.reason = f"baseline {self.path}: {failing[0]}{more}" + ("" if completed else f"; {control.reason}")
-        result.baseline = {
-            "file": self.path, "region": self.region, "filed_as": self.filed_as, "regressions": c.regressions,
-            "improvements": c.improvements, "moved": c.moved, "ratchet": self.ratchet,
-        }  # fmt: skip
-
-    def summary(self) -> str:
-        """What the comparison found, for after the table; "" when nothing changed."""
-        c = self.comparison
-        lines = []
-        if self.filed_as != self.region:
-            lines.append(f"baseline {self.path}: region {self.region} compared with {self.filed_as}, the only region it holds")
-        if c is None:
-            lines.append(f"baseline {self.path}: not checked: {self.unchecked}")
-            return "\n".join(lines)
-        lines += [f"baseline {self.path}: REGRESSION {line}" for line in c.regressions]
-        lines += [f"baseline {self.path}: improved: {line}" for line in c.improvements]
-        lines += [f"baseline {self.path}: stale: {line}" for line in c.moved]
-        if c.improvements or c.moved:
-            lines.append(f"ratchet the baseline: {self.ratchet}")
-        return "\n".join(lines)
+    try:
+        return version("torch")
+    except PackageNotFoundError:
+        return None
 
 
 def _region_of(profile, flag: str) -> str:
@@ -544,14 +499,16 @@ def _ratchet_command(args: argparse.Namespace, out: str) -> str:
     return shlex.join([*words, "--out", out])
 
 
-def _baseline_gate(profile, cases: list, args: argparse.Namespace) -> "_BaselineGate":
-    from hardening.harness.baseline import BaselineError, load, renamed, select
+def _baseline_gate(profile, cases: list, args: argparse.Namespace):
+    """The request's baseline gate (``harness.baseline.Gate``), checked before launch, with
+    the runtime's break and recompile gates opened to what the file records."""
+    from hardening.harness.baseline import CONTROL_CASE, BaselineError, Gate, field_name, load, recorded_torch, renamed, select
 
     region = _region_of(profile, "--baseline")
     if not profile.compile.enabled:
         raise UsageError(f"--baseline: compile is off in profile {profile.name}: there is nothing to compare")
     try:
-        filed_as, expected = select(load(args.baseline), region, profile.name, source=args.baseline)
+        filed_as, expected = select(load(args.baseline), region, field_name(profile.name), source=args.baseline)
     except BaselineError as exc:
         raise UsageError(f"--baseline {exc}") from None
     expected = renamed(expected, filed_as, region)
@@ -560,12 +517,19 @@ def _baseline_gate(profile, cases: list, args: argparse.Namespace) -> "_Baseline
             f"--baseline {args.baseline}: records ranks {','.join(map(str, sorted(expected)))} of {filed_as}, "
             f"this run has {profile.world.ranks}; record this world size with {_ratchet_command(args, args.baseline)}"
         )
+    recorded, running = recorded_torch(args.baseline), _torch_version()
+    if recorded and running and recorded != running:
+        print(
+            f"hardening: --baseline {args.baseline} was recorded with torch {recorded}, this is {running}: "
+            "torch words its break reasons differently across versions; ratchet the file if only the words changed",
+            file=sys.stderr,
+        )
     if CONTROL_CASE not in {c.id for c in cases}:
         print(f"hardening: --baseline: {CONTROL_CASE} is not selected: only the gates are opened to the baseline", file=sys.stderr)
     # Known breaks and recompiles pass the runtime's gates; one more still trips them.
     profile.gates.max_graph_breaks = max(len(r.breaks) for r in expected.values())
     profile.gates.max_recompiles = max(r.recompiles for r in expected.values())
-    return _BaselineGate(
+    return Gate(
         args.baseline, region, filed_as, expected, _ratchet_command(args, args.baseline),
         fail_on_improvement=args.fail_on_improvement,
     )  # fmt: skip
@@ -588,7 +552,7 @@ def _baseline_update(args: argparse.Namespace, stop: StopRequest) -> int:
             existing = baseline.load(args.out)
         except baseline.BaselineError as exc:
             raise UsageError(f"--out {exc} (fix or remove it; other regions' entries are kept)") from None
-    cases = _select_cases("compile", CONTROL_CASE, profile.world.ranks)
+    cases = _select_cases("compile", baseline.CONTROL_CASE, profile.world.ranks)
     target_source = _validate(profile, cases, args)
     profile.gates.max_graph_breaks = profile.gates.max_recompiles = 1_000_000  # record, don't judge
     run_dir = _new_run_dir(args.artifacts, "baseline", {"--out": out})
@@ -598,11 +562,12 @@ def _baseline_update(args: argparse.Namespace, stop: StopRequest) -> int:
     control = result.cases[0] if result.cases else None
     if control is None or control.verdict is not Verdict.PASS or internal:
         why = control.reason if control is not None else (result.harness_error or "the run was stopped")
-        return _report(result, run_dir, {}, internal, after=f"baseline {args.out}: not written: {CONTROL_CASE} did not complete: {why}")
+        return _report(result, run_dir, {}, internal, after=f"baseline {args.out}: not written: {baseline.CONTROL_CASE} did not complete: {why}")
     per_rank = {r.rank: baseline.RankCompile.from_counters(r.counters) for r in control.ranks}
-    entries = [e for rank, rc in sorted(per_rank.items()) for e in rc.entries(region, profile.name, rank)]
-    before = baseline.regions(existing).get((region, profile.name))
-    baseline.write(out, baseline.merged(existing, region, profile.name, entries))
+    pname = baseline.field_name(profile.name)
+    entries = [e for rank, rc in sorted(per_rank.items()) for e in rc.entries(region, pname, rank)]
+    before = baseline.regions(existing).get((region, pname))
+    baseline.write(out, baseline.merged(existing, region, pname, entries), torch_version=_torch_version())
     change = "new" if before is None else ("unchanged" if baseline.compare(before, per_rank).unchanged else "updated")
     breaks = max(len(rc.breaks) for rc in per_rank.values())
     graphs = max(rc.graphs for rc in per_rank.values())

@@ -97,8 +97,12 @@ class Runner:
         run_dir: Path,
         progress: Callable[[str], None] | None = None,
         stop: StopRequest | None = None,
+        checks: list[Callable[[CaseResult], None]] | None = None,
     ) -> None:
         self.profile = profile
+        self.checks = list(checks or [])
+        """Checkers of each judged case beyond its expectation (a baseline gate), run before
+        its artifacts are kept or dropped: one may fail a case, which then keeps them."""
         self.run_dir = run_dir
         self.progress = progress or (lambda line: print(line, file=sys.stderr, flush=True))
         self.stop = stop or StopRequest()
@@ -319,12 +323,11 @@ class Runner:
         ranks = self._collect(live)
         outcome, t_detect = judge.classify(case, ranks, harness_error=harness_error, interrupted=live.interrupted)
         verdict, reason = judge.judge(case.expect, outcome, ranks)
-        artifacts.settle(self.profile, live.case_dir, ranks, passed=verdict in (Verdict.PASS, Verdict.SKIPPED))
         if harness_error:
             reason = harness_error
         elif outcome is Outcome.HUNG and live.deadline_reason:
             reason = f"{reason} ({live.deadline_reason})"
-        return CaseResult(
+        result = CaseResult(
             id=case.id,
             title=case.title,
             fault=case.fault,
@@ -339,6 +342,10 @@ class Runner:
             wall_s=time.time() - live.launched,
             run_dir=str(live.case_dir),
         )
+        for check in self.checks:
+            check(result)
+        artifacts.settle(self.profile, live.case_dir, ranks, passed=result.verdict in (Verdict.PASS, Verdict.SKIPPED))
+        return result
 
     def _launch(self, live: _Live) -> None:
         assert self._server is not None and self._server.stdin is not None

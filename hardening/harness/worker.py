@@ -24,7 +24,7 @@ import torch.distributed as dist
 from hardening.harness import region
 from hardening.harness.profile import Profile, load_profile
 from hardening.harness.region import Region, RegionContext
-from hardening.runtime.compile.dump import DUMP_DIR, write_dump
+from hardening.runtime.compile.dump import DUMP_DIR, DUMP_ENV
 from hardening.runtime.compile.trace import TRACE_DIR, start_torch_trace
 from hardening.runtime.config import RuntimeConfig
 from hardening.runtime.envelope import CallContract, TensorSpec
@@ -57,6 +57,8 @@ class RankSpec:
 
 def run_rank(spec: RankSpec) -> NoReturn:
     profile = load_profile(spec.profile_path)
+    if wants_dump(profile):  # the Session, the program's own too, dumps there as it ends
+        os.environ[DUMP_ENV] = str(Path(spec.rank_dir) / DUMP_DIR)
     if profile.program is not None:
         run_program(spec, profile.program, trace=wants_trace(profile))
     if not profile.hardened:
@@ -80,8 +82,6 @@ def run_rank(spec: RankSpec) -> NoReturn:
     try:
         if wants_trace(profile):  # before anything compiles
             session.state.artifacts["torch_trace"] = start_trace(Path(spec.rank_dir))
-        if wants_dump(profile):
-            session.state.on_end = lambda ok: dump_on_end(session, Path(spec.rank_dir))
         with session as s:
             serve_region(s, profile)
     except BaseException as exc:  # noqa: BLE001 - every end must be recorded, KeyboardInterrupt included
@@ -95,8 +95,8 @@ def run_program(spec: RankSpec, program: str, *, trace: bool = False) -> NoRetur
     Its ``@hr.record`` ends the process with the record the runner judges; a program that
     returns without one is ``no_final_record``, never a completion.
 
-    ``trace``: its compile trace goes to ``rank<r>/torch_trace`` like a region's (the
-    runner finds it there; the program's own Session writes no depyf dump)."""
+    ``trace``: its compile trace goes to ``rank<r>/torch_trace`` like a region's, and its
+    Session's depyf dump to ``rank<r>/depyf`` (``DUMP_ENV``): the runner finds both there."""
     if trace:
         start_trace(Path(spec.rank_dir))
     os.environ.update(
@@ -141,19 +141,6 @@ def start_trace(rank_dir: Path) -> str:
 def wants_dump(profile: Profile) -> bool:
     """Whether this rank leaves a depyf dump as it ends (kept like the trace)."""
     return profile.compile.enabled and profile.triage.artifacts != "never"
-
-
-def dump_on_end(session: Session, rank_dir: Path) -> None:
-    """The rank's ``on_end`` hook: its depyf dump, when it compiled anything. Every end
-    dumps, a clean one too: a rank cannot know its case's verdict (a fault that went
-    undetected fails a case whose ranks all completed); the runner drops what a passing
-    case does not keep."""
-    probe = session.probe
-    if probe is None:
-        session.state.artifacts["depyf"] = f"unavailable: nothing was compiled before this rank ended (phase {session.state.phase})"
-        return
-    limit = max(0.5, session.state.on_end_limit_s - 0.5)  # finish before the Terminator stops waiting
-    session.state.artifacts["depyf"] = write_dump(rank_dir / DUMP_DIR, list(probe.graphs), time_limit_s=limit)
 
 
 def runtime_config(profile: Profile) -> RuntimeConfig:

@@ -29,6 +29,7 @@ import os
 import re
 from dataclasses import dataclass
 from types import FrameType
+from collections.abc import Callable
 from typing import Any
 
 COLLECTIVE, SIDE, COMPILING, RUNNING = "collective", "side", "compiling", "running"
@@ -121,27 +122,41 @@ def collective_signature(node: Any) -> str:
     Everything before `` at `` is what ranks must agree on; the line only says where."""
     op = _OP_IN_LINE.search(str(node.target))
     name = op.group(1) if op is not None else _op_name(node.target)
-    strings = [a for a in (node.args[1:] if node.args else ()) if isinstance(a, str)]
-    reduce_op = next((a for a in strings if not a.isdigit()), "")
-    group = next((a for a in strings if a.isdigit()), "")
+    rest = node.args[1:] if node.args else ()
+    # Functional collectives take the group's name last; a reduce op (all_reduce,
+    # reduce_scatter_tensor) is the string before it; ints are a src or a group size.
+    strings = [a for a in rest if isinstance(a, str)]
+    params = strings[:-1] + [str(a) for a in rest if isinstance(a, int) and not isinstance(a, bool)]
+    group = collective_group(node)
     value = node.meta.get("example_value", node.meta.get("val"))
     shape = getattr(value, "shape", None)
     dtype = str(getattr(value, "dtype", "?")).removeprefix("torch.")
     dims = "?" if shape is None else "(" + ", ".join(str(s) for s in shape) + ("," if len(shape) == 1 else "") + ")"
-    text = f"{name}({reduce_op}) of {dtype} {dims}" + (f" on group {group!r}" if group else "")
+    text = f"{name}({', '.join(params)}) of {dtype} {dims}" + (f" on group {group!r}" if group else "")
     where = _user_line(node.meta.get("stack_trace") or "")
     return text + (f" at {where}" if where else "")
 
 
-def graph_collective_signatures(gm: Any) -> list[str]:
-    """:func:`collective_signature` of every collective an FX graph issues, in order."""
+def collective_group(node: Any) -> str:
+    """The name of the process group a functional-collective node runs on ("" if none)."""
+    strings = [a for a in (node.args[1:] if node.args else ()) if isinstance(a, str)]
+    return strings[-1] if strings else ""
+
+
+def graph_collective_nodes(gm: Any) -> list[Any]:
+    """The collective nodes of an FX graph (waits excluded), in order."""
     return [
-        collective_signature(node)
+        node
         for node in getattr(getattr(gm, "graph", None), "nodes", ())
         if node.op == "call_function"
         and (op := _OP_IN_LINE.search(str(node.target))) is not None
         and op.group(1) not in ("wait_tensor", "wait")
     ]
+
+
+def graph_collective_signatures(gm: Any) -> list[str]:
+    """:func:`collective_signature` of every collective an FX graph issues, in order."""
+    return [collective_signature(node) for node in graph_collective_nodes(gm)]
 
 
 def without_location(signature: str) -> str:
@@ -159,22 +174,27 @@ def record_graph(gm: Any, compiled: Any, record: IssuedRecord = ISSUED) -> Any:
     if not issued:
         return compiled
     last = issued[-1]
+    return around_each_run(compiled, after=lambda: record.note(last))
 
-    if getattr(compiled, "_boxed_call", False):  # inductor's convention: one list, consumed
 
-        def run_boxed(args: Any) -> Any:
-            out = compiled(args)
-            record.note(last)
-            return out
+def around_each_run(
+    compiled: Any, *, before: Callable[[], Any] | None = None, after: Callable[[], Any] | None = None
+) -> Any:
+    """``compiled`` (a backend's output) calling ``before()`` and ``after()`` around each
+    run. Arguments pass through as they come and ``_boxed_call`` is copied: AOT's
+    convention (one list, consumed) and the plain one both reach ``compiled`` untouched,
+    whichever its caller uses (torch 2.13 calls some boxed AOT outputs with ``*args``)."""
 
-        run_boxed._boxed_call = True  # type: ignore[attr-defined]
-        return run_boxed
-
-    def run(*args: Any) -> Any:
-        out = compiled(*args)
-        record.note(last)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        if before is not None:
+            before()
+        out = compiled(*args, **kwargs)
+        if after is not None:
+            after()
         return out
 
+    if hasattr(compiled, "_boxed_call"):
+        run._boxed_call = compiled._boxed_call  # type: ignore[attr-defined]
     return run
 
 

@@ -19,10 +19,12 @@ from typing import Any
 import torch
 
 from hardening.errors import ParityError
+from hardening.runtime.compile.dump import DUMP_ENV
 from hardening.runtime.config import CompileConfig, GateConfig, ParityConfig
 from hardening.runtime.sidechannel import SideChannel
 
 # Variables that legitimately differ per rank or per run and must not be compared.
+
 PER_RANK_VARIABLES = frozenset(
     {
         "RANK",
@@ -37,6 +39,7 @@ PER_RANK_VARIABLES = frozenset(
         "TORCHINDUCTOR_CACHE_DIR",
         "TORCH_TRACE",
         "HARDENING_RECORD",  # each rank's own record file
+        DUMP_ENV,  # each rank's own depyf dump directory
     }
 )
 ENV_PREFIXES = ("HARDENING_", "TORCH_", "TORCHINDUCTOR_", "TORCHDYNAMO_", "NCCL_", "CUDA_LAUNCH_BLOCKING", "CUBLAS_")

@@ -52,6 +52,7 @@ from hardening.runtime.compile import gates
 from hardening.runtime.compile.backend import compile_region
 from hardening.runtime.compile.collectives import CollectiveCheck
 from hardening.runtime.compile.counters import CompileCounters
+from hardening.runtime.compile.dump import DUMP_ENV, dump_on_end
 from hardening.runtime.compile.guard import RecompileGuard
 from hardening.runtime.compile.probe import CompileProbe, graph_break_from_exception
 from hardening.runtime.config import RuntimeConfig
@@ -177,7 +178,8 @@ class Session:
             prefix = env.get("HARDENING_STORE_PREFIX", "")
         elif "MASTER_ADDR" in env and "MASTER_PORT" in env:
             host, port = env["MASTER_ADDR"], env["MASTER_PORT"]
-            prefix = f"hardening/{env.get('TORCHELASTIC_RUN_ID', 'run')}"
+            # The agent's store outlives a restart: each attempt gets keys of its own.
+            prefix = f"hardening/{env.get('TORCHELASTIC_RUN_ID', 'run')}/{env.get('TORCHELASTIC_RESTART_COUNT', '0')}"
         else:
             raise ValueError("Session.from_env: no store: set MASTER_ADDR and MASTER_PORT (torchrun does)")
         record = env.get("HARDENING_RECORD") or str(Path(".hardening") / "records" / f"rank{rank}.json")
@@ -255,7 +257,12 @@ class Session:
         if self.probe is None:
             self.probe = CompileProbe()
             self.probe.install()
-        if self.collective_check is None:
+            dump_dir, probe = os.environ.get(DUMP_ENV, "").strip(), self.probe
+            if dump_dir and self.state.on_end is None:
+                probe.keep_graphs = True
+                self.state.on_end = lambda ok: dump_on_end(self.state, probe, dump_dir)
+        cfg = self.compile_config
+        if self.collective_check is None and cfg.enabled and cfg.check_collectives:
             assert self.store is not None, "enter the Session first"
             self.collective_check = CollectiveCheck(
                 self.store, rank=self.rank, world_size=self.world_size, timeout_s=self.config.timeouts.compile or 300.0

@@ -139,6 +139,10 @@ def rank_detail_lines(rank: RankResult) -> list[str]:
         if reasons:
             lines.append(f"  {label}:")
             lines.extend(f"    - {r}" for r in reasons)
+    undecided = _reasons((counters.get("collective_check") or {}).get("undecided"))
+    if undecided:
+        lines.append("  collective check could not decide:")
+        lines.extend(f"    - {r}" for r in undecided)
     if rank.exit_code is None:
         if rank.where:
             lines.append(f"  where: {trim(rank.where)}")
@@ -181,6 +185,12 @@ def _summary(result: SuiteResult) -> str:
         line += f" -- INTERRUPTED{f' by {result.interrupted_by}' if result.interrupted_by else ''} (partial report"
         line += f", {interrupted} case(s) cut short)" if interrupted else ")"
     lines = [line]
+    # A passing case shows no details: what the collective check could not decide is said here.
+    for case in result.cases:
+        if case.verdict is Verdict.PASS:
+            for rank in _sorted_ranks(case):
+                for why in _reasons(((rank.counters or {}).get("collective_check") or {}).get("undecided"))[:1]:
+                    lines.append(f"note: {case.id} r{rank.rank}: the collective check could not decide: {why}")
     if result.harness_error:
         lines.append(f"harness error: {result.harness_error}")
     lines.append(f"run directory: {result.run_dir or DASH}")

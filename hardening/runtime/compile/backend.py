@@ -93,7 +93,7 @@ def compile_region(
 
     return torch.compile(
         module_or_fn,
-        backend=counting_backend(probe, cfg.backend, mode=cfg.mode, check=check if cfg.check_collectives else None),
+        backend=counting_backend(probe, cfg.backend, mode=cfg.mode, check=check),
         fullgraph=cfg.fullgraph,
         dynamic=cfg.dynamic,
     )

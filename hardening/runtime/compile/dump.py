@@ -26,9 +26,22 @@ from typing import Any
 DUMP_DIR = "depyf"
 """Name of the dump directory inside a rank's directory."""
 
+DUMP_ENV = "HARDENING_DEPYF_DIR"
+"""Set by a harness that keeps debug artifacts: where this rank's Session writes its dump
+as it ends, once it has compiled something (a ``--program`` rank's Session included)."""
+
 NOTES = "NOTES.txt"
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]+")
+
+
+def dump_on_end(state: Any, probe: Any, directory: str | Path) -> None:
+    """A rank's ``RankState.on_end`` hook: its dump into ``directory``, named in its
+    artifacts. Every end dumps, a clean one too: a rank cannot know its case's verdict (a
+    fault that went undetected fails a case whose ranks all completed); the harness drops
+    what a passing case does not keep."""
+    limit = max(0.5, state.on_end_limit_s - 0.5)  # finish before the Terminator stops waiting
+    state.artifacts["depyf"] = write_dump(directory, list(probe.graphs), time_limit_s=limit)
 
 
 def write_dump(directory: str | Path, graphs: list[Any], *, time_limit_s: float = 5.0) -> str:
@@ -66,7 +79,8 @@ def write_dump(directory: str | Path, graphs: list[Any], *, time_limit_s: float 
         if time.monotonic() > deadline:
             notes.append(f"time limit {time_limit_s:g}s reached: {len(frames) - n} compiled frame(s) left out")
             break
-        stem = _UNSAFE.sub("_", f"code_{compile_id}_{entry_code.co_name}")
+        # A torch whose cache entries carry no compile id names each by its place instead.
+        stem = _UNSAFE.sub("_", f"code_{compile_id if compile_id != '?' else f'entry{n}'}_{entry_code.co_name}")
         where = f"{source.co_filename}:{source.co_firstlineno}" if source is not None else "?"
         header = f"# Dynamo's transformed bytecode for {entry_code.co_name} ({where}), compile id {compile_id}\n"
         text, error = _decompile(entry_code)
@@ -75,7 +89,7 @@ def write_dump(directory: str | Path, graphs: list[Any], *, time_limit_s: float 
         else:
             notes.append(f"{stem}: depyf could not decompile it ({error}); its bytecode is in {stem}.dis.txt")
             put(f"{stem}.dis.txt", header + text)
-        guards = _guards_text(source, compile_id)
+        guards = _guards_text(source, compile_id) if compile_id != "?" else ""
         if guards:
             put(f"{stem}.guards.txt", guards)
     if not frames:

@@ -113,6 +113,8 @@ class CompileProbe:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
+        self.keep_graphs = False
+        """Hold every graph the backend hands over in :attr:`graphs` (for a debug dump)."""
         self._reset_state()
 
     def _reset_state(self) -> None:
@@ -124,7 +126,8 @@ class CompileProbe:
         self._graph_sigs: list[str] = []
         self._graph_collectives: list[str] = []
         self.graphs: list[Any] = []
-        """The FX graph modules the counting backend received, in order (for debug dumps)."""
+        """The FX graph modules the counting backend received, in order, when
+        :attr:`keep_graphs` (a debug dump wants them; otherwise none is held)."""
         self._notes: list[str] = []
         # Global lists are consumed incrementally (from the callback, the backend and
         # counters()) so a bounded or reset global loses as little as possible.
@@ -317,7 +320,8 @@ class CompileProbe:
         with self._lock:
             self._graph_sigs.append(signature)
             self._graph_collectives.append(collectives)
-            self.graphs.append(gm)
+            if self.keep_graphs:
+                self.graphs.append(gm)
         self._sync()
 
     # ---- reading ----------------------------------------------------------------------------
