@@ -146,11 +146,17 @@ def test_a_peer_blocked_in_a_collective_no_graph_announced_is_the_divergence(sto
     assert str(err.value).endswith(
         f"rank 0: {A}; rank 1: none announced, blocked 0.3s in a collective no compiled graph holds: {doing}"
     )
-    # At its own end a rank has nothing left to issue: a peer in such a collective is undecided.
+    # At its own end a rank has nothing left to issue: a peer that stays in such a
+    # collective is undecided (one that only finishes its last one ends its call first).
     c0.begin_call(2)
     c1.store.set("hb/1", json.dumps({"seq": 3, "phase": "warmup", "call_id": 2, "activity": "collective", "doing": doing}))
     c0.end_call()
-    assert c0.undecided[-1] == f"collective check, call 2, collective 1: rank 1 was in a collective no compiled graph announced ({doing})"
+    assert c0.undecided[-1] == f"collective check, call 2, collective 1: rank 1 stayed in a collective no compiled graph announced ({doing})"
+    c0.begin_call(3)
+    c1.store.set("hb/1", json.dumps({"seq": 4, "phase": "warmup", "call_id": 3, "activity": "collective", "doing": doing}))
+    threading.Timer(0.1, lambda: c1.store.set("cc/3/end/1", "0")).start()
+    c0.end_call()  # the peer ended within blocked_s: compared, nothing undecided
+    assert len(c0.undecided) == 2
 
 
 def test_a_silent_peer_is_bounded_by_the_timeout(store_port: int) -> None:

@@ -201,9 +201,9 @@ class CollectiveCheck:
         cannot be known (noted in :attr:`undecided`): the wait timed out, or, at this
         rank's end, the peer is blocked in a collective this check does not see.
 
-        Before one of this rank's own collectives (not ``at_end``), a peer that stays
-        blocked for :attr:`blocked_s` in a collective no graph announced is the divergence
-        itself (same code issues the same collectives in the same order): named, with
+        A peer that stays blocked for :attr:`blocked_s` in a collective no graph announced
+        is undecided at this rank's end; before one of this rank's own collectives (not
+        ``at_end``) it is the divergence itself (same code issues the same collectives in the same order): named, with
         where the peer is, rather than run into a collective that pairs with the wrong one
         (gloo aborts the process on a size mismatch; NCCL may compute garbage)."""
         tag = f"collective check, call {self.call_id}, collective {position + 1}"  # also what activity.sample shows
@@ -217,16 +217,19 @@ class CollectiveCheck:
                 return int(self.store.get(end_key)), True
             if self._has(at_key):
                 return position + 1, False
+            # A peer seen in a collective may just be finishing one both ranks issued (its
+            # heartbeat is a beat old, or it waits on the last result): only one it stays in
+            # for blocked_s counts.
             doing = self._peer_in_collective(peer)
             if doing is None:
                 blocked_since = None
-            elif at_end:
-                self.undecided.append(f"{tag}: rank {peer} was in a collective no compiled graph announced ({doing})")
-                return None
             elif blocked_since is None:
                 blocked_since = time.monotonic()
             elif time.monotonic() - blocked_since >= self.blocked_s and not self._has(at_key) and not self._has(end_key):
-                self._unannounced(peer, position, doing)
+                if not at_end:
+                    self._unannounced(peer, position, doing)
+                self.undecided.append(f"{tag}: rank {peer} stayed in a collective no compiled graph announced ({doing})")
+                return None
             if time.monotonic() > deadline:
                 self.undecided.append(f"{tag}: rank {peer} announced nothing within {self.timeout_s:g}s")
                 return None
