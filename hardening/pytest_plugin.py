@@ -48,16 +48,12 @@ MARKER = "hardening"
 # pytest flag (and ini key, where one exists) -> the CLI's flag of the same meaning; the
 # CLI's checks name their own flags, and a message shown to a pytest user names this one.
 _FLAGS = {
-    "--hardening-ranks": "--ranks",
-    "--hardening-target": "--target",
-    "--hardening-profile": "--profile",
-    "--hardening-only": "--only",
-    "--hardening-program": "--program",
-    "--hardening-torch-trace": "--torch-trace",
-    "--hardening-artifacts": "--artifacts",
-    "--hardening-baseline": "--baseline",
-    "--hardening-fail-on-improvement": "--fail-on-improvement",
-}
+    f"--hardening-{flag[2:]}": flag
+    for flag in (
+        "--ranks", "--target", "--profile", "--only", "--program", "--torch-trace", "--artifacts", "--baseline",
+        "--fail-on-improvement",
+    )
+}  # fmt: skip
 _INI = ("suite", "target", "profile", "baseline")
 _CLI_FLAG = re.compile(r"(?<![\w-])(" + "|".join(re.escape(f) for f in _FLAGS.values()) + r")(?![\w-])")
 
@@ -66,40 +62,22 @@ _CLI_FLAG = re.compile(r"(?<![\w-])(" + "|".join(re.escape(f) for f in _FLAGS.va
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
+    from hardening.harness.cli import RUN_FLAGS  # the CLI's flags, their help and types (no torch)
+
     group = parser.getgroup("hardening", "hardening fault-injection suites (each case a pytest item)")
     group.addoption(
         "--hardening-suite", metavar="NAME",
         help="run a hardening suite's cases as pytest items: compile, operator or all (ini: hardening_suite)",
     )  # fmt: skip
-    group.addoption(
-        "--hardening-target", metavar="MOD:FN",
-        help="region factory module:function or file.py:function (overrides region.target; ini: hardening_target)",
-    )  # fmt: skip
-    group.addoption(
-        "--hardening-profile", metavar="NAME|FILE",
-        help="shipped profile name or a YAML file; default cpu (ini: hardening_profile)",
-    )  # fmt: skip
-    group.addoption("--hardening-ranks", type=int, metavar="N", help="number of ranks (overrides world.ranks)")
-    group.addoption("--hardening-only", metavar="IDS", help="comma-separated case ids, e.g. C-00,C-01")
-    group.addoption(
-        "--hardening-program", metavar="FILE.py",
-        help="run your own program (a Session under @hr.record) on every rank instead of a region",
-    )  # fmt: skip
-    group.addoption(
-        "--hardening-torch-trace", action="store_true", default=False,
-        help="every rank writes torch's structured compile trace to rank<r>/torch_trace/ (for tlparse)",
-    )  # fmt: skip
-    group.addoption(
-        "--hardening-artifacts", metavar="DIR", help="run directory (default .hardening/runs/<time>-<suite>)"
-    )  # fmt: skip
-    group.addoption(
-        "--hardening-baseline", metavar="FILE",
-        help="compare what the region compiles to with FILE (hardening baseline update; ini: hardening_baseline)",
-    )  # fmt: skip
-    group.addoption(
-        "--hardening-fail-on-improvement", action="store_true", default=False,
-        help="with --hardening-baseline: also fail when the region compiles better than FILE records",
-    )  # fmt: skip
+    for ours, flag in _FLAGS.items():
+        kwargs = dict(RUN_FLAGS[flag])
+        key = ours.removeprefix("--hardening-")
+        kwargs["help"] = _CLI_FLAG.sub(lambda m: f"--hardening-{m.group(1)[2:]}", kwargs["help"])
+        if key in _INI:
+            kwargs["help"] += f" (ini: hardening_{key})"
+        if kwargs.get("action") == "store_true":
+            kwargs["default"] = False
+        group.addoption(ours, **kwargs)
     for key in _INI:
         parser.addini(f"hardening_{key}", f"default for --hardening-{key}", default=None)
 

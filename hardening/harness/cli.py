@@ -11,7 +11,7 @@ import time
 import traceback
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from hardening.harness.interrupt import StopRequest
 
@@ -72,44 +72,16 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("suite", help=f"run a suite of cases ({suites})")
     s.add_argument("name", help=f"suite name: {suites}")
-    s.add_argument("--ranks", type=int, help="number of ranks (overrides world.ranks)")
-    s.add_argument(
-        "--profile",
-        help=f"shipped profile name ({', '.join(available_profiles())}) or a YAML file; default {DEFAULT_PROFILE}",
-    )
-    s.add_argument("--only", help="comma-separated case ids, e.g. C-00,C-01 (see hardening list)")
-    s.add_argument("--target", help="region factory module:function or file.py:function (overrides region.target)")
-    s.add_argument(
-        "--program", metavar="FILE.py",
-        help="run your own program (a Session under @hr.record) on every rank instead of a region",
-    )  # fmt: skip
-    s.add_argument(
-        "--torch-trace", action="store_true",
-        help="every rank writes torch's structured compile trace to rank<r>/torch_trace/ (for tlparse)",
-    )  # fmt: skip
-    s.add_argument(
-        "--baseline", metavar="FILE",
-        help="compare what the region compiles to with FILE (hardening baseline update): fail on a new break, "
-        "graph, recompile or collective",
-    )  # fmt: skip
-    s.add_argument(
-        "--fail-on-improvement", action="store_true",
-        help="with --baseline: also fail when the region compiles better than FILE records (ratchet the file)",
-    )  # fmt: skip
-    s.add_argument(
-        "--keep-artifacts", action="store_true",
-        help="keep every compiled rank's depyf dump and torch_trace/, passing cases too (default: failing cases only)",
-    )  # fmt: skip
+    profiles = f"shipped profile name ({', '.join(available_profiles())}) or a YAML file; default {DEFAULT_PROFILE}"
+    _add_run_flags(s, ("--ranks", "--profile", "--only", "--target", "--program", "--torch-trace", "--baseline"), profile=profiles)
+    _add_run_flags(s, ("--fail-on-improvement", "--keep-artifacts"))
     s.add_argument("--json", metavar="FILE", help="write the JSON report here")
     s.add_argument("--junit", metavar="FILE", help="write a JUnit XML report here")
-    s.add_argument("--artifacts", metavar="DIR", help="run directory (default .hardening/runs/<time>-<suite>)")
+    _add_run_flags(s, ("--artifacts",))
     b = sub.add_parser("baseline", help="record what a region compiles to, per rank, for suite --baseline")
     b.add_argument("action", choices=["update"], help="update: run the control case and write its entries")
     b.add_argument("--out", metavar="FILE", required=True, help="the baseline file (other regions' entries are kept)")
-    b.add_argument("--target", help="region factory module:function or file.py:function (overrides region.target)")
-    b.add_argument("--profile", help=f"shipped profile name or a YAML file; default {DEFAULT_PROFILE}")
-    b.add_argument("--ranks", type=int, help="number of ranks (overrides world.ranks)")
-    b.add_argument("--artifacts", metavar="DIR", help="run directory (default .hardening/runs/<time>-baseline)")
+    _add_run_flags(b, ("--target", "--profile", "--ranks", "--artifacts"), profile=profiles)
     ls = sub.add_parser("list", help="show the operator matrix: id, fault, expectation, budget")
     ls.add_argument("suite", nargs="?", default="all")
     f = sub.add_parser("fault", help="check a fault spec (name:rank=N:call=K) and say what it does")
@@ -122,6 +94,46 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--out", metavar="DIR", help="save each dump in DIR")
     sub.add_parser("doctor", help="check torch, backends, py-spy/ptrace and compilers")
     return p
+
+
+RUN_FLAGS: dict[str, dict[str, Any]] = {
+    "--ranks": dict(type=int, metavar="N", help="number of ranks (overrides world.ranks)"),
+    "--profile": dict(metavar="NAME|FILE", help="shipped profile name or a YAML file; default cpu"),
+    "--only": dict(metavar="IDS", help="comma-separated case ids, e.g. C-00,C-01 (see hardening list)"),
+    "--target": dict(metavar="MOD:FN", help="region factory module:function or file.py:function (overrides region.target)"),
+    "--program": dict(
+        metavar="FILE.py", help="run your own program (a Session under @hr.record) on every rank instead of a region"
+    ),
+    "--torch-trace": dict(
+        action="store_true",
+        help="every rank writes torch's structured compile trace to rank<r>/torch_trace/ (for tlparse), passing cases too",
+    ),
+    "--baseline": dict(
+        metavar="FILE",
+        help="compare what the region compiles to with FILE (hardening baseline update): fail on a new break, "
+        "graph, recompile or collective",
+    ),
+    "--fail-on-improvement": dict(
+        action="store_true", help="with --baseline: also fail when the region compiles better than FILE records"
+    ),
+    "--keep-artifacts": dict(
+        action="store_true",
+        help="keep every compiled rank's depyf dump and torch_trace/, passing cases too (default: failing cases only)",
+    ),
+    "--artifacts": dict(metavar="DIR", help="run directory (default .hardening/runs/<time>-<command>)"),
+}
+"""The flags that shape a run, shared by ``suite``, ``baseline update`` and the pytest
+plugin (as ``--hardening-<name>``): one help text each, one meaning."""
+
+
+def _add_run_flags(parser: argparse.ArgumentParser, flags: tuple[str, ...], *, profile: str | None = None) -> None:
+    """``flags`` of :data:`RUN_FLAGS` on ``parser``; ``profile``: a ``--profile`` help that
+    names the shipped profiles (the table's stays free of imports, for the plugin)."""
+    for flag in flags:
+        kwargs = dict(RUN_FLAGS[flag])
+        if flag == "--profile" and profile is not None:
+            kwargs["help"] = profile
+        parser.add_argument(flag, **kwargs)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -36,7 +36,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
 from hardening.errors import CompileGateError
 from hardening.runtime import activity
@@ -184,12 +184,15 @@ class CollectiveCheck:
         mine = self.mine[position] if position < len(self.mine) else None
         by_rank = sorted(((self.rank, mine), (peer, theirs)))
         parts = [f"rank {r}: {sig if sig is not None else _NONE}" for r, sig in by_rank]
-        message = (
+        self._decide(
             f"collectives differ across ranks in call {self.call_id}, before the graph that issues collective "
             f"{position + 1} runs: " + "; ".join(parts)
         )
+
+    def _decide(self, message: str) -> NoReturn:
+        """Raise the call's verdict: the first rank's words (first writer wins), so that
+        every rank raises the same."""
         key = self._key("mismatch")
-        # First writer wins, so that every rank raises the same words.
         self.store.compare_set(key, "", message)
         raise CompileGateError(self.store.get(key).decode())
 
@@ -253,13 +256,11 @@ class CollectiveCheck:
     def _unannounced(self, peer: int, position: int, doing: str) -> None:
         """This rank is about to issue ``position``; the peer sits in a collective no
         compiled graph announced."""
-        message = (
+        self._decide(
             f"collectives differ across ranks in call {self.call_id}, before the graph that issues collective "
             f"{position + 1} runs: rank {self.rank}: {self.mine[position]}; rank {peer}: none announced, "
             f"blocked {self.blocked_s:g}s in a collective no compiled graph holds: {doing}"
         )
-        self.store.compare_set(self._key("mismatch"), "", message)
-        raise CompileGateError(self.store.get(self._key("mismatch")).decode())
 
     def _raise_if_decided(self) -> None:
         key = self._key("mismatch")
