@@ -79,6 +79,21 @@ class PeerError(HardeningError):
     exit_code = 29
 
 
+class GroupError(HardeningError):
+    """A collective was about to run on a process group other than the one declared for
+    it (``world_pg`` where ``mesh_pg`` was declared, a group this rank is not in), or the
+    groups a rank built differ from the declared topology."""
+
+    exit_code = 30
+
+
+class BackpressureError(HardeningError):
+    """A bounded pipeline queue stayed full past its deadline: the stage after it took
+    nothing (a stalled or far slower stage), instead of blocking forever."""
+
+    exit_code = 31
+
+
 # Exit codes a rank can end with that are not a named cause.
 EXIT_OK = 0
 EXIT_UNEXPECTED = 10  # an exception that is not a HardeningError (a bug, or the user's region raised)
@@ -97,6 +112,8 @@ NAMED_CAUSES: dict[str, type[HardeningError]] = {
         PeerLost,
         CallDeadlineExceeded,
         PeerError,
+        GroupError,
+        BackpressureError,
     )
 }
 

@@ -10,11 +10,12 @@ import os
 
 from hardening.inject import compile as _compile
 from hardening.inject import operator as _operator
+from hardening.inject import pipeline as _pipeline
 from hardening.inject.fault import Fault, FaultContext, FaultSpec, FaultSpecError, parse_spec
 
 ENV_VAR = "HARDENING_FAULT"
 
-FAULTS: dict[str, type[Fault]] = {cls.name: cls for cls in [*_compile.FAULTS, *_operator.FAULTS]}
+FAULTS: dict[str, type[Fault]] = {cls.name: cls for cls in [*_compile.FAULTS, *_operator.FAULTS, *_pipeline.FAULTS]}
 
 
 def fault_class(name: str) -> type[Fault]:

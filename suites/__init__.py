@@ -10,10 +10,12 @@ from typing import Callable
 from hardening.harness.cases import Case
 from hardening.suites import compile as _compile
 from hardening.suites import operator as _operator
+from hardening.suites import pp as _pp
 
 SUITES: dict[str, Callable[[], list[Case]]] = {
     "compile": _compile.build_cases,
     "operator": _operator.build_cases,
+    "pp": _pp.build_cases,
 }
 
 

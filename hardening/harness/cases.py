@@ -12,6 +12,8 @@ from typing import Mapping
 
 
 TOUCHED = "{touched}"
+WORKLOAD_ENV = "HARDENING_WORKLOAD"
+"""Carries ``Case.workload`` to every rank (a ``HARDENING_*`` variable: parity compares it)."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -131,3 +133,11 @@ class Case:
 
     description: str = ""
     """Why the case exists and what it proves."""
+
+    workload: str | None = None
+    """The program every rank runs: None for the envelope loop over the region, or a
+    pipeline workload (``pp1``, ``pp1:sweep``: :mod:`hardening.harness.pipeline_workload`)."""
+
+    check: str | None = None
+    """A checker of :mod:`hardening.harness.checkers` that judges the ranks' stored
+    records once the expectation is met (the epoch fence's history, metric gates)."""

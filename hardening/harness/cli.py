@@ -280,7 +280,8 @@ def _validate(profile, cases, args: argparse.Namespace) -> str:
     for case in cases:
         if case.fault:
             try:
-                validate_spec(case.fault, world_size=profile.world.ranks, calls=calls)
+                # A pipeline workload's chunk count depends on its mode: any chunk id may be named.
+                validate_spec(case.fault, world_size=profile.world.ranks, calls=None if case.workload else calls)
             except FaultSpecError as exc:
                 raise UsageError(f"case {case.id}: {exc}") from None
     if profile.program is not None:
@@ -297,10 +298,15 @@ def _validate(profile, cases, args: argparse.Namespace) -> str:
     except ValueError as exc:
         raise UsageError(f"{target_source}: {exc}") from None
     if profile.region.target == "hardening.harness.reference:build":
+        # The region runs on every rank, or on a pipeline's mesh (every rank but rank 0).
+        degrees = sorted({profile.world.ranks - 1 if c.workload else profile.world.ranks for c in cases} or {profile.world.ranks})
         try:
-            validate_dims(profile.region.dims, profile.world.ranks)
+            for degree in degrees:
+                validate_dims(profile.region.dims, degree)
         except ValueError as exc:
             why = str(exc).removeprefix("dims: ")
+            if len(degrees) > 1 or degrees[0] != profile.world.ranks:
+                why += " (a pipeline case runs the region on the mesh: every rank but rank 0)"
             if args.ranks is not None:
                 raise UsageError(f"--ranks {args.ranks} does not fit key 'region.dims' of {profile.source}: {why}") from None
             raise UsageError(f"{profile.source}: key 'region.dims': {why}") from None

@@ -55,8 +55,10 @@ def judge(expect: Expectation, outcome: Outcome, ranks: list[RankResult]) -> tup
     if outcome in (Outcome.HARNESS_ERROR, Outcome.INTERRUPTED):
         return Verdict.UNKNOWN, f"case {outcome.value}"
     if not expect.crash:
-        if outcome is Outcome.COMPLETED:
+        if outcome in (Outcome.COMPLETED, Outcome.SURVIVED):  # survived: a fault every rank must absorb (OM-09)
             return Verdict.PASS, ""
+        if outcome is Outcome.NOT_FIRED:
+            return Verdict.UNKNOWN, "the fault never fired"
         return Verdict.FAIL, _first_failure(ranks) or f"control {outcome.value}"
     if outcome is Outcome.NOT_FIRED:
         return Verdict.UNKNOWN, "the fault never fired"

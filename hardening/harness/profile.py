@@ -28,6 +28,7 @@ from hardening.runtime.config import (
     DriftConfig,
     GateConfig,
     ParityConfig,
+    PipelineConfig,
     Timeouts,
     check_seconds,
     short,
@@ -151,6 +152,75 @@ class TriageConfig:
 
 
 @dataclass(kw_only=True, slots=True)
+class StageWork:
+    """The ``pp`` suite's stage work per chunk, **modelled**: each stage sleeps this long
+    (on a CPU box the stages' real work would contend for the same cores, and the overlap
+    figures would measure the scheduler). Every report that shows overlap says so."""
+
+    produce_ms: float = 10.0
+    """Rank 0 making one chunk's inputs."""
+    consume_ms: float = 5.0
+    """Rank 0 taking one result."""
+    mesh_ms: float = 20.0
+    """Each mesh rank's work on one chunk, on top of running the region."""
+    recompute_ms: float = 30.0
+    """O-03: the mesh recomputing its cache on an epoch bump (the stashed variant restores it for free)."""
+
+    def validate(self) -> None:
+        for f in dataclasses.fields(self):
+            if not 0 <= getattr(self, f.name) <= 10_000:
+                raise ValueError(f"{f.name}: must be from 0 to 10000 ms")
+
+
+@dataclass(kw_only=True, slots=True)
+class PipelineGates:
+    """The ``pp`` suite's metric gates: a metric case passes only within them."""
+
+    min_overlap_score: float = 0.8
+    """O-01 (every D >= 2) and O-02: the OverlapScore at least this."""
+    max_mesh_idle_per_chunk_ms: float = 5.0
+    """O-02: the mesh leader's wait for its next chunk, per steady chunk, at most this."""
+    max_recompute_delta: float = 0.35
+    """O-03: the stashed variant's OverlapScore minus the recompute variant's, at most this."""
+
+    def validate(self) -> None:
+        if not 0 <= self.min_overlap_score <= 1:
+            raise ValueError("min_overlap_score: must be from 0 to 1")
+        if not 0 <= self.max_mesh_idle_per_chunk_ms <= 60_000:
+            raise ValueError("max_mesh_idle_per_chunk_ms: must be from 0 to 60000")
+        if not -1 <= self.max_recompute_delta <= 1:
+            raise ValueError("max_recompute_delta: must be from -1 to 1")
+
+
+@dataclass(kw_only=True, slots=True)
+class PipelineWorkload:
+    """The harness's pipeline workload (the ``pp`` suite): how many chunks, which stage
+    work, which depths to sweep, which gates."""
+
+    chunks: int = 16
+    """Steady chunks per measured segment."""
+    sweep: list[int] = field(default_factory=lambda: [1, 2, 3, 4])
+    """O-01: the depths (D_in = D_out) swept, one measured segment each."""
+    cut_every: int = 4
+    """O-03: a hard cut (new epoch) every N chunks."""
+    work: StageWork = field(default_factory=StageWork)
+    gates: PipelineGates = field(default_factory=PipelineGates)
+
+    def validate(self) -> None:
+        if not 2 <= self.chunks <= 100_000:
+            raise ValueError("chunks: must be from 2 to 100000")
+        if not self.sweep or any(not isinstance(d, int) or isinstance(d, bool) or not 1 <= d <= 64 for d in self.sweep):
+            raise ValueError(f"sweep: must be a non-empty list of depths from 1 to 64, got {short(self.sweep)}")
+        if not 1 <= self.cut_every <= MAX_COUNT:
+            raise ValueError(f"cut_every: must be from 1 to {MAX_COUNT}")
+        for name in ("work", "gates"):
+            try:
+                getattr(self, name).validate()
+            except ValueError as exc:
+                raise ValueError(f"{name}.{exc}") from None
+
+
+@dataclass(kw_only=True, slots=True)
 class Profile:
     name: str = DEFAULT_PROFILE
     """Name (the file stem) of the profile."""
@@ -182,6 +252,8 @@ class Profile:
     gates: GateConfig = field(default_factory=GateConfig)
     parity: ParityConfig = field(default_factory=ParityConfig)
     drift: DriftConfig = field(default_factory=DriftConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    pp: PipelineWorkload = field(default_factory=PipelineWorkload)
     triage: TriageConfig = field(default_factory=TriageConfig)
 
     def fingerprint_keys(self) -> dict[str, Any]:

@@ -83,6 +83,8 @@ class RankResult:
     """One-line summary of where the rank was (innermost user/hardening frame) when hung."""
     artifacts: dict[str, str] = field(default_factory=dict)
     """Debug artifacts the rank wrote (e.g. ``torch_trace``: a directory for tlparse)."""
+    pipeline: dict[str, Any] = field(default_factory=dict)
+    """The record's pipeline section: queues, epochs, delivery history, overlap metrics."""
     has_record: bool = False
     """Whether the rank wrote its final record (False: killed, or died before it could)."""
     log_dir: str | None = None
@@ -125,6 +127,8 @@ class CaseResult:
     ranks: list[RankResult] = field(default_factory=list)
     wall_s: float = 0.0
     run_dir: str | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+    """What the case's checker measured and judged (overlap per depth, stale drops...)."""
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)

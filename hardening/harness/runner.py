@@ -33,8 +33,8 @@ from typing import Any, Callable
 
 import yaml
 
-from hardening.harness import artifacts, judge, triage
-from hardening.harness.cases import Case
+from hardening.harness import artifacts, checkers, judge, triage
+from hardening.harness.cases import WORKLOAD_ENV, Case
 from hardening.errors import CAUSE_BY_EXIT_CODE
 from hardening.harness.interrupt import StopRequest
 from hardening.runtime import store as store_keys
@@ -323,6 +323,9 @@ class Runner:
         ranks = self._collect(live)
         outcome, t_detect = judge.classify(case, ranks, harness_error=harness_error, interrupted=live.interrupted)
         verdict, reason = judge.judge(case.expect, outcome, ranks)
+        metrics: dict[str, Any] = {}
+        if case.check is not None and verdict is Verdict.PASS:
+            verdict, reason, metrics = checkers.run(case.check, ranks, self.profile)
         if harness_error:
             reason = harness_error
         elif outcome is Outcome.HUNG and live.deadline_reason:
@@ -341,6 +344,7 @@ class Runner:
             ranks=ranks,
             wall_s=time.time() - live.launched,
             run_dir=str(live.case_dir),
+            metrics=metrics,
         )
         for check in self.checks:
             check(result)
@@ -364,6 +368,7 @@ class Runner:
             # The fault spec is identical on every rank and part of every rank's parity.
             env = {
                 "HARDENING_FAULT": live.case.fault or "", "RANK": str(rank), "WORLD_SIZE": str(self.world_size),
+                WORKLOAD_ENV: live.case.workload or "",
             }  # fmt: skip
             line = json.dumps({"op": "spawn", "spec": spec, "env": env}) + "\n"
             try:
@@ -524,7 +529,7 @@ class Runner:
             if record is not None:
                 rr.error_class, rr.message, rr.root_cause_rank = record.error_class, record.message, record.root_cause_rank
                 rr.phase, rr.last_call_id, rr.started_at = record.phase, record.last_call_id, record.started_at
-                rr.counters, rr.artifacts = record.counters, record.artifacts
+                rr.counters, rr.artifacts, rr.pipeline = record.counters, record.artifacts, record.pipeline
                 rr.fired_at, rr.touched, rr.skipped = record.fired_at, record.fault_touched, record.fault_skipped
             elif rank in live.torn_down and rank not in live.hung:
                 rr.signal = None  # the runner's own signal says nothing about the rank

@@ -21,7 +21,7 @@ from typing import Any, NoReturn
 import torch
 import torch.distributed as dist
 
-from hardening.harness import region
+from hardening.harness import pipeline_workload, region
 from hardening.harness.profile import Profile, load_profile
 from hardening.harness.region import Region, RegionContext
 from hardening.runtime.compile.dump import DUMP_DIR, DUMP_ENV
@@ -65,8 +65,12 @@ def run_rank(spec: RankSpec) -> NoReturn:
         from hardening.harness import stock
 
         stock.run_rank(spec, profile)
+    workload = os.environ.get(pipeline_workload.WORKLOAD_ENV, "").strip()
+    config = runtime_config(profile)
+    if workload:
+        config = pipeline_workload.runtime_config(config, profile, workload)
     session = Session(
-        runtime_config(profile),
+        config,
         rank=spec.rank,
         world_size=spec.world_size,
         store_host=spec.store_host,
@@ -83,7 +87,10 @@ def run_rank(spec: RankSpec) -> NoReturn:
         if wants_trace(profile):  # before anything compiles
             session.state.artifacts["torch_trace"] = start_trace(Path(spec.rank_dir))
         with session as s:
-            serve_region(s, profile)
+            if workload:
+                pipeline_workload.run(s, profile, workload)
+            else:
+                serve_region(s, profile)
     except BaseException as exc:  # noqa: BLE001 - every end must be recorded, KeyboardInterrupt included
         session.terminator.end(exc)
     session.terminator.end(None)
@@ -146,8 +153,9 @@ def wants_dump(profile: Profile) -> bool:
 def runtime_config(profile: Profile) -> RuntimeConfig:
     """The runtime's part of a profile (the rest is the harness's own)."""
     return RuntimeConfig(
-        timeouts=profile.timeouts, compile=profile.compile, gates=profile.gates, parity=profile.parity, drift=profile.drift
-    )
+        timeouts=profile.timeouts, compile=profile.compile, gates=profile.gates, parity=profile.parity, drift=profile.drift,
+        pipeline=profile.pipeline,
+    )  # fmt: skip
 
 
 def serve_region(s: Session, profile: Profile) -> None:

@@ -2,7 +2,8 @@
 
 Imports nothing from :mod:`hardening.harness`. One concept per module: ``parity`` (env
 fingerprint), ``sidechannel`` (small exchanges through the store), ``envelope`` (the
-per-call control frame), ``digest`` and ``drift`` (input and weight tripwires),
+per-call control frame), ``topology``, ``pipeline`` and ``overlap`` (the PP groups,
+queues, epoch fence and overlap metrics), ``digest`` and ``drift`` (input and weight tripwires),
 ``kv_cache`` (the cache state machine), ``warmup`` (lockstep), ``watchdog`` (liveness
 and deadlines), ``records`` (how a rank ends, its final record), ``store`` (the keys), ``activity`` (what a
 thread is doing), ``compile/`` (probe, backend, counters, gates, guard, trace) and
@@ -21,6 +22,8 @@ _PUBLIC = {
     "KVCache": "hardening.runtime.session",
     "Call": "hardening.runtime.session",
     "ControlPlane": "hardening.runtime.session",
+    "Pipeline": "hardening.runtime.pipeline",
+    "PipelineConfig": "hardening.runtime.config",
     "record": "hardening.runtime.records",
     "RankRecord": "hardening.runtime.records",
     "RuntimeConfig": "hardening.runtime.config",

@@ -1,4 +1,4 @@
-"""The runtime's settings: timeouts, compile, gates, parity and drift. Nothing else.
+"""The runtime's settings: timeouts, compile, gates, parity, drift and pipeline. Nothing else.
 
 Built in code (``Timeouts(call_deadline=5)``) or from the ``timeouts:``/``compile:``/...
 sections of a YAML profile; the harness's own keys (steps, region, triage, how long a case
@@ -172,6 +172,36 @@ class DriftConfig:
                 raise ValueError(f"{name}: must be from 0 to {MAX_COUNT}")
 
 
+PIPELINE_KINDS = ("pp0", "pp1")
+
+
+@dataclass(kw_only=True, slots=True)
+class PipelineConfig:
+    kind: str = "pp1"
+    """pp0: rank 0 sends each chunk to every mesh rank over p2p; pp1: to the mesh leader
+    (rank 1), which validates it and broadcasts it on ``mesh_pg``."""
+
+    depth_in: int = 2
+    """D_in: chunks rank 0 may have in flight (sent, result not yet taken); the mesh
+    keeps this many input buffers posted. 2 is double buffering."""
+
+    depth_out: int = 2
+    """D_out: results the mesh leader may have sent and rank 0 not yet taken; rank 0
+    keeps this many result buffers posted."""
+
+    queue_timeout: float = 10.0
+    """Seconds a full queue may stay full (rank 0 waiting for a result with D_in chunks
+    in flight, the leader waiting to hand over a result) before BackpressureError."""
+
+    def validate(self) -> None:
+        if self.kind not in PIPELINE_KINDS:
+            raise ValueError(f"kind: must be one of {', '.join(PIPELINE_KINDS)}, got {short(self.kind)}")
+        for name in ("depth_in", "depth_out"):
+            if not 1 <= getattr(self, name) <= 64:
+                raise ValueError(f"{name}: must be from 1 to 64 (bounded queues)")
+        check_seconds(self, ("queue_timeout",))
+
+
 @dataclass(kw_only=True, slots=True)
 class RuntimeConfig:
     """Everything the runtime is configured by, and nothing a harness or server adds."""
@@ -181,6 +211,7 @@ class RuntimeConfig:
     gates: GateConfig = field(default_factory=GateConfig)
     parity: ParityConfig = field(default_factory=ParityConfig)
     drift: DriftConfig = field(default_factory=DriftConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> RuntimeConfig:

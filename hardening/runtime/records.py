@@ -54,6 +54,9 @@ class RankRecord:
     counters: dict[str, Any] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     artifacts: dict[str, str] = field(default_factory=dict)
+    pipeline: dict[str, Any] = field(default_factory=dict)
+    """A pipeline rank's queues, epochs, timeline and (for the control) the delivery
+    history and the overlap metrics; empty outside a pipeline."""
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -102,6 +105,8 @@ class RankState:
     """Seconds from process start at which each phase began."""
     artifacts: dict[str, str] = field(default_factory=dict)
     """Debug artifacts this rank wrote (name -> path, or ``unavailable: why``)."""
+    pipeline: dict[str, Any] = field(default_factory=dict)
+    """The final record's ``pipeline`` section (filled as a pipeline closes)."""
 
     on_phase: Callable[[str], None] | None = None
     """Publishes a phase change at once, from the main thread (a heartbeat may never come:
@@ -184,6 +189,7 @@ class Terminator:
             counters=s.counters,
             timings=s.timings,
             artifacts=s.artifacts,
+            pipeline=s.pipeline,
             exit_code=code,
         )
         try:
@@ -291,6 +297,10 @@ def follow_abort(info: dict[str, Any], *, surfaced: str | None = None, here: str
     lost = info.get("root_cause_rank")
     if info.get("error") == "PeerLost" and lost is not None:
         return PeerLost(f"{info['message']} (noticed first by rank {info['rank']}){tail}", root_cause_rank=lost)
+    if info.get("error") == "PeerError" and lost is not None and lost != info["rank"]:
+        # The first to publish was itself following a peer (a mesh rank ended by its
+        # leader's ERROR frame): the cause is that peer's.
+        return PeerError(f"{info['message']} (reported first by rank {info['rank']}){tail}", root_cause_rank=lost)
     return PeerError(f"rank {info['rank']} failed first: {info['error']}: {info['message']}{tail}", root_cause_rank=info["rank"])
 
 

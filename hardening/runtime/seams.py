@@ -83,8 +83,35 @@ def cache_transition(cache: KVCacheLifecycle, *, op: str, epoch: int, tokens: in
     apply_transition(cache, op=op, epoch=epoch, tokens=tokens, call_id=call_id)
 
 
+def pipeline_group(topology: Any, declared: str, *, use: str) -> Any:
+    """The process group a pipeline collective runs on: the one ``topology`` declares as
+    ``declared``. ``use``: ``region`` (the group handed to the mesh's region), ``send``,
+    ``broadcast`` (OM-08 hands the world group where ``mesh_pg`` is declared)."""
+    return topology.group(declared)
+
+
+def chunk_received(buf: torch.Tensor, *, rank: int) -> torch.Tensor:
+    """A chunk's frame as a mesh rank received it from the control, before its checks
+    (OM-07 damages one on the mesh leader, which must refuse it and end the mesh)."""
+    return buf
+
+
+def pipeline_cut(chunk_id: int) -> bool:
+    """Whether rank 0's pipeline starts a new epoch (a hard cut) right before it sends
+    chunk ``chunk_id``, besides the cuts its caller asks for (OM-09 cuts while results
+    are in flight)."""
+    return False
+
+
+def stale_result_fenced(result_epoch: int, current_epoch: int) -> bool:
+    """Whether a result of an older epoch is dropped (always: a test-only fault turns
+    the fence off to prove that the OM-09 checker fails a leak)."""
+    return True
+
+
 SEAMS = (
     "apply_backend_settings", "resolve_compile_config", "user_config", "module_to_compile", "weights_loaded",
     "planned_warmup_calls", "outgoing_envelope", "received_envelope", "call_inputs", "cache_transition",
+    "pipeline_group", "chunk_received", "pipeline_cut", "stale_result_fenced",
 )  # fmt: skip
 """Every seam, in the order a Session reaches them."""

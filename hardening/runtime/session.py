@@ -49,7 +49,7 @@ from hardening.errors import CompileGateError, ContractError, HardeningError
 from hardening.runtime import drift, envelope, seams, warmup
 from hardening.runtime import store as store_keys
 from hardening.runtime.compile import gates
-from hardening.runtime.compile.backend import compile_region
+from hardening.runtime.compile.backend import GroupRule, compile_region
 from hardening.runtime.compile.collectives import CollectiveCheck
 from hardening.runtime.compile.counters import CompileCounters
 from hardening.runtime.compile.dump import DUMP_ENV, dump_on_end
@@ -58,9 +58,12 @@ from hardening.runtime.compile.probe import CompileProbe, graph_break_from_excep
 from hardening.runtime.config import RuntimeConfig
 from hardening.runtime.envelope import CallContract, Channel, Envelope, Kind, TensorSpec
 from hardening.runtime.kv_cache import CacheSchedule, KVCacheLifecycle
+from hardening.runtime.overlap import pipeline_metrics
 from hardening.runtime.parity import build_fingerprint, check_parity, check_user_keys
+from hardening.runtime.pipeline import Pipeline
 from hardening.runtime.records import RankState, Terminator, install
 from hardening.runtime.sidechannel import SideChannel
+from hardening.runtime.topology import MESH_LEADER, Declared, Topology, group_name
 from hardening.runtime.watchdog import Watchdog
 
 LEADER = 0
@@ -160,6 +163,9 @@ class Session:
         self.side: SideChannel | None = None
         self.store: Any = None
         self._plane: ControlPlane | None = None
+        self._pipe: Pipeline | None = None
+        self._topology: Topology | None = None
+        self._pipe_warm: CompileCounters | None = None
 
     @classmethod
     def from_env(
@@ -262,12 +268,25 @@ class Session:
                 probe.keep_graphs = True
                 self.state.on_end = lambda ok: dump_on_end(self.state, probe, dump_dir)
         cfg = self.compile_config
-        if self.collective_check is None and cfg.enabled and cfg.check_collectives:
+        if self.collective_check is None and cfg.enabled and cfg.check_collectives and self._topology is None:
+            # (a pipeline's mesh runs on a subgroup, which the check does not compare yet)
             assert self.store is not None, "enter the Session first"
             self.collective_check = CollectiveCheck(
                 self.store, rank=self.rank, world_size=self.world_size, timeout_s=self.config.timeouts.compile or 300.0
             )
-        return compile_region(seams.module_to_compile(module), self.compile_config, self.probe, self.collective_check)
+        return compile_region(
+            seams.module_to_compile(module), self.compile_config, self.probe, self.collective_check, groups=self._group_rule
+        )
+
+    def _group_rule(self) -> GroupRule | None:
+        """A mesh rank's compiled region may issue collectives on ``mesh_pg`` only (read
+        when a graph compiles, so compile() may come before pipeline())."""
+        pipe = self._pipe
+        if pipe is None or pipe.is_control:
+            return None
+        known = pipe.topology.names()
+        mesh = group_name(pipe.topology.group("mesh_pg"))
+        return GroupRule(allowed={mesh: known[mesh]}, known=known, rank=self.rank)
 
     def check_weights(self, module: torch.nn.Module, *, manifest: dict[str, Any] | None = None, replicated: Sequence[str] = ()) -> None:
         """DriftError on every rank naming parameter and rank when a shard is not what the
@@ -283,8 +302,8 @@ class Session:
         rank checks them (and the KV-cache transition) before its data plane."""
         assert self.side is not None, "enter the Session first"
         contract = inputs if isinstance(inputs, CallContract) else CallContract(tensors=tuple(s.named(n) for n, s in inputs.items()))
-        if self._plane is not None:
-            raise ContractError("control_plane() called twice: one Session serves one control plane")
+        if self._plane is not None or self._pipe is not None:
+            raise ContractError("control_plane() called twice, or after pipeline(): one Session serves one of them")
         # Every rank derives the frame's layout from its own contract: they must agree
         # before the first frame, or the first broadcast would not even line up.
         layout = envelope.host_layout(contract, self.device)
@@ -299,6 +318,88 @@ class Session:
         self.store.set(store_keys.key("ready", self.rank), "1")  # past build
         return self._plane
 
+    def topology(self) -> Topology:
+        """The process groups of ``config.pipeline.kind`` (see
+        :mod:`hardening.runtime.topology`), built once by every rank in the declared order
+        and checked against the declaration on every rank (the declaration by parity,
+        before any group exists; then each group's members). ``pipeline()`` builds it too; call it first when the
+        region needs ``mesh_pg`` before the pipeline's contract is known."""
+        assert self.side is not None, "enter the Session first"
+        if self._topology is None:
+            declared = Declared.of(self.config.pipeline.kind, self.world_size)
+            check_parity(self.side, declared.parity_keys(), tag="runtime/topology", hint="(every rank must declare the same topology)")
+            self._topology = Topology.build(declared, rank=self.rank, timeout=timedelta(seconds=self.config.timeouts.pg))
+        return self._topology
+
+    def pipeline(self, inputs: dict[str, Spec], outputs: dict[str, Spec]) -> Pipeline:
+        """The pipeline of ``config.pipeline`` (PP0 or PP1, see
+        :mod:`hardening.runtime.topology`): its groups built and checked against the
+        declared topology on every rank, the contract of a chunk's ``inputs`` and a
+        result's ``outputs`` (fixed shapes) agreed by parity, then the rank is ready.
+        Rank 0 drives it (``warmup``/``submit``/``drain``), every other rank ``serve``s."""
+        assert self.side is not None, "enter the Session first"
+        if self._pipe is not None or self._plane is not None:
+            raise ContractError("pipeline() after pipeline() or control_plane(): one Session serves one of them")
+        specs = {}
+        for what, contract in (("inputs", inputs), ("outputs", outputs)):
+            if not contract:
+                raise ValueError(f"pipeline(): {what} must name at least one tensor")
+            for name, spec in contract.items():
+                if spec.varying:
+                    raise ValueError(f"pipeline(): {what}[{name!r}] declares varying dims; pipeline messages have fixed shapes")
+            specs[what] = tuple(spec.named(name) for name, spec in contract.items())
+        cfg, topology = self.config.pipeline, self.topology()
+        keys = {
+            "pipeline.depth_in": str(cfg.depth_in), "pipeline.depth_out": str(cfg.depth_out),
+            "pipeline.queue_timeout": str(cfg.queue_timeout),
+            **{f"pipeline.{what}.{t.name}": t.describe() for what, ts in specs.items() for t in ts},
+        }  # fmt: skip
+        check_parity(self.side, keys, tag="runtime/pipeline", hint="(every rank must declare the same pipeline)")
+        self._pipe = Pipeline(self, topology, specs["inputs"], specs["outputs"])
+        self.store.set(store_keys.key("ready", self.rank), "1")  # past build
+        return self._pipe
+
+    def pipeline_gate_after_warmup(self) -> None:
+        """The compile gate over the mesh's counters (every rank takes part: the control
+        runs no region). Called by the pipeline as its warmup ends, on every rank."""
+        pipe = self._pipe
+        assert pipe is not None
+        mine = self.probe.counters() if self.probe is not None and not pipe.is_control else CompileCounters()
+        self._pipe_warm = mine
+        if not pipe.is_control and self.probe is not None:
+            self.state.counters = summary(mine, None, warmup=mine, check=self.collective_check)
+        gates.after_warmup(self.side, mine, self.config.gates, compiled=self.compile_config.enabled, among=pipe.topology.mesh)
+
+    def steady_guard(self) -> RecompileGuard | None:
+        """The recompile guard for this rank's steady state, when the gates ask for one."""
+        if self.probe is not None and self.compile_config.enabled and self.config.gates.max_recompiles == 0:
+            return RecompileGuard()
+        return None
+
+    def _finish_pipeline(self, pipe: Pipeline) -> None:
+        """SHUTDOWN (the control's close), the timelines gathered so every record holds the
+        overlap metrics, then the steady-state gate over the mesh (also the done barrier)."""
+        pipe.close()
+        summaries = self.side.exchange("pipeline/summary", pipe.summary())
+        record = pipe.summary()
+        control, leader = summaries[0], summaries[MESH_LEADER]
+        record["metrics"] = {
+            name: pipeline_metrics(control["timelines"][str(index)], leader["timelines"][str(index)])
+            for index, name in enumerate(control["segments"])
+            if str(index) in leader["timelines"] and leader["timelines"][str(index)]["chunks"] > 0
+        }
+        self.state.pipeline = record
+        warm = self._pipe_warm
+        if warm is None:
+            self.side.exchange("done", self.rank)
+            return
+        steady = CompileCounters()
+        if self.probe is not None and not pipe.is_control:
+            total = self.probe.counters()
+            steady = total.delta(warm)
+            self.state.counters = summary(total, steady, warmup=warm, check=self.collective_check)
+        gates.in_steady_state(self.side, steady, self.config.gates, among=pipe.topology.mesh)
+
     # -- 5. exit: shutdown, steady gate, done --------------------------------------------
 
     def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
@@ -311,6 +412,10 @@ class Session:
         return False
 
     def _finish(self) -> None:
+        if self._pipe is not None:
+            self._finish_pipeline(self._pipe)
+            self._done()
+            return
         plane = self._plane
         if plane is not None:
             plane.close()
@@ -323,6 +428,9 @@ class Session:
             gates.in_steady_state(self.side, steady, self.config.gates)
         else:
             self.side.exchange("done", self.rank)  # nobody leaves while a peer still needs it
+        self._done()
+
+    def _done(self) -> None:
         self.state.enter("done")
         # Peers stop watching this rank, and it stops watching them: whatever the program
         # does next (report, exit without @record) is no longer a death to anyone.
@@ -335,11 +443,12 @@ class Session:
         if isinstance(exc, HardeningError) or self.probe is None:
             return exc
         plane = self._plane
+        warm = plane.after_warmup if plane is not None else self._pipe_warm
         reason = RecompileGuard.reason(exc)
-        if reason is not None and plane is not None and plane.after_warmup is not None:
+        if reason is not None and warm is not None:
             total = self.probe.counters()
-            steady = RecompileGuard.count_stopped(total.delta(plane.after_warmup), reason)
-            self.state.counters = summary(total, steady, warmup=plane.after_warmup, check=self.collective_check)
+            steady = RecompileGuard.count_stopped(total.delta(warm), reason)
+            self.state.counters = summary(total, steady, warmup=warm, check=self.collective_check)
             gate = CompileGateError(f"rank {self.rank} recompiled at call {self.state.call_id}, after warmup: {reason}")
         else:
             reason = graph_break_from_exception(exc)

@@ -20,7 +20,7 @@ from pathlib import Path
 from hardening.harness.results import CaseResult, Outcome, SuiteResult, Verdict
 
 from .json_report import atomic_write_bytes
-from .table import rank_detail_lines
+from .table import metrics_text, rank_detail_lines
 
 STACKS_CAP_BYTES = 20_000
 TORCH_KEYS = ("torch", "torch_version")
@@ -92,6 +92,8 @@ def _add_case(parent: ET.Element, classname: str, num_ranks: int, case: CaseResu
     _prop(props, "verdict", case.verdict.value)
     _prop(props, "t_detect", "" if case.t_detect is None else _secs(case.t_detect))
     _prop(props, "root_cause_rank", "" if case.root_cause_rank is None else case.root_cause_rank)
+    if case.metrics:
+        _prop(props, "measured", metrics_text(case.metrics))
 
     if case.outcome is Outcome.INTERRUPTED:
         kind = "skipped"

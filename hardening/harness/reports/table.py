@@ -164,6 +164,8 @@ def _detail_block(case: CaseResult) -> str:
         lines.append(f"{indent}root cause: rank {case.root_cause_rank}")
     if case.t_detect is not None:
         lines.append(f"{indent}t_detect: {seconds(case.t_detect)} (budget {seconds(case.budget_s)})")
+    if case.metrics:
+        lines.append(f"{indent}measured: {metrics_text(case.metrics)}")
     for rank in _sorted_ranks(case):
         lines.extend(indent + line for line in rank_detail_lines(rank))
     if case.run_dir:
@@ -191,10 +193,31 @@ def _summary(result: SuiteResult) -> str:
             for rank in _sorted_ranks(case):
                 for why in _reasons(((rank.counters or {}).get("collective_check") or {}).get("undecided"))[:1]:
                     lines.append(f"note: {case.id} r{rank.rank}: the collective check could not decide: {why}")
+        if case.verdict is Verdict.PASS and case.metrics:
+            lines.append(f"measured: {case.id} {metrics_text(case.metrics)}")
     if result.harness_error:
         lines.append(f"harness error: {result.harness_error}")
     lines.append(f"run directory: {result.run_dir or DASH}")
     return "\n".join(lines)
+
+
+def metrics_text(metrics: dict[str, Any]) -> str:
+    """A checker's figures on one line: ``D=1 overlap_score 0.86, ...; delta 0.02 (note)``."""
+    parts = []
+    for key, value in metrics.items():
+        if key == "note":
+            continue
+        if isinstance(value, dict):
+            inner = ", ".join(f"{k} {_figure(v)}" for k, v in value.items())
+            parts.append(f"{key}: {inner}")
+        else:
+            parts.append(f"{key} {_figure(value)}")
+    note = f" ({metrics['note']})" if "note" in metrics else ""
+    return "; ".join(parts) + note
+
+
+def _figure(value: Any) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
 
 
 def _sorted_ranks(case: CaseResult) -> list[RankResult]:

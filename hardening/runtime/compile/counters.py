@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -240,15 +240,16 @@ def _show(value: Any) -> str:
     return text if len(text) <= 300 else text[:297] + "..."
 
 
-def symmetry_problems(per_rank: list[CompileCounters]) -> list[str]:
+def symmetry_problems(per_rank: list[CompileCounters], *, ranks: Sequence[int] | None = None) -> list[str]:
     """One message per counter field that differs across ranks; [] when symmetric.
 
-    ``per_rank[i]`` is rank i's counters. The ranks holding the most common value (ties go to
+    ``per_rank[i]`` is rank ``ranks[i]``'s counters (rank i's without ``ranks``). The ranks holding the most common value (ties go to
     the group with the lowest rank) are "the others"; every other group is named as odd.
     Op-sequence signatures are compared, never graph code, because rank constants differ.
     """
     if len(per_rank) < 2:
         return []
+    by_rank = dict(zip(ranks if ranks is not None else range(len(per_rank)), per_rank))
     fields: list[tuple[str, Callable[[CompileCounters], Any], Callable[[CompileCounters], list[str]]]] = [
         ("graphs", lambda c: c.graphs, lambda c: c.skip_reasons),
         ("compiles", lambda c: c.compiles, lambda c: c.recompile_reasons),
@@ -260,7 +261,7 @@ def symmetry_problems(per_rank: list[CompileCounters]) -> list[str]:
     problems: list[str] = []
     for name, get, reasons in fields:
         groups: dict[Any, list[int]] = {}
-        for rank, counters in enumerate(per_rank):
+        for rank, counters in by_rank.items():
             groups.setdefault(get(counters), []).append(rank)
         if len(groups) == 1:
             continue
@@ -275,7 +276,7 @@ def symmetry_problems(per_rank: list[CompileCounters]) -> list[str]:
                 text = f"rank {ranks[0]} has {_show(value)}"
             else:
                 text = f"ranks {_ranks_text(ranks)} have {_show(value)}"
-            why = reasons(per_rank[ranks[0]])
+            why = reasons(by_rank[ranks[0]])
             if why:
                 text += f" (reason: {'; '.join(why)})"
             return text

@@ -8,6 +8,7 @@ side-channel exchange, so a rank that never gets there is named by the side chan
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from hardening.errors import CompileGateError
@@ -18,28 +19,38 @@ if TYPE_CHECKING:
     from hardening.runtime.sidechannel import SideChannel
 
 
-def after_warmup(side: SideChannel, mine: CompileCounters, gates: GateConfig, *, compiled: bool) -> None:
-    """Every rank's breaks, skipped frames and graphs within the gates, and the same on every rank."""
-    gathered = [CompileCounters.from_json(c) for c in side.exchange("counters/warmup", mine.to_json())]
-    problems = [f"rank {r}: {p}" for r, c in enumerate(gathered) for p in local_gate_problems(c, gates, compiled=compiled)]
-    problems += symmetry_problems(gathered)
+def after_warmup(
+    side: SideChannel, mine: CompileCounters, gates: GateConfig, *, compiled: bool, among: Sequence[int] | None = None
+) -> None:
+    """Every rank's breaks, skipped frames and graphs within the gates, and the same on every
+    rank; ``among``: only these ranks run the region (a pipeline's mesh), every rank still
+    takes part in the exchange."""
+    ranks, gathered = _gather(side, "counters/warmup", mine, among)
+    problems = [f"rank {r}: {p}" for r, c in zip(ranks, gathered) for p in local_gate_problems(c, gates, compiled=compiled)]
+    problems += symmetry_problems(gathered, ranks=ranks)
     if problems:
         raise CompileGateError(message("after warmup", problems))
 
 
-def in_steady_state(side: SideChannel, steady: CompileCounters, gates: GateConfig) -> None:
+def in_steady_state(side: SideChannel, steady: CompileCounters, gates: GateConfig, *, among: Sequence[int] | None = None) -> None:
     """No rank recompiled past ``gates.max_recompiles`` after warmup, and all did the same.
     The exchange is also the barrier that keeps every rank alive until all are done."""
-    finals = [CompileCounters.from_json(c) for c in side.exchange("counters/steady", steady.to_json())]
+    ranks, finals = _gather(side, "counters/steady", steady, among)
     problems = [
         f"rank {r}: {c.recompiles} recompile(s) after warmup > max {gates.max_recompiles}"
         + (f" ({'; '.join(c.recompile_reasons)})" if c.recompile_reasons else "")
-        for r, c in enumerate(finals)
+        for r, c in zip(ranks, finals)
         if c.recompiles > gates.max_recompiles
     ]
-    problems += symmetry_problems(finals)
+    problems += symmetry_problems(finals, ranks=ranks)
     if problems:
         raise CompileGateError(message("in steady state", problems))
+
+
+def _gather(side: SideChannel, tag: str, mine: CompileCounters, among: Sequence[int] | None) -> tuple[list[int], list[CompileCounters]]:
+    everyone = [CompileCounters.from_json(c) for c in side.exchange(tag, mine.to_json())]
+    ranks = list(among) if among is not None else list(range(len(everyone)))
+    return ranks, [everyone[r] for r in ranks]
 
 
 def message(when: str, problems: list[str]) -> str:

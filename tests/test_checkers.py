@@ -1,0 +1,83 @@
+"""Checkers: verdicts from stored pipeline records, including the ones that must fail."""
+
+from __future__ import annotations
+
+from hardening.harness import checkers
+from hardening.harness.profile import Profile
+from hardening.harness.results import RankResult, Verdict
+
+PROFILE = Profile()
+
+
+def ranks_with(pipeline: dict) -> list[RankResult]:
+    return [RankResult(rank=0, exit_code=0, has_record=True, pipeline=pipeline), RankResult(rank=1, exit_code=0, has_record=True)]
+
+
+def history(*events: list) -> dict:
+    return {"history": list(events), "stale_dropped": sum(1 for e in events if e[0] == "drop")}
+
+
+def test_the_fence_holds_when_stale_results_were_dropped_and_new_ones_delivered() -> None:
+    h = history(["deliver", 3, 0, 0], ["cut", 6, 1], ["drop", 4, 0, 1], ["drop", 5, 0, 1], ["deliver", 6, 1, 1])
+    verdict, reason, metrics = checkers.run("fence_held", ranks_with(h), PROFILE)
+    assert verdict is Verdict.PASS, reason
+    assert metrics == {"cuts": 1, "stale_dropped": 2, "delivered": 2}
+
+
+def test_a_stale_delivery_fails_the_fence_naming_chunk_and_epochs() -> None:
+    h = history(["cut", 6, 1], ["deliver", 4, 0, 1], ["deliver", 6, 1, 1])
+    verdict, reason, _ = checkers.run("fence_held", ranks_with(h), PROFILE)
+    assert verdict is Verdict.FAIL and "chunk 4 of epoch 0 handed over in epoch 1" in reason
+
+
+def test_a_cut_with_nothing_in_flight_tested_nothing_and_is_unknown() -> None:
+    h = history(["deliver", 3, 0, 0], ["cut", 4, 1], ["deliver", 4, 1, 1])
+    verdict, reason, _ = checkers.run("fence_held", ranks_with(h), PROFILE)
+    assert verdict is Verdict.UNKNOWN and "never tested" in reason
+    assert checkers.run("fence_held", ranks_with({}), PROFILE)[0] is Verdict.UNKNOWN
+
+
+def test_counters_that_disagree_with_the_history_fail() -> None:
+    h = history(["cut", 6, 1], ["drop", 4, 0, 1], ["deliver", 6, 1, 1]) | {"stale_dropped": 0}
+    assert checkers.run("fence_held", ranks_with(h), PROFILE)[0] is Verdict.FAIL
+
+
+def segment(score: float | None, idle: float = 0.5) -> dict:
+    return {
+        "overlap_score": score, "t_mesh_idle_ms": idle * 15, "mesh_idle_per_chunk_ms": idle, "window_ms": 500.0,
+        "ideal_ms": 400.0, "serial_ms": 700.0,
+    }  # fmt: skip
+
+
+def test_the_depth_sweep_needs_every_deep_segment_over_the_gate_and_d1_below_d2() -> None:
+    good = {"metrics": {"D=1": segment(0.6), "D=2": segment(0.95), "D=3": segment(0.94), "D=4": segment(0.93)}}
+    assert checkers.run("depth_sweep", ranks_with(good), PROFILE)[0] is Verdict.PASS
+    shallow = {"metrics": {**good["metrics"], "D=3": segment(0.5)}}
+    verdict, reason, _ = checkers.run("depth_sweep", ranks_with(shallow), PROFILE)
+    assert verdict is Verdict.FAIL and "D=3" in reason
+    flat = {"metrics": {**good["metrics"], "D=1": segment(0.97)}}
+    assert checkers.run("depth_sweep", ranks_with(flat), PROFILE)[0] is Verdict.FAIL
+    missing = {"metrics": {"D=1": segment(0.6), "D=2": segment(None)}}
+    assert checkers.run("depth_sweep", ranks_with(missing), PROFILE)[0] is Verdict.UNKNOWN
+
+
+def test_the_overlap_signature_gates_score_and_mesh_idle() -> None:
+    assert checkers.run("overlap_signature", ranks_with({"metrics": {"steady": segment(0.9)}}), PROFILE)[0] is Verdict.PASS
+    verdict, reason, metrics = checkers.run("overlap_signature", ranks_with({"metrics": {"steady": segment(0.9, idle=9)}}), PROFILE)
+    assert verdict is Verdict.FAIL and "mesh idle" in reason and metrics["note"] == checkers.MODELLED
+
+
+def test_recompute_coupling_gates_the_delta_and_needs_a_cut() -> None:
+    cut = [["cut", 20, 1]]
+    ok = {"metrics": {"stash": segment(0.95), "recompute": segment(0.8)}, "history": cut}
+    verdict, _, metrics = checkers.run("recompute_coupling", ranks_with(ok), PROFILE)
+    assert verdict is Verdict.PASS and metrics["delta"] == 0.15
+    coupled = {"metrics": {"stash": segment(0.95), "recompute": segment(0.4)}, "history": cut}
+    assert checkers.run("recompute_coupling", ranks_with(coupled), PROFILE)[0] is Verdict.FAIL
+    assert checkers.run("recompute_coupling", ranks_with({**ok, "history": []}), PROFILE)[0] is Verdict.UNKNOWN
+
+
+def test_a_checker_that_raises_is_unknown_never_a_pass() -> None:
+    broken = {"history": [["cut", 4, 1], ["deliver", 4]]}  # malformed: the checker cannot read it
+    verdict, reason, _ = checkers.run("fence_held", ranks_with(broken), PROFILE)
+    assert verdict is Verdict.UNKNOWN and "could not decide" in reason
