@@ -4,12 +4,15 @@ measured in one run.
 One runner, one set of rank processes per case (``--ranks``, PP0 by default: rank 0 and
 a mesh), the ``pp`` suite's workload with the profile's **modelled** stage times
 (``pp.work``: sleeps, so that the figures measure the pipeline, not the scheduler of a
-small box): the depth sweep (one measured segment per D in ``pp.sweep``, D_in = D_out =
-D) and the recompute workload (a hard cut every ``pp.cut_every`` chunks; the mesh
-restores a stashed cache, then recomputes it for ``recompute_ms`` on every new epoch).
+small box): the depth sweep (one measured segment per D in ``pp.sweep``, at most D chunks
+in flight from rank 0) and the recompute workload (a hard cut every ``pp.cut_every``
+chunks; the mesh restores a stashed cache, then recomputes it for ``recompute_ms`` on
+every new epoch).
 Printed per segment: OverlapScore (:mod:`hardening.runtime.overlap`), the measured
 window against the serial and ideal windows, the mesh's idle time per chunk and the
-chunks per second handed to the caller; then the recompute delta. With ``--plot`` (and
+chunks per second handed to the caller; then the recompute variant against the stash:
+OverlapScore delta, throughput ratio and coupling
+(:func:`hardening.harness.checkers.recompute_coupling`). With ``--plot`` (and
 matplotlib, ``pip install -e .[bench]``) it also draws OverlapScore and mesh idle
 against D.
 
@@ -23,6 +26,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from hardening.harness import checkers
 from hardening.harness.cases import Case, completes
 from hardening.harness.profile import load_profile
 from hardening.harness.results import Verdict
@@ -56,21 +60,28 @@ def main() -> int:
     lines = [
         f"{args.kind}, {args.ranks} gloo CPU ranks, {args.chunks} steady chunks per segment; stage times **modelled** "
         f"(sleeps): rank 0 produce {work.produce_ms:g} ms + consume {work.consume_ms:g} ms, mesh {work.mesh_ms:g} ms "
-        f"+ the region, recompute {work.recompute_ms:g} ms per new epoch.",
+        f"+ the region, produce and mesh each ±{work.jitter_ms:g} ms per chunk (uniform, seeded), recompute "
+        f"{work.recompute_ms:g} ms per new epoch.",
         "",
-        "| segment | OverlapScore | window ms | serial ms | ideal ms | mesh idle ms/chunk | results/s |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| segment | OverlapScore | window ms | serial ms | ideal ms | mesh idle ms/chunk | results/s | stale dropped |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     rows = [(name, m) for name, m in sweep.items()] + [(f"cut every {profile.pp.cut_every}: {name}", m) for name, m in recompute.items()]
     for name, m in rows:
-        rate = m["chunks"] / (m["window_ms"] / 1000.0) if m["window_ms"] else 0.0
+        rate = m["results_per_s"]
         score = "—" if m["overlap_score"] is None else f"{m['overlap_score']:.2f}"
         lines.append(
             f"| {name} | {score} | {m['window_ms']:.0f} | {m['serial_ms']:.0f} | {m['ideal_ms']:.0f} | "
-            f"{m['mesh_idle_per_chunk_ms']:.2f} | {rate:.1f} |"
+            f"{m['mesh_idle_per_chunk_ms']:.2f} | {rate:.1f} | {m['stale_dropped']} |"
         )
-    delta = recompute["stash"]["overlap_score"] - recompute["recompute"]["overlap_score"]
-    lines += ["", f"recompute delta (stash − recompute OverlapScore): {delta:+.3f}"]
+    verdict, reason, coupling = checkers.recompute_coupling(results["recompute"].ranks, profile)
+    lines += [
+        "",
+        f"recompute vs stash: OverlapScore delta {coupling['score_delta']:+.3f}, results/s ratio "
+        f"{coupling['throughput_ratio']:.2f}, coupling {coupling['coupling']:+.3f} (the window's growth beyond the "
+        f"recompute's own mesh work, as a share of the stash window; O-03 gates it at {profile.pp.gates.max_recompute_coupling:g}: "
+        f"{verdict.value}{': ' + reason if reason else ''})",
+    ]
     text = "\n".join(lines)
     print(text)
     if args.out:
@@ -92,7 +103,7 @@ def plot(sweep: dict, path: Path, *, title: str) -> None:
     depths = [int(name.split("=")[1]) for name in sweep]
     fig, score_ax = plt.subplots(figsize=(5.5, 3.5), dpi=120)
     score_ax.plot(depths, [m["overlap_score"] for m in sweep.values()], "o-", color="tab:blue", label="OverlapScore")
-    score_ax.set_xlabel("queue depth D (D_in = D_out)")
+    score_ax.set_xlabel("D: chunks in flight from rank 0 (D_in)")
     score_ax.set_ylabel("OverlapScore", color="tab:blue")
     score_ax.set_ylim(0, 1.1)
     score_ax.set_xticks(depths)

@@ -11,7 +11,7 @@ Nothing here knows about the harness except the factory signature, so you can co
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
 from hardening.region import Region, RegionContext
@@ -44,7 +44,9 @@ def build(ctx: RegionContext) -> Region:
     hidden, heads, mlp, tokens = dims["hidden"], dims["heads"], dims["mlp"], dims["tokens"]
     torch.manual_seed(ctx.seed)  # the same full weights on every rank before sharding
     block = Block(hidden, heads, mlp).to(ctx.device, ctx.dtype)
-    mesh = init_device_mesh(ctx.device.type, (ctx.world_size,))
+    # The mesh over the group the harness hands in: every rank for TP, a pipeline's mesh
+    # ranks (1..N-1) for the pp suite.
+    mesh = DeviceMesh.from_group(ctx.group, ctx.device.type)
     parallelize_module(
         block,
         mesh,

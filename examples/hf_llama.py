@@ -31,6 +31,7 @@ class CausalLM(nn.Module):
 
 def build(ctx: RegionContext) -> Region:
     from safetensors.torch import save_file
+    from torch.distributed.device_mesh import DeviceMesh
     from transformers import DistributedConfig, LlamaConfig, LlamaForCausalLM
 
     dims = ctx.dims
@@ -50,8 +51,10 @@ def build(ctx: RegionContext) -> Region:
         # would write on rank 0 only once a process group exists.
         config.save_pretrained(checkpoint)
         save_file(LlamaForCausalLM(config).state_dict(), f"{checkpoint}/model.safetensors", metadata={"format": "pt"})
+        # Sharded over the group the harness hands in (a pipeline's mesh in the pp suite).
+        mesh = DeviceMesh.from_group(ctx.group, ctx.device.type)
         model = LlamaForCausalLM.from_pretrained(
-            checkpoint, dtype=ctx.dtype, distributed_config=DistributedConfig(tp_size=ctx.world_size)
+            checkpoint, dtype=ctx.dtype, distributed_config=DistributedConfig(tp_size=ctx.world_size), device_mesh=mesh
         )
     model.eval().requires_grad_(False)
     tokens = dims["tokens"]

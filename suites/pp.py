@@ -110,7 +110,7 @@ def build_cases() -> list[Case]:
         Case(
             id="O-03",
             suite=SUITE,
-            title="recompute coupling: recompute-on-epoch-bump vs stashed cache, overlap delta",
+            title="recompute coupling: recompute-on-epoch-bump vs a stashed cache, the window's growth beyond the recompute",
             workload="pp0:recompute",
             expect=completes(),
             check="recompute_coupling",

@@ -25,7 +25,7 @@ def test_the_fence_holds_when_stale_results_were_dropped_and_new_ones_delivered(
 
 
 def test_a_stale_delivery_fails_the_fence_naming_chunk_and_epochs() -> None:
-    h = history(["cut", 6, 1], ["deliver", 4, 0, 1], ["deliver", 6, 1, 1])
+    h = history(["deliver", 3, 0, 0], ["cut", 6, 1], ["deliver", 4, 0, 1], ["deliver", 6, 1, 1])
     verdict, reason, _ = checkers.run("fence_held", ranks_with(h), PROFILE)
     assert verdict is Verdict.FAIL and "chunk 4 of epoch 0 handed over in epoch 1" in reason
 
@@ -38,7 +38,7 @@ def test_a_cut_with_nothing_in_flight_tested_nothing_and_is_unknown() -> None:
 
 
 def test_counters_that_disagree_with_the_history_fail() -> None:
-    h = history(["cut", 6, 1], ["drop", 4, 0, 1], ["deliver", 6, 1, 1]) | {"stale_dropped": 0}
+    h = history(["cut", 6, 1], ["drop", 4, 0, 1], ["deliver", 6, 1, 1]) | {"stale_dropped": 0}  # noqa: E501
     assert checkers.run("fence_held", ranks_with(h), PROFILE)[0] is Verdict.FAIL
 
 
@@ -67,14 +67,33 @@ def test_the_overlap_signature_gates_score_and_mesh_idle() -> None:
     assert verdict is Verdict.FAIL and "mesh idle" in reason and metrics["note"] == checkers.MODELLED
 
 
-def test_recompute_coupling_gates_the_delta_and_needs_a_cut() -> None:
+def variant(window: float, mesh: float, score: float = 0.9) -> dict:
+    return segment(score) | {"window_ms": window, "busy_mesh_ms": mesh, "results_per_s": 1000 * 16 / window}
+
+
+def test_recompute_coupling_is_the_window_growth_beyond_the_recompute_work() -> None:
     cut = [["cut", 20, 1]]
-    ok = {"metrics": {"stash": segment(0.95), "recompute": segment(0.8)}, "history": cut}
-    verdict, _, metrics = checkers.run("recompute_coupling", ranks_with(ok), PROFILE)
-    assert verdict is Verdict.PASS and metrics["delta"] == 0.15
-    coupled = {"metrics": {"stash": segment(0.95), "recompute": segment(0.4)}, "history": cut}
-    assert checkers.run("recompute_coupling", ranks_with(coupled), PROFILE)[0] is Verdict.FAIL
-    assert checkers.run("recompute_coupling", ranks_with({**ok, "history": []}), PROFILE)[0] is Verdict.UNKNOWN
+    # 120 ms of recompute made the window 130 ms longer: 10 ms of coupling on a 600 ms window.
+    absorbed = {"metrics": {"stash": variant(600, 400), "recompute": variant(730, 520, 0.85)}, "history": cut}
+    verdict, _, metrics = checkers.run("recompute_coupling", ranks_with(absorbed), PROFILE)
+    assert verdict is Verdict.PASS and metrics["coupling"] == round(10 / 600, 3) and metrics["score_delta"] == 0.05
+    # The same recompute stretched the window by 300 ms: the stages waited on each other.
+    serialized = {"metrics": {"stash": variant(600, 400), "recompute": variant(900, 520)}, "history": cut}
+    verdict, reason, _ = checkers.run("recompute_coupling", ranks_with(serialized), PROFILE)
+    assert verdict is Verdict.FAIL and "re-serializes" in reason
+    assert checkers.run("recompute_coupling", ranks_with({**absorbed, "history": []}), PROFILE)[0] is Verdict.UNKNOWN
+    nothing = {"metrics": {"stash": variant(600, 400), "recompute": variant(610, 400)}, "history": cut}
+    assert checkers.run("recompute_coupling", ranks_with(nothing), PROFILE)[0] is Verdict.UNKNOWN
+
+
+def test_the_fence_is_judged_from_the_cuts_not_from_the_stamps() -> None:
+    mis_stamped = history(["cut", 6, 1], ["drop", 5, 0, 1], ["deliver", 6, 0, 0])
+    verdict, reason, _ = checkers.run("fence_held", ranks_with(mis_stamped), PROFILE)
+    assert verdict is Verdict.FAIL and "the cuts put it in epoch 1" in reason
+    over_dropped = history(["cut", 6, 1], ["drop", 5, 0, 1], ["drop", 6, 1, 1], ["deliver", 7, 1, 1])
+    assert "was dropped as stale" in checkers.run("fence_held", ranks_with(over_dropped), PROFILE)[1]
+    twice = history(["cut", 6, 1], ["drop", 5, 0, 1], ["deliver", 6, 1, 1], ["deliver", 6, 1, 1])
+    assert "taken twice" in checkers.run("fence_held", ranks_with(twice), PROFILE)[1]
 
 
 def test_a_checker_that_raises_is_unknown_never_a_pass() -> None:

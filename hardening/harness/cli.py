@@ -617,10 +617,14 @@ def _list(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     rows = [
-        [c.id, c.suite, c.fault or "—", c.expect.describe(), f"{c.expect.budget_s:g}s" if c.expect.crash else "—", c.title]
+        [
+            c.id, c.suite, c.fault or "—", c.expect.describe() + (f" + {c.check}" if c.check else ""),
+            f"{c.expect.budget_s:g}s" if c.expect.crash else "—", c.min_ranks, c.workload or "—", c.title,
+        ]
         for c in cases
-    ]
-    print(tabulate(rows, headers=["id", "suite", "fault", "must happen", "budget", "what"], tablefmt="simple"))
+    ]  # fmt: skip
+    headers = ["id", "suite", "fault", "must happen", "budget", "ranks", "workload", "what"]
+    print(tabulate(rows, headers=headers, tablefmt="simple"))
     return ExitCode.OK
 
 

@@ -11,7 +11,8 @@ compares it) and the worker runs :func:`run` instead of the envelope loop:
 3. the pipeline; rank 0 makes every chunk's inputs (seeded by the chunk id) and drives
    warmup, then the mode's measured segments; the mesh serves.
 
-Stage work is modelled by sleeps of ``pp.work`` (see :class:`~hardening.harness.profile.StageWork`).
+Stage work is modelled by sleeps of ``pp.work`` (see :class:`~hardening.harness.profile.StageWork`),
+each chunk's produce and mesh work varying by ``±jitter_ms``.
 Modes: ``steady`` (one segment), ``sweep`` (one segment per depth in ``pp.sweep``) and
 ``recompute`` (segment ``stash`` then ``recompute``, a hard cut every ``pp.cut_every``
 chunks; the mesh pays ``recompute_ms`` on each new epoch only in the second).
@@ -20,6 +21,7 @@ chunks; the mesh pays ``recompute_ms`` on each new epoch only in the second).
 from __future__ import annotations
 
 import dataclasses
+import random
 import time
 from typing import Any
 
@@ -89,8 +91,12 @@ def run(s: Session, profile: Profile, workload: str) -> None:
     assert reg is not None
     compiled = s.compile(reg.module)
 
+    first_of: dict[int, int] = {}
+
     def stage(*inputs: torch.Tensor) -> Any:
-        _sleep(work.mesh_ms)
+        chunk = pipe.current
+        index = chunk.chunk_id - first_of.setdefault(chunk.segment, chunk.chunk_id)  # k-th chunk of its segment
+        _sleep(work.mesh_ms + jitter(work, "mesh", index))
         return compiled(*inputs)
 
     def on_epoch(chunk: Chunk) -> None:
@@ -150,9 +156,18 @@ def _drive(pipe: Any, profile: Profile, mode: str, contract: dict[str, Any], *, 
         for k in range(n):
             if mode == "recompute" and k > 0 and k % profile.pp.cut_every == 0:
                 pipe.hard_cut()
-            _sleep(work.produce_ms)
+            _sleep(work.produce_ms + jitter(work, "produce", k))
             consume(pipe.submit(make(pipe.next_chunk_id)))
     consume(pipe.drain())
+
+
+def jitter(work: Any, stage: str, index: int) -> float:
+    """This stage's deviation for the ``index``-th chunk of a segment: uniform in
+    ``±jitter_ms``, drawn independently per stage from a generator seeded by both, so every
+    segment (every depth of a sweep) and every run sees the same stage times."""
+    if work.jitter_ms <= 0:
+        return 0.0
+    return random.Random(f"{stage}/{index}").uniform(-work.jitter_ms, work.jitter_ms)
 
 
 def _sleep(ms: float) -> None:

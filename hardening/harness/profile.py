@@ -157,12 +157,16 @@ class StageWork:
     (on a CPU box the stages' real work would contend for the same cores, and the overlap
     figures would measure the scheduler). Every report that shows overlap says so."""
 
-    produce_ms: float = 10.0
+    produce_ms: float = 12.0
     """Rank 0 making one chunk's inputs."""
-    consume_ms: float = 5.0
+    consume_ms: float = 6.0
     """Rank 0 taking one result."""
-    mesh_ms: float = 20.0
+    mesh_ms: float = 18.0
     """Each mesh rank's work on one chunk, on top of running the region."""
+    jitter_ms: float = 12.0
+    """Chunk-to-chunk variation of ``produce_ms`` and ``mesh_ms``: each chunk's is off by
+    a uniform draw in ``±jitter_ms``, independent per stage (real stages vary: a slow
+    chunk on one side meeting a fast one on the other is what one buffer cannot absorb)."""
     recompute_ms: float = 30.0
     """O-03: the mesh recomputing its cache on an epoch bump (the stashed variant restores it for free)."""
 
@@ -170,6 +174,8 @@ class StageWork:
         for f in dataclasses.fields(self):
             if not 0 <= getattr(self, f.name) <= 10_000:
                 raise ValueError(f"{f.name}: must be from 0 to 10000 ms")
+        if self.jitter_ms > min(self.produce_ms, self.mesh_ms):
+            raise ValueError("jitter_ms: must be at most produce_ms and mesh_ms (a stage cannot take negative time)")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -180,16 +186,17 @@ class PipelineGates:
     """O-01 (every D >= 2) and O-02: the OverlapScore at least this."""
     max_mesh_idle_per_chunk_ms: float = 5.0
     """O-02: the mesh leader's wait for its next chunk, per steady chunk, at most this."""
-    max_recompute_delta: float = 0.35
-    """O-03: the stashed variant's OverlapScore minus the recompute variant's, at most this."""
+    max_recompute_coupling: float = 0.15
+    """O-03: how much longer the recompute variant's window grew than its extra mesh work,
+    as a share of the stashed variant's window, at most this (see the checker)."""
 
     def validate(self) -> None:
         if not 0 <= self.min_overlap_score <= 1:
             raise ValueError("min_overlap_score: must be from 0 to 1")
         if not 0 <= self.max_mesh_idle_per_chunk_ms <= 60_000:
             raise ValueError("max_mesh_idle_per_chunk_ms: must be from 0 to 60000")
-        if not -1 <= self.max_recompute_delta <= 1:
-            raise ValueError("max_recompute_delta: must be from -1 to 1")
+        if not -1 <= self.max_recompute_coupling <= 10:
+            raise ValueError("max_recompute_coupling: must be from -1 to 10")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -200,7 +207,8 @@ class PipelineWorkload:
     chunks: int = 16
     """Steady chunks per measured segment."""
     sweep: list[int] = field(default_factory=lambda: [1, 2, 3, 4])
-    """O-01: the depths (D_in = D_out) swept, one measured segment each."""
+    """O-01: the depths swept (chunks rank 0 may have in flight, up to D_in), one measured
+    segment each; the workload raises ``pipeline.depth_in`` to the deepest."""
     cut_every: int = 4
     """O-03: a hard cut (new epoch) every N chunks."""
     work: StageWork = field(default_factory=StageWork)

@@ -8,8 +8,9 @@ totals into one number.
 **OverlapScore** = achieved overlap / ideal overlap, where, over the steady window,
 
 - ``busy_control``: the control's time outside the pipeline's calls (making inputs,
-  taking results: its stage work), ``busy_mesh``: the mesh leader's stage work
-  (the region, and any recompute on an epoch bump);
+  taking results: its stage work; a control that also waits for requests marks that
+  time with ``pipe.idle()``), ``busy_mesh``: the mesh leader's stage work (the region,
+  and any recompute on an epoch bump);
 - ``serial = busy_control + busy_mesh``: the window if nothing overlapped;
 - ``ideal = max(busy_control, first + busy_mesh + last)``: the shortest possible
   window for these stage times with unbounded queues and free transport. ``first`` is
@@ -132,7 +133,11 @@ def pipeline_metrics(control: dict[str, Any], leader: dict[str, Any]) -> dict[st
         first_ms=control["first_ms"], last_ms=control["last_ms"],
     )  # fmt: skip
     chunks = max(1, leader["chunks"] - 1)
+    delivered = control.get("delivered", 0)
     out |= {
+        "delivered": delivered,
+        "stale_dropped": control.get("stale_dropped", 0),
+        "results_per_s": round(delivered / (window / 1000.0), 2) if window > 0 else 0.0,
         "busy_control_ms": round(busy_control, 2),
         "busy_mesh_ms": leader["compute_ms"],
         "t_mesh_idle_ms": leader["idle_ms"],

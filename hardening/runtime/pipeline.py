@@ -12,8 +12,9 @@ A user's PP server asks the Session for one (``Session.pipeline``) and then, on 
     for result in pipe.drain():
         consume(result)
 
-and on every mesh rank ``pipe.serve(region, on_epoch=reset_cache)``, which returns on the
-control's SHUTDOWN. The Session's exit closes the pipeline (SHUTDOWN, the steady-state
+and on every mesh rank ``pipe.serve(region, warmup=2, on_epoch=reset_cache)``, which
+returns on the control's SHUTDOWN. A hard cut drops every older result not yet handed
+over, arrived or not: ``drain()`` first to keep them. The Session's exit closes the pipeline (SHUTDOWN, the steady-state
 gate, done).
 
 **Messages** are one flat buffer each: a header of int64 words (magic, version, kind,
@@ -48,6 +49,7 @@ import contextlib
 import enum
 import math
 import struct
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -69,7 +71,7 @@ if TYPE_CHECKING:
 
 MAGIC = 0x50495045  # "PIPE"
 VERSION = 1
-HEADER_WORDS = 9
+HEADER_WORDS = 10
 _HEADER_BYTES = HEADER_WORDS * 8
 _ALIGN = 64
 _REASON_BYTES = 2048
@@ -96,6 +98,8 @@ class Header:
     sender: int
     segment: int = 0
     """Which measured segment of the run the chunk belongs to (-1: warmup)."""
+    plan: int = 0
+    """The warmup chunks the control plans (the mesh checks it against its own)."""
     reason: str = ""
 
     def describe(self) -> str:
@@ -139,12 +143,13 @@ class Frames:
 
     def __init__(self, specs: tuple[TensorSpec, ...], device: torch.device, *, what: str) -> None:
         self.specs, self.device, self.what = specs, device, what
-        offsets, end = [], _HEADER_BYTES
+        offsets, nbytes, end = [], [], _HEADER_BYTES
         for spec in specs:
             end = -(-end // _ALIGN) * _ALIGN
             offsets.append(end)
-            end += math.prod(spec.shape) * torch.empty((), dtype=ALLOWED_DTYPES[spec.dtype]).element_size()
-        self.offsets = tuple(offsets)
+            nbytes.append(math.prod(spec.shape) * ALLOWED_DTYPES[spec.dtype].itemsize)
+            end += nbytes[-1]
+        self.offsets, self.nbytes = tuple(offsets), tuple(nbytes)
         self.size = max(end, _HEADER_BYTES + _REASON_BYTES)
 
     def new(self) -> torch.Tensor:
@@ -165,7 +170,7 @@ class Frames:
 
     def pack(self, buf: torch.Tensor, header: Header, tensors: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         reason = header.reason.encode()[:_REASON_BYTES]
-        words = [MAGIC, VERSION, header.kind, header.epoch, header.chunk_id, header.seq, header.sender, header.segment, len(reason)]
+        words = [MAGIC, VERSION, header.kind, header.epoch, header.chunk_id, header.seq, header.sender, header.segment, header.plan, len(reason)]
         head = torch.frombuffer(bytearray(struct.pack(f"={HEADER_WORDS}q", *words)), dtype=torch.uint8)
         buf[:_HEADER_BYTES].copy_(head)
         if reason:
@@ -175,16 +180,13 @@ class Frames:
         return buf
 
     def slot(self, buf: torch.Tensor, index: int) -> torch.Tensor:
-        spec = self.specs[index]
-        dtype = ALLOWED_DTYPES[spec.dtype]
-        start = self.offsets[index]
-        nbytes = math.prod(spec.shape) * torch.empty((), dtype=dtype).element_size()
-        return buf[start : start + nbytes].view(dtype).view(spec.shape)
+        spec, start = self.specs[index], self.offsets[index]
+        return buf[start : start + self.nbytes[index]].view(ALLOWED_DTYPES[spec.dtype]).view(spec.shape)
 
     def header(self, buf: torch.Tensor, *, source: str) -> Header:
         """The header of a received buffer; ContractError when it is not one of ours."""
         raw = bytes(buf[: _HEADER_BYTES + _REASON_BYTES].cpu().numpy().tobytes())
-        magic, version, kind, epoch, chunk_id, seq, sender, segment, reason_len = struct.unpack(f"={HEADER_WORDS}q", raw[:_HEADER_BYTES])
+        magic, version, kind, epoch, chunk_id, seq, sender, segment, plan, reason_len = struct.unpack(f"={HEADER_WORDS}q", raw[:_HEADER_BYTES])
         if magic != MAGIC or version != VERSION:
             raise ContractError(
                 f"{source}: not a pipeline message of version {VERSION} (magic {magic:#x}, version {version}): "
@@ -193,10 +195,69 @@ class Frames:
         if kind not in Kind._value2member_map_:
             raise ContractError(f"{source}: unknown message kind {kind}")
         reason = raw[_HEADER_BYTES : _HEADER_BYTES + max(0, min(reason_len, _REASON_BYTES))].decode(errors="replace")
-        return Header(kind=kind, epoch=epoch, chunk_id=chunk_id, seq=seq, sender=sender, segment=segment, reason=reason)
+        return Header(kind=kind, epoch=epoch, chunk_id=chunk_id, seq=seq, sender=sender, segment=segment, plan=plan, reason=reason)
 
     def tensors(self, buf: torch.Tensor) -> dict[str, torch.Tensor]:
         return {spec.name: self.slot(buf, i) for i, spec in enumerate(self.specs)}
+
+
+class Posted:
+    """One posted receive and when it completed. On gloo a work reports completion only
+    once something waited on it, so a thread of its own waits on each posted receive in
+    order (the wait releases the GIL) and marks it; on NCCL, where wait() only orders
+    streams, its completion is polled."""
+
+    def __init__(self, work: Any, buf: torch.Tensor, waiter: Waiter | None) -> None:
+        self.work, self.buf = work, buf
+        self.done = threading.Event()
+        self.error: BaseException | None = None
+        self._waiter = waiter
+        if waiter is not None:
+            waiter.add(self)
+
+    def ready(self) -> bool:
+        return self.done.is_set() if self._waiter is not None else bool(self.work.is_completed())
+
+    def wait(self, limit: float | None) -> bool:
+        """True once it completed (raising what the wait raised), False after ``limit`` s."""
+        if self._waiter is not None:
+            if not self.done.wait(limit):
+                return False
+            if self.error is not None:
+                raise self.error
+            return True
+        deadline = None if limit is None else time.monotonic() + limit
+        while not self.work.is_completed():
+            if deadline is not None and time.monotonic() > deadline:
+                return False
+            time.sleep(0.0002)
+        return True
+
+
+class Waiter(threading.Thread):
+    """Waits on posted gloo receives in the order they were posted (see :class:`Posted`)."""
+
+    def __init__(self) -> None:
+        super().__init__(name="hardening-pipeline-results", daemon=True)
+        self._queue: deque[Posted] = deque()
+        self._ready = threading.Condition()
+
+    def add(self, posted: Posted) -> None:
+        with self._ready:
+            self._queue.append(posted)
+            self._ready.notify()
+
+    def run(self) -> None:
+        while True:
+            with self._ready:
+                while not self._queue:
+                    self._ready.wait()
+                posted = self._queue.popleft()
+            try:
+                posted.work.wait()
+            except BaseException as exc:  # noqa: BLE001 - handed to the main thread, which names it
+                posted.error = exc
+            posted.done.set()
 
 
 class Pipeline:
@@ -222,6 +283,7 @@ class Pipeline:
         self.epoch = 0
         self.stale_dropped = 0
         self.delivered = 0
+        self.discarded = 0
         self.history: deque[list[Any]] = deque(maxlen=HISTORY_LIMIT)
         """Control: ``["cut", chunk_id, epoch]``, ``["deliver", chunk_id, chunk_epoch,
         current_epoch]``, ``["drop", ...]`` in the order they happened (the last
@@ -230,13 +292,21 @@ class Pipeline:
         self.warmed_up = False
         self.shut_down = False
         """Mesh: serve() ran until the control's SHUTDOWN."""
+        self.current: Chunk | None = None
+        """Mesh: the chunk being computed (its id, epoch and segment), while ``fn`` runs."""
+        self._failed: str | None = None
+        """The first error this pipeline raised: every later call names it instead of
+        running on misaligned queues."""
+        self._plan = 0
+        self._appended = 0
         # Control state.
         self._next_id = 0
         self._seq_to: dict[int, int] = {}
         self._seq_from = 0
         self._in_flight: deque[tuple[int, int]] = deque()  # (chunk_id, epoch), oldest first
         self._sends: deque[tuple[int, Any]] = deque()  # (chunk_id, work)
-        self._results: deque[tuple[Any, torch.Tensor]] = deque()  # posted receives, oldest first
+        self._results: deque[Posted] = deque()  # posted result receives, oldest first
+        self._waiter: Waiter | None = None
         self._last_return: float | None = None
         self._first_send_seen = False
         # Mesh state.
@@ -247,6 +317,9 @@ class Pipeline:
         self._out_seq = 0
         if self.is_control:
             self._seq_to = {r: 0 for r in self._destinations()}
+            if session.device.type != "cuda":
+                self._waiter = Waiter()
+                self._waiter.start()
             for _ in range(cfg.depth_out):
                 self._post_result()
         elif self._receives_from_control():
@@ -280,13 +353,22 @@ class Pipeline:
 
     def _post_result(self) -> None:
         buf = self.result_out.new()
-        self._results.append((self._irecv(buf, MESH_LEADER, "from_mesh"), buf))
+        self._results.append(Posted(self._irecv(buf, MESH_LEADER, "from_mesh"), buf, self._waiter))
 
     def _need_control(self, what: str) -> None:
+        self._need_intact(what)
         if not self.is_control:
             raise ContractError(f"{what} is the control's (rank {CONTROL}); rank {self.rank} serves the mesh: call serve()")
         if self.closed:
             raise ContractError(f"{what} after the pipeline was closed")
+
+    def _need_intact(self, what: str) -> None:
+        if self._failed is not None:
+            raise ContractError(f"{what} after the pipeline failed ({self._failed}): its queues no longer line up")
+
+    def _failing(self, exc: BaseException) -> None:
+        if self._failed is None:
+            self._failed = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
 
     def warmup(self, make_inputs: Callable[[int], dict[str, torch.Tensor]], *, calls: int) -> None:
         """``calls`` chunks through the mesh, every result taken (the mesh compiles on them),
@@ -294,6 +376,9 @@ class Pipeline:
         self._need_control("warmup()")
         if calls < 1:
             raise ValueError(f"warmup(calls={calls}): at least one chunk (the mesh compiles on it)")
+        if self._plan:
+            raise ContractError("warmup() called twice: the mesh warms up, and the gate closes, once")
+        self._plan = calls
         s = self.session
         s.state.enter("warmup")
         limit = s.config.timeouts.compile or None  # the mesh compiles on these: its deadline, not the queue's
@@ -314,6 +399,8 @@ class Pipeline:
         ``depth`` chunks in flight (1..``depth_in``; default ``depth_in``): what is in
         flight is taken first, and its current-epoch results returned."""
         self._need_control("segment()")
+        if not self.warmed_up:
+            raise ContractError("segment() before warmup(): segments measure steady state")
         if depth is not None and not 1 <= depth <= self.config.depth_in:
             raise ValueError(f"segment({name!r}, depth={depth}): must be from 1 to depth_in={self.config.depth_in}")
         out = self.drain()
@@ -344,13 +431,24 @@ class Pipeline:
             self._tl.last_s = time.perf_counter() - self._last_return
         self._tl.close()
 
+    def idle(self) -> Span:
+        """``with pipe.idle():`` around the control's waiting for work (a server with no
+        request yet): that time is idle, not stage work. OverlapScore counts everything the
+        control does outside the pipeline's calls as its stage work (a closed-loop
+        producer); waiting left unmarked would read as overlap."""
+        return Span(self._tl, "idle")
+
     def hard_cut(self) -> int:
         """A new ``cache_epoch`` from the next chunk on: every result still in flight is
         stale and will be dropped. Returns the new epoch."""
         self._need_control("hard_cut()")
         self.epoch += 1
-        self.history.append(["cut", self._next_id, self.epoch])
+        self._log(["cut", self._next_id, self.epoch])
         return self.epoch
+
+    def _log(self, event: list[Any]) -> None:
+        self.history.append(event)
+        self._appended += 1
 
     def submit(self, inputs: dict[str, torch.Tensor]) -> list[Result]:
         """Send one chunk (waiting while ``depth_in`` are in flight) and return the results
@@ -368,6 +466,9 @@ class Pipeline:
                 self.hard_cut()
             self._send(inputs, warmup=False)
             out += self._ready()
+        except BaseException as exc:
+            self._failing(exc)
+            raise
         finally:
             self._leave_pipeline()
         return out
@@ -380,6 +481,9 @@ class Pipeline:
         try:
             while self._in_flight:
                 out += self._take(limit=self.config.queue_timeout, why="drain")
+        except BaseException as exc:
+            self._failing(exc)
+            raise
         finally:
             self._leave_pipeline()
         return out
@@ -404,8 +508,9 @@ class Pipeline:
             self._reap_sends(block=len(self._sends) >= self.config.depth_in * len(self._seq_to))
             for dst in self._seq_to:
                 header = Header(
-                    kind=Kind.CHUNK, epoch=self.epoch, chunk_id=chunk_id, seq=self._seq_to[dst], sender=self.rank, segment=self._seg
-                )
+                    kind=Kind.CHUNK, epoch=self.epoch, chunk_id=chunk_id, seq=self._seq_to[dst], sender=self.rank,
+                    segment=self._seg, plan=self._plan,
+                )  # fmt: skip
                 self._seq_to[dst] += 1
                 buf = frames.pack(frames.new(), header, inputs)
                 self._sends.append((chunk_id, self._isend(buf, dst, f"to_mesh[{dst}]")))
@@ -422,63 +527,65 @@ class Pipeline:
             self._sends.popleft()
             block = False
 
-    def _wait(self, work: Any, why: str, limit: float | None = None) -> None:
-        """Wait for ``work`` at most ``limit`` seconds, else BackpressureError naming ``why``."""
-        limit = self.config.queue_timeout if limit is None else limit
-        full = BackpressureError(
+    def _full(self, limit: float | None, why: str) -> BackpressureError:
+        return BackpressureError(
             f"rank {self.rank}: a pipeline queue stayed full for {limit:g}s (D_in={self.config.depth_in}, "
             f"D_out={self.config.depth_out}): {why}"
         )
+
+    def _wait(self, work: Any, why: str) -> None:
+        """Wait for a send at most ``queue_timeout`` seconds, else BackpressureError naming ``why``."""
+        limit = self.config.queue_timeout
         if self.session.device.type == "cuda":
-            # An NCCL work's wait() only orders streams and returns at once: poll its completion.
-            deadline = time.monotonic() + limit
-            while not work.is_completed():
-                if time.monotonic() > deadline:
-                    raise full
-                time.sleep(0.0002)
+            if not Posted(work, torch.empty(0), None).wait(limit):  # wait() only orders streams on NCCL: poll
+                raise self._full(limit, why)
             return
         try:
             work.wait(timedelta(seconds=limit))
         except RuntimeError as exc:
             if "timed out" not in str(exc).lower() and "timeout" not in str(exc).lower():
                 raise
-            raise full from None
+            raise self._full(limit, why) from None
 
     def _ready(self) -> list[Result]:
         out: list[Result] = []
-        while self._in_flight and self._results and self._results[0][0].is_completed():
+        while self._in_flight and self._results and self._results[0].ready():
             out += self._take(limit=self.config.queue_timeout, why="ready")
         return out
 
     def _take(self, *, limit: float | None, why: str) -> list[Result]:
         """The oldest result: checked, then fenced (dropped if stale) or delivered."""
-        work, buf = self._results.popleft()
+        posted = self._results.popleft()
         chunk_id, epoch = self._in_flight[0]
-        ids = ", ".join(str(c) for c, _ in self._in_flight)
         with Span(self._tl, "idle" if why == "full" else "recv"):
-            if limit is None:
-                work.wait()
-            else:
-                self._wait(work, f"chunks {ids} in flight, no result from the mesh leader (rank {MESH_LEADER})", limit)
+            if not posted.wait(limit):
+                ids = ", ".join(str(c) for c, _ in self._in_flight)
+                raise self._full(limit, f"chunks {ids} in flight, no result from the mesh leader (rank {MESH_LEADER})")
+        buf = posted.buf
         header = self.result_out.header(buf, source=f"rank {self.rank}: result from rank {MESH_LEADER}")
         self._post_result()
         self._check_result(header, chunk_id, epoch)
         self._in_flight.popleft()
         if why == "warmup":
             return []  # warmup results are the mesh compiling, never the caller's
+        counts = self._tl.extra
         if header.epoch < self.epoch and seams.stale_result_fenced(header.epoch, self.epoch):
             self.stale_dropped += 1
-            self.history.append(["drop", chunk_id, header.epoch, self.epoch])
+            counts["stale_dropped"] = counts.get("stale_dropped", 0) + 1
+            self._log(["drop", chunk_id, header.epoch, self.epoch])
             return []
-        self.history.append(["deliver", chunk_id, header.epoch, self.epoch])
+        if why == "close":
+            self.discarded += 1
+            self._log(["discard", chunk_id, header.epoch, self.epoch])
+            return []
+        self._log(["deliver", chunk_id, header.epoch, self.epoch])
         self.delivered += 1
+        counts["delivered"] = counts.get("delivered", 0) + 1
         # Views of a buffer received once: the next receive gets a new one.
         return [Result(chunk_id=chunk_id, epoch=header.epoch, tensors=self.result_out.tensors(buf))]
 
     def _check_result(self, h: Header, chunk_id: int, epoch: int) -> None:
         where = f"rank {self.rank}: result {h.describe()}"
-        if h.kind == Kind.ERROR:
-            raise PeerError(f"rank {h.sender} (mesh leader) stopped at chunk {h.chunk_id}: {h.reason}", root_cause_rank=h.sender)
         if h.kind != Kind.RESULT:
             raise ContractError(f"{where}: expected a RESULT")
         if h.seq != self._seq_from:
@@ -501,9 +608,13 @@ class Pipeline:
                     f"rank {self.rank} left the pipeline before rank {CONTROL}'s SHUTDOWN: a mesh rank must serve() until it returns"
                 )
             return
-        self._close_segment()
+        if self._failed is not None:
+            return  # nothing lines up any more: the exception ends the rank, the abort its peers
+        # Results the caller never took are taken (so that the mesh ends on SHUTDOWN), and
+        # counted as discarded: never handed to anyone, never "delivered".
         while self._in_flight:
-            self._take(limit=self.config.queue_timeout, why="drain")
+            self._take(limit=self.config.queue_timeout, why="close")
+        self._close_segment()
         for dst in self._seq_to:
             header = Header(kind=Kind.SHUTDOWN, epoch=self.epoch, chunk_id=self._next_id, seq=self._seq_to[dst], sender=self.rank)
             self._sends.append((self._next_id, self._isend(self.chunk_in.pack(self.chunk_in.new(), header), dst, f"to_mesh[{dst}]")))
@@ -531,6 +642,19 @@ class Pipeline:
         epoch (reset, or recompute, the rank's cache), as part of its stage work. Returns the chunks served."""
         if self.is_control:
             raise ContractError(f"serve() is the mesh's; rank {CONTROL} is the control: call warmup()/submit()/drain()")
+        self._need_intact("serve()")
+        if warmup < 1:
+            raise ValueError(f"serve(warmup={warmup}): at least one chunk (the region compiles on it, then the gate closes)")
+        if self._plan:
+            raise ContractError("serve() called twice: a mesh rank serves until the control's SHUTDOWN, once")
+        self._plan = warmup
+        try:
+            return self._serve(fn, warmup, on_epoch)
+        except BaseException as exc:
+            self._failing(exc)
+            raise
+
+    def _serve(self, fn: Callable[..., Any], warmup: int, on_epoch: Callable[[Chunk], None] | None) -> int:
         s = self.session
         s.state.enter("warmup")
         served = 0
@@ -554,6 +678,7 @@ class Pipeline:
                     chunk_id=header.chunk_id, epoch=header.epoch, tensors=self.chunk_in.tensors(buf), warmup=served < warmup,
                     segment=header.segment,
                 )  # fmt: skip
+                self.current = chunk
                 s.state.begin_call(chunk.chunk_id, deadline_bound=True, deadline_s=s.config.timeouts.compile if chunk.warmup else None)
                 with Span(self._tl, "compute"):
                     if header.epoch != self.epoch:
@@ -562,7 +687,9 @@ class Pipeline:
                             on_epoch(chunk)
                     out = fn(*chunk.inputs)
                     if s.device.type == "cuda":
-                        torch.cuda.synchronize(s.device)
+                        # This stream only: NCCL's holds the receives posted ahead, which
+                        # complete only once rank 0 has this chunk's result.
+                        torch.cuda.current_stream(s.device).synchronize()
                 s.state.end_call()
                 served += 1
                 if self._tl.is_open:
@@ -597,8 +724,10 @@ class Pipeline:
             header, buf = self._receive_checked()
         except BaseException as exc:
             # The terminal action: the mesh learns why, instead of waiting in a broadcast.
-            reason = f"{type(exc).__name__}: {exc}" if isinstance(exc, HardeningError) else f"{type(exc).__name__}: {exc}"
-            error = Header(kind=Kind.ERROR, epoch=self.epoch, chunk_id=self._last_chunk + 1, seq=-1, sender=self.rank, reason=reason)
+            self.session.terminator.publish(exc)  # rank 0 learns the cause now, not after the broadcast
+            error = Header(
+                kind=Kind.ERROR, epoch=self.epoch, chunk_id=self._last_chunk + 1, seq=-1, sender=self.rank, reason=f"{type(exc).__name__}: {exc}"
+            )
             with contextlib.suppress(Exception):
                 self._broadcast(self.chunk_in.pack(self.chunk_in.new(), error))
             raise
@@ -624,6 +753,11 @@ class Pipeline:
             raise ContractError(f"{where}: chunk ids must increase, the last was {self._last_chunk}")
         if h.epoch < self.epoch:
             raise ContractError(f"{where}: epoch {h.epoch} after epoch {self.epoch} (an epoch never goes back)")
+        if h.kind == Kind.CHUNK and h.plan != self._plan:
+            raise ContractError(
+                f"{where}: rank {CONTROL} plans {h.plan} warmup chunk(s), this rank {self._plan} (warmup(calls=) and "
+                "serve(warmup=) must agree: the compile gate closes after warmup on every rank)"
+            )
         self._expect_seq += 1
         self._last_chunk = h.chunk_id
 
@@ -656,11 +790,10 @@ class Pipeline:
             "timelines": {str(i): t.to_json() for i, t in sorted(self.timelines.items())},
         }  # fmt: skip
         if self.is_control:
-            out["segments"] = list(self.segments)
-        if self.is_control:
             out |= {
-                "chunks": self._next_id, "delivered": self.delivered, "stale_dropped": self.stale_dropped,
-                "history": list(self.history), "history_complete": len(self.history) < HISTORY_LIMIT,
+                "segments": list(self.segments), "chunks": self._next_id, "delivered": self.delivered,
+                "stale_dropped": self.stale_dropped, "discarded": self.discarded, "history": list(self.history),
+                "history_complete": self._appended <= HISTORY_LIMIT,
             }  # fmt: skip
         return out
 

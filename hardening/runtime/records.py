@@ -271,6 +271,12 @@ class Terminator:
                 return exc, root_cause_rank
             time.sleep(0.02)
 
+    def publish(self, exc: BaseException) -> None:
+        """Name ``exc`` as the job-wide abort now (the first writer wins), before this rank
+        does what may delay its end (a terminal-action broadcast)."""
+        if self.store is not None:
+            self._publish_abort(exc)
+
     def _publish_abort(self, exc: BaseException) -> None:
         reason = json.dumps(
             {

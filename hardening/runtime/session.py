@@ -328,7 +328,7 @@ class Session:
         if self._topology is None:
             declared = Declared.of(self.config.pipeline.kind, self.world_size)
             check_parity(self.side, declared.parity_keys(), tag="runtime/topology", hint="(every rank must declare the same topology)")
-            self._topology = Topology.build(declared, rank=self.rank, timeout=timedelta(seconds=self.config.timeouts.pg))
+            self._topology = Topology.build(declared, rank=self.rank, device=self.device, connect_s=self.config.timeouts.pg)
         return self._topology
 
     def pipeline(self, inputs: dict[str, Spec], outputs: dict[str, Spec]) -> Pipeline:
@@ -340,6 +340,12 @@ class Session:
         assert self.side is not None, "enter the Session first"
         if self._pipe is not None or self._plane is not None:
             raise ContractError("pipeline() after pipeline() or control_plane(): one Session serves one of them")
+        cfg, t = self.config.pipeline, self.config.timeouts
+        if t.call_deadline and cfg.queue_timeout >= t.call_deadline:
+            raise ValueError(
+                f"pipeline.queue_timeout ({cfg.queue_timeout:g}s) must be below timeouts.call_deadline ({t.call_deadline:g}s): "
+                "a full queue must be named before the call deadline ends the rank"
+            )
         specs = {}
         for what, contract in (("inputs", inputs), ("outputs", outputs)):
             if not contract:
@@ -347,8 +353,13 @@ class Session:
             for name, spec in contract.items():
                 if spec.varying:
                     raise ValueError(f"pipeline(): {what}[{name!r}] declares varying dims; pipeline messages have fixed shapes")
+                dtype = str(spec.dtype).removeprefix("torch.")
+                if dtype not in envelope.ALLOWED_DTYPES:
+                    raise ValueError(f"pipeline(): {what}[{name!r}] has dtype {dtype}; allowed: {', '.join(sorted(envelope.ALLOWED_DTYPES))}")
+                if any(not isinstance(d, int) or d < 1 for d in spec.shape):
+                    raise ValueError(f"pipeline(): {what}[{name!r}] has shape {spec.shape}; every dim must be a positive int")
             specs[what] = tuple(spec.named(name) for name, spec in contract.items())
-        cfg, topology = self.config.pipeline, self.topology()
+        topology = self.topology()
         keys = {
             "pipeline.depth_in": str(cfg.depth_in), "pipeline.depth_out": str(cfg.depth_out),
             "pipeline.queue_timeout": str(cfg.queue_timeout),
@@ -380,8 +391,10 @@ class Session:
         """SHUTDOWN (the control's close), the timelines gathered so every record holds the
         overlap metrics, then the steady-state gate over the mesh (also the done barrier)."""
         pipe.close()
-        summaries = self.side.exchange("pipeline/summary", pipe.summary())
         record = pipe.summary()
+        # Only the timelines travel (rank 0's history stays in its own record).
+        mine = {"timelines": record["timelines"], "segments": record.get("segments", [])}
+        summaries = self.side.exchange("pipeline/timelines", mine)
         control, leader = summaries[0], summaries[MESH_LEADER]
         record["metrics"] = {
             name: pipeline_metrics(control["timelines"][str(index)], leader["timelines"][str(index)])

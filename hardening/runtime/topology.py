@@ -40,11 +40,15 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 
 import torch.distributed as dist
 
 from hardening.errors import GroupError
+
+GROUP_TIMEOUT = timedelta(days=1)
+"""The pipeline groups' own timeout (see :meth:`Topology.build`)."""
 
 CONTROL = 0
 """The control rank: outside the mesh, makes the inputs, takes the results."""
@@ -97,17 +101,45 @@ class Topology:
         self._names = {id(g): n for n, g in groups.items() if _is_member(g)}
 
     @classmethod
-    def build(cls, declared: Declared, *, rank: int, timeout: Any) -> Topology:
+    def build(cls, declared: Declared, *, rank: int, device: Any, connect_s: float) -> Topology:
         """Create every declared group, in the declared order (``new_group`` is collective
         over the world: every rank must call it for every group, even one it is not in),
-        then check each against the declaration."""
+        check each against the declaration, then connect each p2p group in that order.
+
+        The groups' own timeout is long (:data:`GROUP_TIMEOUT`): an idle server waits for
+        its next chunk as long as it likes, and every wait that must end is bounded by the
+        pipeline itself (``queue_timeout``, the compile deadline) or by the watchdog (a
+        dead or stalled peer, a call past its deadline)."""
         groups: dict[str, Any] = {"world_pg": dist.group.WORLD}
         for name, ranks in declared.groups.items():
             if name != "world_pg":
-                groups[name] = dist.new_group(list(ranks), timeout=timeout)
+                groups[name] = dist.new_group(list(ranks), timeout=GROUP_TIMEOUT)
         topo = cls(declared, rank=rank, groups=groups)
         topo.check_built()
+        topo.connect(device, timeout_s=connect_s)
         return topo
+
+    def connect(self, device: Any, *, timeout_s: float) -> None:
+        """One element over each p2p group this rank is in, lower rank sending, every rank
+        walking the groups in the same declared order. NCCL connects a pair lazily, at its
+        first operation, and blocks until both ends join: without this, rank 0's first
+        receive (on ``from_mesh``) and the leader's (on ``to_mesh[1]``) would each wait in a
+        different group's setup. It also proves every p2p group carries a message."""
+        import torch
+
+        for name, (low, high) in ((n, r) for n, r in self.declared.groups.items() if n not in ("world_pg", "mesh_pg")):
+            if self.rank not in (low, high):
+                continue
+            probe = torch.full((1,), float(low * 1000 + high), device=device)
+            group = self.groups[name]
+            work = dist.isend(probe, high, group=group) if self.rank == low else dist.irecv(probe, low, group=group)
+            try:
+                work.wait(timedelta(seconds=timeout_s)) if device.type != "cuda" else work.wait()
+            except RuntimeError as exc:
+                peer = high if self.rank == low else low
+                raise GroupError(f"rank {self.rank}: {self.declared.describe(name)} carried nothing from rank {peer} within {timeout_s:g}s: {exc}") from None
+            if self.rank == high and int(probe.item()) != low * 1000 + high:
+                raise GroupError(f"rank {self.rank}: {self.declared.describe(name)} delivered {probe.item()}, not its probe: the groups are paired wrong")
 
     def check_built(self) -> None:
         """Each group holds exactly the declared ranks, and this rank is in exactly the
