@@ -31,7 +31,6 @@ class CausalLM(nn.Module):
 
 def build(ctx: RegionContext) -> Region:
     from safetensors.torch import save_file
-    from torch.distributed.device_mesh import DeviceMesh
     from transformers import DistributedConfig, LlamaConfig, LlamaForCausalLM
 
     dims = ctx.dims
@@ -51,10 +50,11 @@ def build(ctx: RegionContext) -> Region:
         # would write on rank 0 only once a process group exists.
         config.save_pretrained(checkpoint)
         save_file(LlamaForCausalLM(config).state_dict(), f"{checkpoint}/model.safetensors", metadata={"format": "pt"})
-        # Sharded over the group the harness hands in (a pipeline's mesh in the pp suite).
-        mesh = DeviceMesh.from_group(ctx.group, ctx.device.type)
+        # transformers builds its mesh over the whole world (a pipeline's mesh of 2 or more
+        # ranks is refused: "The parallel mesh requires 2 processes, but world_size is 3");
+        # a mesh of one rank (pp cases at --ranks 2) loads the model whole.
         model = LlamaForCausalLM.from_pretrained(
-            checkpoint, dtype=ctx.dtype, distributed_config=DistributedConfig(tp_size=ctx.world_size), device_mesh=mesh
+            checkpoint, dtype=ctx.dtype, distributed_config=DistributedConfig(tp_size=ctx.world_size)
         )
     model.eval().requires_grad_(False)
     tokens = dims["tokens"]

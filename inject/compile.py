@@ -65,27 +65,30 @@ class ConditionalCollective(Fault):
             module = original(module)
             if not self.acts_here:
                 return module
-            import torch.distributed as dist
-            import torch.distributed._functional_collectives as funcol
-
-            def with_collective(forward: Callable[..., Any]) -> Callable[..., Any]:
-                def forward_with_collective(*args: Any, **kwargs: Any) -> Any:
-                    # ``x + all_reduce(x) * 0``: the region's value is unchanged and the
-                    # collective is used, so no compiler may drop it.
-                    args_l, kwargs_d = list(args), dict(kwargs)
-                    for holder, key in [(args_l, i) for i in range(len(args_l))] + [(kwargs_d, k) for k in kwargs_d]:
-                        x = holder[key]
-                        if isinstance(x, torch.Tensor) and x.dtype != torch.bool:
-                            holder[key] = x + funcol.all_reduce(x, "sum", dist.group.WORLD) * 0
-                            break
-                    return forward(*args_l, **kwargs_d)
-
-                return forward_with_collective
-
             self.fire()
-            return replace_forward(module, with_collective)
+            return replace_forward(module, with_world_all_reduce)
 
         return module_to_compile
+
+
+def with_world_all_reduce(forward: Callable[..., Any]) -> Callable[..., Any]:
+    """``forward`` preceded by a functional all_reduce of its first tensor input on the
+    world group, inside whatever compiles it."""
+    import torch.distributed as dist
+    import torch.distributed._functional_collectives as funcol
+
+    def forward_with_collective(*args: Any, **kwargs: Any) -> Any:
+        # ``x + all_reduce(x) * 0``: the region's value is unchanged and the collective is
+        # used, so no compiler may drop it.
+        args_l, kwargs_d = list(args), dict(kwargs)
+        for holder, key in [(args_l, i) for i in range(len(args_l))] + [(kwargs_d, k) for k in kwargs_d]:
+            x = holder[key]
+            if isinstance(x, torch.Tensor) and x.dtype != torch.bool:
+                holder[key] = x + funcol.all_reduce(x, "sum", dist.group.WORLD) * 0
+                break
+        return forward(*args_l, **kwargs_d)
+
+    return forward_with_collective
 
 
 def replace_forward(module: Any, make: Callable[[Callable[..., Any]], Callable[..., Any]]) -> Any:

@@ -12,8 +12,8 @@ import time
 from typing import Any, Callable
 
 import torch
-import torch.distributed as dist
 
+from hardening.inject.compile import replace_forward, with_world_all_reduce
 from hardening.inject.fault import Fault
 
 _SEQ_WORD = 5  # the header word a pipeline message's sequence number is in
@@ -50,19 +50,19 @@ class LeaderGetsBadChunk(Fault):
 class WrongGroup(Fault):
     name = "wrong_group"
     matrix_id = "OM-08"
-    summary = "the mesh's region is handed world_pg where mesh_pg is declared"
-    target = "hardening.runtime.seams:pipeline_group"
-    default_ranks = "all"
+    summary = "the mesh's region issues an all_reduce on world_pg (rank 0 never joins it) where mesh_pg is declared"
+    target = "hardening.runtime.seams:module_to_compile"
+    default_ranks = "all"  # the code is the same on every rank; only the mesh compiles a region
 
     def wrap(self, original: Callable[..., Any]) -> Callable[..., Any]:
-        def pipeline_group(topology: Any, declared: str, *, use: str) -> Any:
-            group = original(topology, declared, use=use)
-            if self.acts_here and use == "region" and declared == "mesh_pg":
-                self.fire("world_pg")
-                return dist.group.WORLD
-            return group
+        def module_to_compile(module: Any) -> Any:
+            module = original(module)
+            if not self.acts_here:
+                return module
+            self.fire("world_pg")
+            return replace_forward(module, with_world_all_reduce)
 
-        return pipeline_group
+        return module_to_compile
 
 
 class HardCut(Fault):

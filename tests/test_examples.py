@@ -63,23 +63,26 @@ def _suite_all_passes(tmp_path: Path, profile: str, example: str, *, timeout: fl
     code, result = _run_on(tmp_path, example, "suite", "all", "--ranks", "2", "--profile", profile, timeout=timeout)
     assert code == 0
     cases = result["cases"]
-    assert len(cases) == len(get_suite("all")) and all(c["verdict"] == "pass" for c in cases), [(c["id"], c["verdict"]) for c in cases]
+    runnable = [c for c in get_suite("all") if c.min_ranks <= 2]  # the rest need a pipeline mesh of two
+    assert len(cases) == len(runnable) and all(c["verdict"] == "pass" for c in cases), [(c["id"], c["verdict"]) for c in cases]
     return {c["id"]: c for c in cases}
 
 
 @pytest.mark.multiproc
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-@pytest.mark.parametrize("profile", ["cpu", "premerge"])
 @pytest.mark.parametrize(
-    "example, first_input, replicated",
+    "profile, example, first_input, replicated",
     [
         # torch's parallelize_module on a DeviceMesh: norms declared, row-parallel biases Replicate DTensors.
-        ("dtensor_block.py", "hidden_states", lambda name: name in ("norm.weight", "norm.bias", "o.bias", "down.bias")),
+        ("cpu", "dtensor_block.py", "hidden_states", lambda name: name in ("norm.weight", "norm.bias", "o.bias", "down.bias")),
+        ("premerge", "dtensor_block.py", "hidden_states", lambda name: name in ("norm.weight", "norm.bias", "o.bias", "down.bias")),
         # transformers' own TP plan, token ids (1, T): only the RMSNorm weights are whole on every rank.
-        ("hf_llama.py", "input_ids", lambda name: "norm" in name),
+        # On premerge only (fullgraph through aot_eager is the stricter of the two; every
+        # case builds the model on every rank, about 2 minutes a profile).
+        ("premerge", "hf_llama.py", "input_ids", lambda name: "norm" in name),
     ],
-    ids=["dtensor", "hf_llama"],
+    ids=["dtensor-cpu", "dtensor-premerge", "hf_llama-premerge"],
 )
 def test_a_region_nobody_here_wrote_passes_every_suite(
     tmp_path: Path, profile: str, example: str, first_input: str, replicated

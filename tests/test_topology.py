@@ -26,3 +26,19 @@ def test_the_declaration_is_what_parity_compares_before_any_group_is_built() -> 
 def test_one_rank_is_not_a_pipeline() -> None:
     with pytest.raises(ValueError, match="at least 2 ranks"):
         Declared.of("pp0", 1)
+
+
+def test_a_collective_on_another_declared_group_is_refused_naming_both_and_the_call_site() -> None:
+    from hardening.errors import GroupError
+    from hardening.runtime.topology import Topology
+
+    world, mesh, down, up = object(), object(), object(), object()
+    topo = Topology(Declared.of("pp1", 3), rank=1, groups={"world_pg": world, "mesh_pg": mesh, "to_mesh[1]": down, "from_mesh": up})
+    topo.check(mesh, declared="mesh_pg", peer=1, op="broadcast")  # the declared one: fine
+    with pytest.raises(GroupError) as refused:
+        topo.check(world, declared="mesh_pg", peer=1, op="broadcast of the chunk frame", depth=1)
+    message = str(refused.value)
+    assert "issued on world_pg (ranks 0..2)" in message and "declares mesh_pg (ranks 1,2)" in message
+    assert "test_topology.py:" in message  # the caller's line
+    with pytest.raises(GroupError, match="peer rank 2, which is not in it"):
+        topo.check(up, declared="from_mesh", peer=2, op="isend to rank 2")

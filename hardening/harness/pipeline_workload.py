@@ -70,7 +70,7 @@ def run(s: Session, profile: Profile, workload: str) -> None:
         mesh = topology.mesh
         ctx = RegionContext(
             rank=mesh.index(s.rank), world_size=len(mesh), device=s.device, dtype=s.dtype,
-            group=topology.region_group, dims=dict(profile.region.dims),
+            group=topology.group("mesh_pg"), dims=dict(profile.region.dims),
             seed=int(s.user_keys["region.seed"]), profile=profile,
         )  # fmt: skip
         reg = region.build_region(profile.region.target, ctx)

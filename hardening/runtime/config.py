@@ -189,7 +189,7 @@ class PipelineConfig:
     """D_out: results the mesh leader may have sent and rank 0 not yet taken; rank 0
     keeps this many result buffers posted."""
 
-    queue_timeout: float = 10.0
+    queue_timeout: float = 5.0
     """Seconds a full queue may stay full (rank 0 waiting for a result with D_in chunks
     in flight, the leader waiting to hand over a result) before BackpressureError."""
 

@@ -269,7 +269,7 @@ class Pipeline:
         self.rank = session.rank
         self.is_control = topology.is_control
         self.is_mesh_leader = topology.is_mesh_leader
-        self.mesh_group = topology.region_group
+        self.mesh_group = topology.group("mesh_pg")
         """The group the region's collectives must run on (the rank's tensor-parallel group)."""
         self.chunk_in = Frames(inputs, session.device, what=f"rank {self.rank}: chunk")
         self.result_out = Frames(outputs, session.device, what=f"rank {self.rank}: result")
@@ -329,7 +329,7 @@ class Pipeline:
     # -- the wrappers: every pipeline collective names its group -------------------------
 
     def _isend(self, buf: torch.Tensor, dst: int, declared: str) -> Any:
-        group = seams.pipeline_group(self.topology, declared, use="send")
+        group = self.topology.group(declared)
         self.topology.check(group, declared=declared, peer=dst, op=f"isend to rank {dst}")
         return dist.isend(buf, dst, group=group)
 
@@ -339,7 +339,7 @@ class Pipeline:
         return dist.irecv(buf, src, group=group)
 
     def _broadcast(self, buf: torch.Tensor) -> None:
-        group = seams.pipeline_group(self.topology, "mesh_pg", use="broadcast")
+        group = self.mesh_group
         self.topology.check(group, declared="mesh_pg", peer=MESH_LEADER, op="broadcast of the chunk frame")
         dist.broadcast(buf, MESH_LEADER, group=group)
 

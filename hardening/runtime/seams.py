@@ -44,7 +44,8 @@ def user_config(keys: dict[str, Any]) -> dict[str, Any]:
 
 
 def module_to_compile(module: Any) -> Any:
-    """What ``Session.compile`` is about to compile (C-02 adds a graph break)."""
+    """What ``Session.compile`` is about to compile (C-02 adds a graph break, C-05 a
+    collective on one rank, OM-08 one on the world group in a pipeline's mesh)."""
     return module
 
 
@@ -83,13 +84,6 @@ def cache_transition(cache: KVCacheLifecycle, *, op: str, epoch: int, tokens: in
     apply_transition(cache, op=op, epoch=epoch, tokens=tokens, call_id=call_id)
 
 
-def pipeline_group(topology: Any, declared: str, *, use: str) -> Any:
-    """The process group a pipeline collective runs on: the one ``topology`` declares as
-    ``declared``. ``use``: ``region`` (the group handed to the mesh's region), ``send``,
-    ``broadcast`` (OM-08 hands the world group where ``mesh_pg`` is declared)."""
-    return topology.group(declared)
-
-
 def chunk_received(buf: torch.Tensor, *, rank: int) -> torch.Tensor:
     """A chunk's frame as a mesh rank received it from the control, before its checks
     (OM-07 damages one on the mesh leader, which must refuse it and end the mesh)."""
@@ -112,6 +106,6 @@ def stale_result_fenced(result_epoch: int, current_epoch: int) -> bool:
 SEAMS = (
     "apply_backend_settings", "resolve_compile_config", "user_config", "module_to_compile", "weights_loaded",
     "planned_warmup_calls", "outgoing_envelope", "received_envelope", "call_inputs", "cache_transition",
-    "pipeline_group", "chunk_received", "pipeline_cut", "stale_result_fenced",
+    "chunk_received", "pipeline_cut", "stale_result_fenced",
 )  # fmt: skip
 """Every seam, in the order a Session reaches them."""

@@ -160,13 +160,6 @@ class Topology:
     def group(self, name: str) -> Any:
         return self.groups[name]
 
-    @property
-    def region_group(self) -> Any:
-        """The group a mesh rank's region must issue its collectives on: ``mesh_pg``."""
-        from hardening.runtime import seams  # the seam is looked up when called (faults patch it)
-
-        return seams.pipeline_group(self, "mesh_pg", use="region")
-
     def check(self, group: Any, *, declared: str, peer: int | None = None, op: str, depth: int = 2) -> None:
         """Refuse ``op`` on ``group`` unless it is the declared group ``declared``, this
         rank is in it, and ``peer`` (a global rank: src or dst) is too. Called before the
