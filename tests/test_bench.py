@@ -43,3 +43,17 @@ def test_collective_check_bench_runs_both_modes(tmp_path: Path) -> None:
     text = _run(tmp_path, "collective_check.py", "--layers", "2", "--repeats", "1", "--steady", "5")
     row = next(line for line in text.splitlines() if line.startswith("| 2 |"))
     assert row.count("ms") >= 4 and row.count("|") == 8, text[-2000:]
+
+
+@pytest.mark.multiproc
+@pytest.mark.timeout(300)
+def test_overlap_bench_prints_every_depth_and_both_recompute_variants(tmp_path: Path) -> None:
+    text = _run(tmp_path, "overlap.py", "--chunks", "6", "--plot", "o.png")
+    rows = [line for line in text.splitlines() if line.startswith("| D=") or line.startswith("| cut every")]
+    assert [r.split("|")[1].strip() for r in rows] == ["D=1", "D=2", "D=3", "D=4", "cut every 4: stash", "cut every 4: recompute"]
+    assert "modelled" in text and "coupling" in text
+    try:
+        import matplotlib  # noqa: F401  (a benchmark-only extra)
+    except ImportError:
+        return
+    assert (tmp_path / "o.png").stat().st_size > 1000

@@ -49,14 +49,15 @@ def segment(score: float | None, idle: float = 0.5) -> dict:
     }  # fmt: skip
 
 
-def test_the_depth_sweep_needs_every_deep_segment_over_the_gate_and_d1_below_d2() -> None:
+def test_the_depth_sweep_needs_every_deep_segment_over_the_gate_and_reports_what_d2_gains() -> None:
     good = {"metrics": {"D=1": segment(0.6), "D=2": segment(0.95), "D=3": segment(0.94), "D=4": segment(0.93)}}
-    assert checkers.run("depth_sweep", ranks_with(good), PROFILE)[0] is Verdict.PASS
+    verdict, _, metrics = checkers.run("depth_sweep", ranks_with(good), PROFILE)
+    assert verdict is Verdict.PASS and metrics["gain_d2_over_d1"] == 0.35
     shallow = {"metrics": {**good["metrics"], "D=3": segment(0.5)}}
     verdict, reason, _ = checkers.run("depth_sweep", ranks_with(shallow), PROFILE)
     assert verdict is Verdict.FAIL and "D=3" in reason
-    flat = {"metrics": {**good["metrics"], "D=1": segment(0.97)}}
-    assert checkers.run("depth_sweep", ranks_with(flat), PROFILE)[0] is Verdict.FAIL
+    d1_is_not_gated = {"metrics": {**good["metrics"], "D=1": segment(0.2)}}
+    assert checkers.run("depth_sweep", ranks_with(d1_is_not_gated), PROFILE)[0] is Verdict.PASS
     missing = {"metrics": {"D=1": segment(0.6), "D=2": segment(None)}}
     assert checkers.run("depth_sweep", ranks_with(missing), PROFILE)[0] is Verdict.UNKNOWN
 

@@ -101,8 +101,9 @@ def overlap_signature(ranks: list[RankResult], profile: Profile) -> Checked:
 
 
 def depth_sweep(ranks: list[RankResult], profile: Profile) -> Checked:
-    """O-01: every D >= 2 reaches the OverlapScore gate, and D=1 stays below D=2 (the
-    second buffer is what buys the overlap)."""
+    """O-01: every D >= 2 reaches the OverlapScore gate. What the second buffer buys over
+    one (``gain_d2_over_d1``) is reported, not gated: it depends on how balanced the
+    stages are (a mesh-bound pipeline overlaps nearly as well at D=1)."""
     gates, segments = profile.pp.gates, _segments(ranks)
     names = [f"D={d}" for d in profile.pp.sweep]
     missing = _need(segments, names)
@@ -117,8 +118,8 @@ def depth_sweep(ranks: list[RankResult], profile: Profile) -> Checked:
         for d, name in zip(profile.pp.sweep, names)
         if d >= 2 and segments[name]["overlap_score"] < gates.min_overlap_score
     ]
-    if "D=1" in segments and "D=2" in segments and segments["D=1"]["overlap_score"] >= segments["D=2"]["overlap_score"]:
-        problems.append(f"D=1 ({segments['D=1']['overlap_score']:.2f}) overlaps no less than D=2 ({segments['D=2']['overlap_score']:.2f})")
+    if "D=1" in metrics and "D=2" in metrics:
+        metrics["gain_d2_over_d1"] = round(metrics["D=2"]["overlap_score"] - metrics["D=1"]["overlap_score"], 3)
     return (Verdict.FAIL, "; ".join(problems), metrics) if problems else (Verdict.PASS, "", metrics)
 
 
