@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from hardening.harness import checkers
+from hardening.harness.cases import MODELLED
 from hardening.harness.profile import Profile
 from hardening.harness.results import RankResult, Verdict
 
@@ -65,7 +66,9 @@ def test_the_depth_sweep_needs_every_deep_segment_over_the_gate_and_reports_what
 def test_the_overlap_signature_gates_score_and_mesh_idle() -> None:
     assert checkers.run("overlap_signature", ranks_with({"metrics": {"steady": segment(0.9)}}), PROFILE)[0] is Verdict.PASS
     verdict, reason, metrics = checkers.run("overlap_signature", ranks_with({"metrics": {"steady": segment(0.9, idle=9)}}), PROFILE)
-    assert verdict is Verdict.FAIL and "mesh idle" in reason and metrics["note"] == checkers.MODELLED
+    assert verdict is Verdict.FAIL and "mesh idle" in reason and metrics["note"] == checkers.MEASURED  # a program's own
+    modelled = {"metrics": {"steady": segment(0.9)}, "stage_note": MODELLED}
+    assert checkers.run("overlap_signature", ranks_with(modelled), PROFILE)[2]["note"] == MODELLED
 
 
 def variant(window: float, mesh: float, score: float = 0.9) -> dict:

@@ -12,6 +12,8 @@ from typing import Mapping
 
 
 TOUCHED = "{touched}"
+MODELLED = "stage times modelled (pp.work sleeps)"
+"""What the harness's pipeline workload says of its stage work, next to every overlap figure."""
 WORKLOAD_ENV = "HARDENING_WORKLOAD"
 """Carries ``Case.workload`` to every rank (a ``HARDENING_*`` variable: parity compares it)."""
 

@@ -17,8 +17,13 @@ from hardening.harness.results import RankResult, Verdict
 
 Checked = tuple[Verdict, str, dict[str, Any]]
 
-MODELLED = "stage times modelled (pp.work sleeps)"
-"""Said next to every overlap figure the reports show."""
+MEASURED = "stage times as the program ran them"
+
+
+def _note(ranks: list[RankResult]) -> str:
+    """What the stage times were (modelled by the harness's workload, or a program's own),
+    said next to every overlap figure the reports show."""
+    return _control(ranks).get("stage_note") or MEASURED
 
 
 def _control(ranks: list[RankResult]) -> dict[str, Any]:
@@ -91,7 +96,7 @@ def overlap_signature(ranks: list[RankResult], profile: Profile) -> Checked:
         return Verdict.UNKNOWN, missing, {}
     m = segments["steady"]
     metrics = {k: m[k] for k in ("overlap_score", "t_mesh_idle_ms", "mesh_idle_per_chunk_ms", "window_ms", "ideal_ms", "serial_ms")}
-    metrics["note"] = MODELLED
+    metrics["note"] = _note(ranks)
     problems = []
     if m["overlap_score"] < gates.min_overlap_score:
         problems.append(f"OverlapScore {m['overlap_score']:.2f} < {gates.min_overlap_score:g}")
@@ -112,7 +117,7 @@ def depth_sweep(ranks: list[RankResult], profile: Profile) -> Checked:
     metrics: dict[str, Any] = {
         name: {"overlap_score": segments[name]["overlap_score"], "t_mesh_idle_ms": segments[name]["t_mesh_idle_ms"]} for name in names
     }
-    metrics["note"] = MODELLED
+    metrics["note"] = _note(ranks)
     problems = [
         f"{name}: OverlapScore {segments[name]['overlap_score']:.2f} < {gates.min_overlap_score:g}"
         for d, name in zip(profile.pp.sweep, names)
@@ -151,7 +156,7 @@ def recompute_coupling(ranks: list[RankResult], profile: Profile) -> Checked:
         "coupling": coupling,
         "score_delta": round(stash["overlap_score"] - recompute["overlap_score"], 3),
         "throughput_ratio": round(recompute["results_per_s"] / stash["results_per_s"], 3) if stash.get("results_per_s") else None,
-        "note": MODELLED,
+        "note": _note(ranks),
     }
     if coupling > gates.max_recompute_coupling:
         return (
@@ -180,4 +185,4 @@ def run(name: str, ranks: list[RankResult], profile: Profile) -> Checked:
         return Verdict.UNKNOWN, f"checker {name} could not decide: {type(exc).__name__}: {exc}", {}
 
 
-__all__ = ["CHECKERS", "MODELLED", "run"]
+__all__ = ["CHECKERS", "MEASURED", "run"]

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from hardening.harness import region
-from hardening.harness.cases import WORKLOAD_ENV
+from hardening.harness.cases import MODELLED, WORKLOAD_ENV
 from hardening.harness.profile import Profile
 from hardening.harness.region import RegionContext
 from hardening.runtime.config import RuntimeConfig
@@ -85,6 +85,7 @@ def run(s: Session, profile: Profile, workload: str) -> None:
     specs = {what: {n: Spec(shape=tuple(shape), dtype=dtype) for n, shape, dtype in published[what]} for what in ("inputs", "outputs")}
     # 3. The pipeline: rank 0 drives it, the mesh serves.
     pipe = s.pipeline(specs["inputs"], specs["outputs"])
+    pipe.stage_note = MODELLED
     if topology.is_control:
         _drive(pipe, profile, mode, published, seed=int(s.user_keys["region.seed"]))
         return

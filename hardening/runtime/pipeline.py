@@ -292,6 +292,9 @@ class Pipeline:
         self.warmed_up = False
         self.shut_down = False
         """Mesh: serve() ran until the control's SHUTDOWN."""
+        self.stage_note = ""
+        """How the stage work was produced, for every report that shows overlap (the
+        harness's workload says "modelled"); kept in the record."""
         self.current: Chunk | None = None
         """Mesh: the chunk being computed (its id, epoch and segment), while ``fn`` runs."""
         self._failed: str | None = None
@@ -788,6 +791,7 @@ class Pipeline:
             "kind": self.topology.kind, "role": "control" if self.is_control else ("mesh leader" if self.is_mesh_leader else "mesh"),
             "depth_in": self.config.depth_in, "depth_out": self.config.depth_out, "epoch": self.epoch,
             "timelines": {str(i): t.to_json() for i, t in sorted(self.timelines.items())},
+            "stage_note": self.stage_note,
         }  # fmt: skip
         if self.is_control:
             out |= {
