@@ -15,36 +15,47 @@ import torch
 
 from hardening.inject.compile import replace_forward, with_world_all_reduce
 from hardening.inject.fault import Fault
+from hardening.runtime.pipeline import HEADER_FIELDS
 
-_SEQ_WORD = 5  # the header word a pipeline message's sequence number is in
+_CHUNK_WORD, _SEQ_WORD = HEADER_FIELDS.index("chunk_id"), HEADER_FIELDS.index("seq")
 
 
-class LeaderGetsBadChunk(Fault):
-    name = "leader_bad_chunk"
-    matrix_id = "OM-07"
-    summary = "the mesh leader receives a chunk whose sequence number is off (lost/repeated message)"
+class _AtChunk(Fault):
+    """Acts once, on a mesh rank, on the chunk with id ``call`` as it arrives (default:
+    the first steady-state chunk), before the rank checks it."""
+
     target = "hardening.runtime.seams:chunk_received"
     default_ranks = "1"
     int_params = ("call",)
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._received = 0
-
     def wrap(self, original: Callable[..., Any]) -> Callable[..., Any]:
         def chunk_received(buf: torch.Tensor, *, rank: int) -> torch.Tensor:
             buf = original(buf, rank=rank)
-            index, self._received = self._received, self._received + 1  # chunk ids are dense from 0
             due = self.at_call()
-            if self.acts_here and self.fired_at is None and due is not None and index == due:
-                head = bytearray(buf[:48].cpu().numpy().tobytes())
-                (seq,) = struct.unpack_from("=q", head, _SEQ_WORD * 8)
-                struct.pack_into("=q", head, _SEQ_WORD * 8, seq + 7)
-                buf[:48].copy_(torch.frombuffer(head, dtype=torch.uint8))
-                self.fire("seq")
+            if self.acts_here and self.fired_at is None and due is not None and _word(buf, _CHUNK_WORD) == due:
+                self.act(buf)
             return buf
 
         return chunk_received
+
+    def act(self, buf: torch.Tensor) -> None:
+        raise NotImplementedError
+
+
+def _word(buf: torch.Tensor, index: int) -> int:
+    return struct.unpack_from("=q", bytes(buf[: (index + 1) * 8].cpu().numpy().tobytes()), index * 8)[0]
+
+
+class LeaderGetsBadChunk(_AtChunk):
+    name = "leader_bad_chunk"
+    matrix_id = "OM-07"
+    summary = "the mesh leader receives a chunk whose sequence number is off (lost/repeated message)"
+
+    def act(self, buf: torch.Tensor) -> None:
+        head = bytearray(buf[: (_SEQ_WORD + 1) * 8].cpu().numpy().tobytes())
+        struct.pack_into("=q", head, _SEQ_WORD * 8, _word(buf, _SEQ_WORD) + 7)
+        buf[: len(head)].copy_(torch.frombuffer(head, dtype=torch.uint8))
+        self.fire("seq")
 
 
 class WrongGroup(Fault):
@@ -105,29 +116,15 @@ class StaleLeak(Fault):
         return stale_result_fenced
 
 
-class StalledStage(Fault):
+class StalledStage(_AtChunk):
     name = "stalled_stage"
     matrix_id = "PP-02"
     summary = "the mesh leader stops taking chunks (busy, heartbeat alive) for longer than the queue deadline"
-    target = "hardening.runtime.seams:chunk_received"
-    default_ranks = "1"
     int_params = ("call", "ms")
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._received = 0
-
-    def wrap(self, original: Callable[..., Any]) -> Callable[..., Any]:
-        def chunk_received(buf: torch.Tensor, *, rank: int) -> torch.Tensor:
-            buf = original(buf, rank=rank)
-            index, self._received = self._received, self._received + 1
-            due = self.at_call()
-            if self.acts_here and self.fired_at is None and due is not None and index == due:
-                self.fire()
-                time.sleep(self.int_param("ms", 60_000) / 1000.0)  # ended by rank 0's BackpressureError
-            return buf
-
-        return chunk_received
+    def act(self, buf: torch.Tensor) -> None:
+        self.fire()
+        time.sleep(self.int_param("ms", 60_000) / 1000.0)  # ended by rank 0's BackpressureError
 
 
 FAULTS = [LeaderGetsBadChunk, WrongGroup, HardCut, StaleLeak, StalledStage]

@@ -60,7 +60,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 
-from hardening.errors import BackpressureError, ContractError, HardeningError, PeerError, PreflightError
+from hardening.errors import BackpressureError, ContractError, PeerError, PreflightError
 from hardening.runtime import seams
 from hardening.runtime.envelope import ALLOWED_DTYPES, TensorSpec
 from hardening.runtime.overlap import Span, Timeline
@@ -71,7 +71,9 @@ if TYPE_CHECKING:
 
 MAGIC = 0x50495045  # "PIPE"
 VERSION = 1
-HEADER_WORDS = 10
+HEADER_FIELDS = ("magic", "version", "kind", "epoch", "chunk_id", "seq", "sender", "segment", "plan", "reason_len")
+"""The int64 words of a message header, in order."""
+HEADER_WORDS = len(HEADER_FIELDS)
 _HEADER_BYTES = HEADER_WORDS * 8
 _ALIGN = 64
 _REASON_BYTES = 2048

@@ -20,7 +20,10 @@ The order, and why:
    side group. Region factories may issue collectives (DTensor broadcasts), so parity
    comes before anything the caller builds.
 2. ``compile`` / ``check_weights`` / ``control_plane``: the build phase; the control
-   plane marks the rank ready (a launcher's setup deadline ends there).
+   plane marks the rank ready (a launcher's setup deadline ends there). A pipeline
+   server asks for ``topology`` / ``pipeline`` instead of the control plane
+   (:mod:`hardening.runtime.pipeline`): its warmup, gates and SHUTDOWN follow the same
+   order on rank 0 and on the mesh.
 3. ``warmup``: calls in lockstep, each bound by the compile deadline; then the compile
    gate on gathered counters; then the recompile guard is armed for steady state.
 4. ``serve``: one envelope per call, checked, under the call deadline.
@@ -322,8 +325,9 @@ class Session:
         """The process groups of ``config.pipeline.kind`` (see
         :mod:`hardening.runtime.topology`), built once by every rank in the declared order
         and checked against the declaration on every rank (the declaration by parity,
-        before any group exists; then each group's members). ``pipeline()`` builds it too; call it first when the
-        region needs ``mesh_pg`` before the pipeline's contract is known."""
+        before any group exists; then each group's members and a probe message on each
+        p2p group). ``pipeline()`` builds it too; call it first when the region needs
+        ``mesh_pg`` before the pipeline's contract is known."""
         assert self.side is not None, "enter the Session first"
         if self._topology is None:
             declared = Declared.of(self.config.pipeline.kind, self.world_size)
