@@ -11,8 +11,8 @@ every new epoch).
 Printed per segment: OverlapScore (:mod:`hardening.runtime.overlap`), the measured
 window against the serial and ideal windows, the mesh's idle time per chunk and the
 chunks per second handed to the caller; then the recompute variant against the stash:
-OverlapScore delta, throughput ratio and coupling
-(:func:`hardening.harness.checkers.recompute_coupling`). With ``--plot`` (and
+OverlapScore delta (O-03's gate), throughput ratio and the window's growth beyond the
+extra mesh work (:func:`hardening.harness.checkers.recompute_coupling`). With ``--plot`` (and
 matplotlib, ``pip install -e .[bench]``) it also draws OverlapScore and mesh idle
 against D.
 
@@ -74,13 +74,13 @@ def main() -> int:
             f"| {name} | {score} | {m['window_ms']:.0f} | {m['serial_ms']:.0f} | {m['ideal_ms']:.0f} | "
             f"{m['mesh_idle_per_chunk_ms']:.2f} | {rate:.1f} | {m['stale_dropped']} |"
         )
-    verdict, reason, coupling = checkers.recompute_coupling(results["recompute"].ranks, profile)
+    verdict, reason, o3 = checkers.recompute_coupling(results["recompute"].ranks, profile)
     lines += [
         "",
-        f"recompute vs stash: OverlapScore delta {coupling['score_delta']:+.3f}, results/s ratio "
-        f"{coupling['throughput_ratio']:.2f}, coupling {coupling['coupling']:+.3f} (the window's growth beyond the "
-        f"recompute's own mesh work, as a share of the stash window; O-03 gates it at {profile.pp.gates.max_recompute_coupling:g}: "
-        f"{verdict.value}{': ' + reason if reason else ''})",
+        f"recompute vs stash: OverlapScore delta {o3['score_delta']:+.3f} (O-03 gates it at "
+        f"{profile.pp.gates.max_recompute_delta:g}: {verdict.value}{': ' + reason if reason else ''}), results/s ratio "
+        f"{o3['throughput_ratio']:.2f}, window growth beyond the extra mesh work {o3['window_growth_beyond_work']:+.3f} "
+        "of the stash window",
     ]
     text = "\n".join(lines)
     print(text)

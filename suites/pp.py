@@ -111,7 +111,7 @@ def build_cases() -> list[Case]:
         Case(
             id="O-03",
             suite=SUITE,
-            title="recompute coupling: recompute-on-epoch-bump vs a stashed cache, the window's growth beyond the recompute",
+            title="recompute coupling: OverlapScore with recompute-on-epoch-bump vs a stashed cache",
             workload="pp0:recompute",
             expect=completes(),
             check="recompute_coupling",

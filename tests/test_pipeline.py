@@ -131,7 +131,7 @@ def test_pp_suite_end_to_end_on_three_ranks(tmp_path: Path) -> None:
     assert cases["OM-09"]["metrics"]["stale_dropped"] >= 1
     assert cases["O-01"]["metrics"]["D=2"]["overlap_score"] >= 0.8
     assert "modelled" in cases["O-02"]["metrics"]["note"]
-    assert cases["O-03"]["metrics"]["coupling"] <= 0.15 and "throughput_ratio" in cases["O-03"]["metrics"]
+    assert cases["O-03"]["metrics"]["score_delta"] <= 0.15 and "throughput_ratio" in cases["O-03"]["metrics"]
     pids = {r["pid"] for c in report["cases"] for r in c["ranks"] if r["pid"]}
     assert not [p for p in pids if _alive(p)]
 

@@ -186,17 +186,17 @@ class PipelineGates:
     """O-01 (every D >= 2) and O-02: the OverlapScore at least this."""
     max_mesh_idle_per_chunk_ms: float = 5.0
     """O-02: the mesh leader's wait for its next chunk, per steady chunk, at most this."""
-    max_recompute_coupling: float = 0.15
-    """O-03: how much longer the recompute variant's window grew than its extra mesh work,
-    as a share of the stashed variant's window, at most this (see the checker)."""
+    max_recompute_delta: float = 0.15
+    """O-03: the stashed variant's OverlapScore minus the recompute variant's, at most this
+    (overlap the recompute took away; see the checker)."""
 
     def validate(self) -> None:
         if not 0 <= self.min_overlap_score <= 1:
             raise ValueError("min_overlap_score: must be from 0 to 1")
         if not 0 <= self.max_mesh_idle_per_chunk_ms <= 60_000:
             raise ValueError("max_mesh_idle_per_chunk_ms: must be from 0 to 60000")
-        if not -1 <= self.max_recompute_coupling <= 10:
-            raise ValueError("max_recompute_coupling: must be from -1 to 10")
+        if not -1 <= self.max_recompute_delta <= 1:
+            raise ValueError("max_recompute_delta: must be from -1 to 1")
 
 
 @dataclass(kw_only=True, slots=True)
