@@ -51,7 +51,7 @@ def test_overlap_bench_prints_every_depth_and_both_recompute_variants(tmp_path: 
     text = _run(tmp_path, "overlap.py", "--chunks", "6", "--plot", "o.png")
     rows = [line for line in text.splitlines() if line.startswith("| D=") or line.startswith("| cut every")]
     assert [r.split("|")[1].strip() for r in rows] == ["D=1", "D=2", "D=3", "D=4", "cut every 4: stash", "cut every 4: recompute"]
-    assert "modelled" in text and "coupling" in text
+    assert "modelled" in text and "OverlapScore delta" in text and "results/s ratio" in text
     try:
         import matplotlib  # noqa: F401  (a benchmark-only extra)
     except ImportError:

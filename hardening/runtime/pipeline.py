@@ -14,20 +14,20 @@ A user's PP server asks the Session for one (``Session.pipeline``) and then, on 
 
 and on every mesh rank ``pipe.serve(region, warmup=2, on_epoch=reset_cache)``, which
 returns on the control's SHUTDOWN. A hard cut drops every older result not yet handed
-over, arrived or not: ``drain()`` first to keep them. The Session's exit closes the pipeline (SHUTDOWN, the steady-state
-gate, done).
+over, arrived or not: ``drain()`` first to keep them. The Session's exit closes the
+pipeline (SHUTDOWN, the steady-state gate, done).
 
-**Messages** are one flat buffer each: a header of int64 words (magic, version, kind,
-``cache_epoch``, chunk id, sequence number, sender, reason length), then the contract's
-tensors at fixed offsets. The chunk id is monotonic over the run; the sequence number
+**Messages** are one flat buffer each: a header of int64 words (:data:`HEADER_FIELDS`:
+magic, version, kind, ``cache_epoch``, chunk id, sequence number, sender, segment, the
+warmup plan, reason length), then the contract's tensors at fixed offsets. The chunk id is monotonic over the run; the sequence number
 counts messages per direction and receiver, so a lost, repeated or reordered message is
 named on receive. Kinds: ``CHUNK`` (control to mesh), ``RESULT`` (mesh leader to control),
 ``SHUTDOWN`` and ``ERROR`` (terminal actions, ERROR with its reason).
 
 **Queues**: the mesh keeps ``depth_in`` input receives posted, the control
 ``depth_out`` result receives; the control sends a chunk only while fewer than
-``depth_in`` are in flight, and the leader hands a result over only while fewer than
-``depth_out`` are unclaimed. A queue full for ``queue_timeout`` seconds is a
+``depth_in`` are in flight, and the leader starts a send only while fewer than
+``depth_out`` of its earlier ones are unfinished. A queue full for ``queue_timeout`` seconds is a
 :class:`BackpressureError` naming the chunks and the stage that took nothing.
 
 **Epoch fence**: :meth:`Pipeline.hard_cut` bumps ``cache_epoch``; chunks sent before it
@@ -36,8 +36,8 @@ to the caller. Every delivery and drop is kept in ``history``, which the harness
 judges without trusting the counters.
 
 **PP1 terminal action**: the mesh leader validates each chunk before it broadcasts it on
-``mesh_pg``; whatever stops it before the broadcast, it broadcasts ERROR with the cause
-first, so no mesh rank waits in a broadcast that will never come; the control's SHUTDOWN
+``mesh_pg``; whatever stops it before the broadcast, it publishes the job-wide abort and
+broadcasts ERROR with the cause, so no mesh rank waits in a broadcast that will never come; the control's SHUTDOWN
 goes on to the mesh as SHUTDOWN.
 
 The p2p ordering and why it cannot deadlock: :mod:`hardening.runtime.topology`.
