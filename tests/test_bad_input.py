@@ -160,6 +160,18 @@ CORPUS = [
     _profile("steps: 1000000000000000000000000000000\n", "'steps'", id="profile-absurd-steps"),
     _profile("region: {dims: {hidden: 1000000000}}\n", "region.dims.hidden", id="profile-absurd-dim"),
     _profile("timeouts: {pg: 0.000001}\n", "timeouts.pg", "at least", id="profile-tiny-timeout"),
+    # -- the pipeline's sections, checked before any rank starts ------------------------------
+    Bad("pp-depth-zero", ("suite", "pp", "--only", "PP-00", "--profile", "p.yaml"), ("p.yaml", "pipeline.depth_in"),
+        files={"p.yaml": "pipeline: {depth_in: 0}\n"}),
+    Bad("pp-kind-unknown", ("suite", "pp", "--only", "PP-00", "--profile", "p.yaml"), ("p.yaml", "pipeline.kind", "pp0"),
+        files={"p.yaml": "pipeline: {kind: pp7}\n"}),
+    Bad("pp-negative-stage", ("suite", "pp", "--only", "PP-00", "--profile", "p.yaml"), ("p.yaml", "pp.work.jitter_ms"),
+        files={"p.yaml": "pp: {work: {jitter_ms: 50}}\n"}),
+    Bad("pp-queue-outlives-deadline", ("suite", "pp", "--only", "PP-02", "--profile", "p.yaml"),
+        ("p.yaml", "pipeline.queue_timeout", "call_deadline"), files={"p.yaml": "pipeline: {queue_timeout: 20}\n"}),
+    Bad("pp-sweep-empty", ("suite", "pp", "--only", "O-01", "--profile", "p.yaml"), ("p.yaml", "pp.sweep"),
+        files={"p.yaml": "pp: {sweep: []}\n"}),
+    Bad("pp-only-needs-three", ("suite", "pp", "--only", "OM-07"), ("OM-07 (needs 3)",), code=ExitCode.NO_CASES),
     # -- targets: imported in a bounded child of the fork server, never in the runner ------
     _target("target-hangs-at-import", "import time\ntime.sleep(3600)\ndef build(ctx): pass\n", "did not finish", "mod.py:2"),
     _target("target-exits-0-at-import", "import os\nos._exit(0)\n", "ended the process", "exit code 0"),

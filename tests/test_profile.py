@@ -302,3 +302,4 @@ def test_a_bad_flag_is_blamed_on_the_flag() -> None:
     with pytest.raises(ProfileError) as info:
         load_profile("cpu", {"world.ranks": 0}, flags={"world.ranks": "--ranks"})
     assert str(info.value) == "--ranks: key 'world.ranks' must be at least 1"
+

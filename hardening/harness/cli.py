@@ -284,6 +284,12 @@ def _validate(profile, cases, args: argparse.Namespace) -> str:
                 validate_spec(case.fault, world_size=profile.world.ranks, calls=None if case.workload else calls)
             except FaultSpecError as exc:
                 raise UsageError(f"case {case.id}: {exc}") from None
+    deadline = profile.timeouts.call_deadline
+    if any(c.workload for c in cases) and deadline and profile.pipeline.queue_timeout >= deadline:
+        raise UsageError(
+            f"{profile.source}: key 'pipeline.queue_timeout' must be below timeouts.call_deadline ({deadline:g}s) for the "
+            f"pipeline cases, got {profile.pipeline.queue_timeout:g}s (a full queue must be named before the call deadline ends the rank)"
+        )
     if profile.program is not None:
         source = "--program" if args.program else f"{profile.source}: key 'program'"
         if not Path(profile.program).is_file():
