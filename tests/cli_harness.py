@@ -18,6 +18,15 @@ def hardening_command() -> list[str]:
     return [str(script)] if script.exists() else [sys.executable, "-m", "hardening"]
 
 
+def free_port() -> str:
+    """A loopback port nothing listens on right now (for torchrun's ``--master-port``)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
 def new_marker() -> str:
     """A value to put in ``CORPUS_MARKER`` of a run's environment; everything it starts inherits it."""
     return f"HARDENING_TEST_{uuid.uuid4().hex}"

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from cli_harness import free_port
 from hardening.suites import get_suite
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -18,9 +18,7 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 @pytest.mark.multiproc
 @pytest.mark.timeout(180)
 def test_own_loop_under_torchrun(tmp_path: Path) -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = str(s.getsockname()[1])
+    port = free_port()
     out = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", port,
          str(EXAMPLES / "own_loop.py")],

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from cli_harness import free_port
 from hardening.harness.cases import Case, RankExpect, completes, crashes
 from hardening.harness.profile import load_profile
 from hardening.harness.results import Verdict
@@ -138,11 +139,7 @@ def test_pp_suite_end_to_end_on_three_ranks(tmp_path: Path) -> None:
 
 @pytest.mark.timeout(180)
 def test_pp_server_under_torchrun(tmp_path: Path) -> None:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = str(s.getsockname()[1])
+    port = free_port()
     out = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "3", "--master-port", port, str(EXAMPLES / "pp_server.py")],
         cwd=tmp_path, capture_output=True, text=True, timeout=150,

@@ -228,12 +228,18 @@ class Posted:
             if self.error is not None:
                 raise self.error
             return True
-        deadline = None if limit is None else time.monotonic() + limit
-        while not self.work.is_completed():
-            if deadline is not None and time.monotonic() > deadline:
-                return False
-            time.sleep(0.0002)
-        return True
+        return poll_completed(self.work, limit)
+
+
+def poll_completed(work: Any, limit: float | None) -> bool:
+    """Whether ``work`` completed within ``limit`` seconds, by polling (NCCL's wait() only
+    orders streams and returns at once)."""
+    deadline = None if limit is None else time.monotonic() + limit
+    while not work.is_completed():
+        if deadline is not None and time.monotonic() > deadline:
+            return False
+        time.sleep(0.0002)
+    return True
 
 
 class Waiter(threading.Thread):
@@ -371,6 +377,14 @@ class Pipeline:
         if self._failed is not None:
             raise ContractError(f"{what} after the pipeline failed ({self._failed}): its queues no longer line up")
 
+    def _claim_plan(self, calls: int, method: str, arg: str) -> None:
+        """This rank's warmup plan, set once: rank 0's warmup() and each mesh rank's serve()."""
+        if calls < 1:
+            raise ValueError(f"{method}({arg}={calls}): at least one chunk (the region compiles on it, then the gate closes)")
+        if self._plan:
+            raise ContractError(f"{method}() called twice: warmup, and the compile gate after it, happen once")
+        self._plan = calls
+
     def _failing(self, exc: BaseException) -> None:
         if self._failed is None:
             self._failed = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
@@ -379,11 +393,7 @@ class Pipeline:
         """``calls`` chunks through the mesh, every result taken (the mesh compiles on them),
         then the compile gate on the mesh's counters; the steady window opens after it."""
         self._need_control("warmup()")
-        if calls < 1:
-            raise ValueError(f"warmup(calls={calls}): at least one chunk (the mesh compiles on it)")
-        if self._plan:
-            raise ContractError("warmup() called twice: the mesh warms up, and the gate closes, once")
-        self._plan = calls
+        self._claim_plan(calls, "warmup", "calls")
         s = self.session
         s.state.enter("warmup")
         limit = s.config.timeouts.compile or None  # the mesh compiles on these: its deadline, not the queue's
@@ -542,7 +552,7 @@ class Pipeline:
         """Wait for a send at most ``queue_timeout`` seconds, else BackpressureError naming ``why``."""
         limit = self.config.queue_timeout
         if self.session.device.type == "cuda":
-            if not Posted(work, torch.empty(0), None).wait(limit):  # wait() only orders streams on NCCL: poll
+            if not poll_completed(work, limit):
                 raise self._full(limit, why)
             return
         try:
@@ -648,11 +658,7 @@ class Pipeline:
         if self.is_control:
             raise ContractError(f"serve() is the mesh's; rank {CONTROL} is the control: call warmup()/submit()/drain()")
         self._need_intact("serve()")
-        if warmup < 1:
-            raise ValueError(f"serve(warmup={warmup}): at least one chunk (the region compiles on it, then the gate closes)")
-        if self._plan:
-            raise ContractError("serve() called twice: a mesh rank serves until the control's SHUTDOWN, once")
-        self._plan = warmup
+        self._claim_plan(warmup, "serve", "warmup")
         try:
             return self._serve(fn, warmup, on_epoch)
         except BaseException as exc:
