@@ -1,4 +1,5 @@
-"""Operator-family faults (OM-01..OM-13, H-01, K-01): the control plane, drift, dead ranks.
+"""Operator-family faults (OM-01..OM-13, H-01, K-01): the control plane, drift, dead ranks,
+and a rank that is busy but alive (``hold_gil``, the liveness tests' negative control).
 
 Call-bound faults act at ``call=k`` (default: the first steady-state call, so that
 warmup and the compile gates have passed and the fault meets the runtime's steady
@@ -7,6 +8,7 @@ state).
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import time
@@ -247,6 +249,19 @@ class StallRank(_StepFault):
         os.kill(os.getpid(), signal.SIGSTOP)
 
 
+class HoldGil(_StepFault):
+    name = "hold_gil"
+    matrix_id = "H-01 (negative)"
+    summary = "a rank holds the GIL in one C call for seconds=N (20): busy, not lost; no peer may call it lost"
+    default_ranks = "1"
+    int_params = ("call", "seconds")
+
+    def act(self) -> None:
+        # A foreign call through PyDLL keeps the GIL (CDLL would release it): every Python
+        # thread of this rank, its watchdog included, stands still while the process runs.
+        ctypes.PyDLL(None).sleep(self.int_param("seconds", 20))
+
+
 class SkipCacheReset(Fault):
     name = "skip_cache_reset"
     matrix_id = "K-01"
@@ -281,5 +296,6 @@ FAULTS = [
     WeightPerturbation,
     KillRank,
     StallRank,
+    HoldGil,
     SkipCacheReset,
 ]

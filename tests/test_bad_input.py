@@ -146,6 +146,7 @@ CORPUS = [
     _profile("region: {target: nocolon}\n", "region.target", id="profile-bad-target"),
     _profile("warmup_calls: 0\n", "warmup_calls", id="profile-no-warmup"),
     _profile("timeouts: {heartbeat: 2, peer_lost: 3}\n", "timeouts.peer_lost", id="profile-peer-lost-too-short"),
+    _profile("timeouts: {node_lost: 0.1}\n", "timeouts.node_lost", id="profile-node-lost-below-three-beats"),
     _profile("parity: {ignore: ['']}\n", "parity.ignore", id="profile-empty-parity-ignore"),
     _profile("steps: !!python/object:os.system ls\n", "not valid YAML", id="profile-python-tag"),
     _profile("world: 2\n", "'world'", "mapping", id="profile-section-not-mapping"),

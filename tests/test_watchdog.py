@@ -417,7 +417,8 @@ class _CountingStore:
         return call
 
 
-def test_steady_ticks_cost_three_store_requests_at_any_world_size(tmp_path: Path) -> None:
+@pytest.mark.parametrize("vouched", [False, True], ids=["heartbeats-only", "launcher-vouches"])
+def test_steady_ticks_cost_a_constant_number_of_store_requests_at_any_world_size(tmp_path: Path, vouched: bool) -> None:
     from hardening.runtime.records import RankState, Terminator
     from hardening.runtime.watchdog import Watchdog
 
@@ -426,6 +427,8 @@ def test_steady_ticks_cost_three_store_requests_at_any_world_size(tmp_path: Path
         store = dist.PrefixStore(f"w{world}", master)
         for r in range(1, world):
             store.set(f"hb/{r}", json.dumps({"seq": 1, "phase": "steady", "call_id": 0}))
+        for r in range(world) if vouched else ():
+            store.set(f"alive/{r}", json.dumps({"seq": 1, "state": "S", "node": 0, "host": "h"}))
         counting = _CountingStore(store)
         state = RankState(rank=0, world_size=world, record_path=tmp_path / f"record{world}.json")
         wd = Watchdog(state, Terminator(state, store), counting, heartbeat_s=0.2, peer_lost_s=3,
@@ -434,8 +437,10 @@ def test_steady_ticks_cost_three_store_requests_at_any_world_size(tmp_path: Path
         counting.calls.clear()
         for _ in range(5):
             wd._tick()
-        # Per tick: own heartbeat, the events counter, one multi-get of every peer's heartbeat.
-        assert counting.calls == ["set", "add", "multi_get"] * 5, (world, counting.calls)
+        # Per tick: own heartbeat, the events counter, one multi-get of every peer's heartbeat
+        # and launcher vouch (without a launcher that vouches: one check whether one does now).
+        expected = ["set", "add", "multi_get"] if vouched else ["set", "add", "check", "multi_get"]
+        assert counting.calls == expected * 5, (world, counting.calls)
         # A new event (a peer's clean end) is read once, then the ticks are cheap again.
         store.set("done/1", "1")
         store.add("events", 1)
@@ -444,4 +449,67 @@ def test_steady_ticks_cost_three_store_requests_at_any_world_size(tmp_path: Path
         assert "check" in counting.calls and wd._done == {1}
         counting.calls.clear()
         wd._tick()
-        assert counting.calls == ["set", "add"] + (["multi_get"] if world > 2 else []), counting.calls
+        steady = ["multi_get"] if vouched else ["check", "multi_get"]
+        assert counting.calls == ["set", "add"] + (steady if world > 2 else []), counting.calls
+
+
+# -- (8) launcher vouches: a busy peer is never lost on its heartbeat, a silent node is ------
+
+
+class _Ended(Exception):
+    pass
+
+
+def _vouch_watchdog(tmp_path: Path, store: dist.Store, now: list[float]) -> Any:
+    from hardening.runtime.records import RankState, Terminator
+    from hardening.runtime.watchdog import Watchdog
+
+    class Ends(Terminator):
+        def end(self, exc: BaseException | None, **_: Any) -> Any:  # type: ignore[override]
+            raise _Ended(exc)
+
+    state = RankState(rank=0, world_size=3, record_path=tmp_path / "record.json")
+    return Watchdog(state, Ends(state, store), store, heartbeat_s=0.2, peer_lost_s=3, first_heartbeat_s=60,
+                    call_deadline_s=0, node_lost_s=0.6, clock=lambda: now[0])  # fmt: skip
+
+
+def _vouch(store: dist.Store, rank: int, node: int, seq: int) -> None:
+    store.set(f"alive/{rank}", json.dumps({"seq": seq, "state": "S", "node": node, "host": f"host{node}"}))
+
+
+def test_a_vouched_peer_is_never_lost_on_its_heartbeat_but_a_silent_node_is(tmp_path: Path) -> None:
+    master = dist.TCPStore("127.0.0.1", 0, None, True, timeout=timedelta(seconds=10), wait_for_workers=False)
+    store = dist.PrefixStore("vouch", master)
+    for r in (1, 2):
+        store.set(f"hb/{r}", json.dumps({"seq": 1, "phase": "steady", "call_id": 3}))
+    now = [100.0]
+    wd = _vouch_watchdog(tmp_path, store, now)
+    # Rank 1 shares this rank's node, rank 2 is on node 1. Their own heartbeats never change.
+    for seq in range(1, 40):
+        _vouch(store, 0, 0, seq), _vouch(store, 1, 0, seq), _vouch(store, 2, 1, seq)
+        wd._tick()
+        now[0] += 0.2  # 7.8 s in all: past peer_lost (3 s) for both heartbeats
+    # Node 1's launcher stops; this node's goes on.
+    silent_since = now[0] - 0.2  # the tick that saw its last vouch
+    with pytest.raises(_Ended) as ended:
+        for seq in range(40, 60):
+            _vouch(store, 0, 0, seq), _vouch(store, 1, 0, seq)
+            wd._tick()
+            now[0] += 0.2
+    lost = ended.value.args[0]
+    assert isinstance(lost, PeerLost) and lost.root_cause_rank == 2
+    assert str(lost).startswith("rank 2 lost: node 1 (host1) went silent, no word from its launcher for")
+    assert 0.6 <= now[0] - silent_since <= 0.6 + 0.2 + 1e-6  # at the first tick past node_lost
+
+
+def test_this_ranks_own_node_going_silent_is_not_a_peer_lost(tmp_path: Path) -> None:
+    # One host: the launcher's end is this rank's end too (parent death), not a peer's loss.
+    master = dist.TCPStore("127.0.0.1", 0, None, True, timeout=timedelta(seconds=10), wait_for_workers=False)
+    store = dist.PrefixStore("own", master)
+    for r in (0, 1, 2):
+        _vouch(store, r, 0, 1)
+    now = [100.0]
+    wd = _vouch_watchdog(tmp_path, store, now)
+    for _ in range(30):
+        wd._tick()
+        now[0] += 0.2

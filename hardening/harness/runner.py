@@ -34,6 +34,7 @@ from typing import Any, Callable
 import yaml
 
 from hardening.harness import artifacts, checkers, judge, triage
+from hardening.harness.liveness import Observer, proc_state
 from hardening.harness.cases import WORKLOAD_ENV, Case
 from hardening.errors import CAUSE_BY_EXIT_CODE
 from hardening.harness.interrupt import StopRequest
@@ -111,6 +112,8 @@ class Runner:
         self._server: subprocess.Popen[bytes] | None = None
         self._server_gone = False
         self._store: Any = None
+        self._observer = Observer()
+        self._observer_store: Any = None
         self._case_seq = 0
         self.startup_s = 0.0
 
@@ -126,6 +129,8 @@ class Runner:
         # The server imports torch while this process does the same for the store.
         self._start_server()
         self._store = loopback_store(self.profile.timeouts.pg)
+        self._observer_store = store_keys.connect("127.0.0.1", self._store.port, timeout_s=self.profile.timeouts.pg)
+        self._observer.start()
         self._wait_ready()
         self.startup_s = time.time() - started
         return self
@@ -134,6 +139,7 @@ class Runner:
         self.close()
 
     def close(self) -> None:
+        self._observer.close()
         server, self._server = self._server, None
         if server is None:
             return
@@ -320,6 +326,8 @@ class Runner:
         except HarnessError as exc:
             harness_error = str(exc)
             self._teardown(live, reason="harness error")
+        finally:
+            self._observer.clear()
         ranks = self._collect(live)
         outcome, t_detect = judge.classify(case, ranks, harness_error=harness_error, interrupted=live.interrupted)
         verdict, reason = judge.judge(case.expect, outcome, ranks)
@@ -355,6 +363,9 @@ class Runner:
         assert self._server is not None and self._server.stdin is not None
         if self._server_gone:
             raise HarnessError("fork server is gone")
+        import torch.distributed as dist  # loaded with the store
+
+        self._observer.watch(dist.PrefixStore(live.prefix, self._observer_store))
         for rank in range(self.world_size):
             spec = {
                 "rank": rank,
@@ -387,6 +398,7 @@ class Runner:
             kind = event["event"]
             if kind == "spawned":
                 live.pids[event["rank"]] = event["pid"]
+                self._observer.add(event["rank"], event["pid"])
             elif kind == "exited":
                 for rank, pid in live.pids.items():
                     if pid == event["pid"]:
@@ -460,7 +472,7 @@ class Runner:
         remaining = [r for r in live.pids if r not in live.exits]
         if not remaining or len(live.pids) < self.world_size:
             return []
-        return remaining if all(triage.proc_state(live.pids[r]) == "T" for r in remaining) else []
+        return remaining if all(proc_state(live.pids[r]) == "T" for r in remaining) else []
 
     def _dump_stacks(self, live: _Live) -> None:
         if not self.profile.triage.py_spy:
@@ -471,6 +483,7 @@ class Runner:
             self.progress(f"    no stacks: {problem}")
             return
         self.progress(f"    {live.case.id}: {live.deadline_reason or 'deadline'}; dumping {len(targets)} live rank(s) with py-spy")
+        self._observer.pause(live.hung)  # py-spy stops each target while it reads it
         dumps = triage.dump_all(
             targets, out_dir=str(live.case_dir), native=self.profile.triage.native, timeout=self.profile.triage.timeout
         )
@@ -562,7 +575,7 @@ class Runner:
                 doing = _last_heartbeat(self._store, live.prefix, rank).get("doing")
                 if doing:  # the runtime's own view: the collective and the user's line
                     rr.where = f"{doing} (py-spy: {rr.where})" if rr.where else doing
-                if triage.proc_state(live.pids.get(rank, -1)) == "T" or "stopped" in rr.where:
+                if proc_state(live.pids.get(rank, -1)) == "T" or "stopped" in rr.where:
                     rr.where = f"[stopped] {rr.where}"
             ranks.append(rr)
         return ranks

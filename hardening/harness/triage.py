@@ -29,6 +29,8 @@ from pathlib import Path
 
 from tabulate import tabulate
 
+from hardening.harness.liveness import proc_state
+
 __all__ = [
     "StackDump",
     "dump_all",
@@ -176,16 +178,6 @@ def _python_behind(pid: int) -> int:
                 nxt += _children(p)
         frontier = nxt
     return pid
-
-
-def proc_state(pid: int) -> str | None:
-    """The one-letter state from /proc/<pid>/status (R, S, D, T, t, Z, ...), or None if gone."""
-    try:
-        status = Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return None
-    m = re.search(r"^State:\s+(\S)", status, re.MULTILINE)
-    return m.group(1) if m else "?"
 
 
 def _not_running(pid: int) -> str | None:

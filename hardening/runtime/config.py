@@ -96,6 +96,11 @@ class Timeouts:
     peer_lost: float = 3.0
     """A peer whose heartbeat is older than this is declared lost."""
 
+    node_lost: float = 0.6
+    """A peer on another node whose launcher has not vouched for it this long is lost:
+    that node is gone (launchers vouch for their ranks every 0.1 s, from outside them;
+    see :mod:`hardening.harness.liveness`). Ranks of one's own node are never judged by it."""
+
     call_deadline: float = 15.0
     """Deadline of one steady-state call, and of a call blocked in a collective while no
     peer makes progress, warmup included (0 disables both)."""
@@ -107,7 +112,7 @@ class Timeouts:
         for f in dataclasses.fields(self):
             if getattr(self, f.name) > MAX_SECONDS:
                 raise ValueError(f"{f.name}: must be at most {MAX_SECONDS:g} seconds (7 days)")
-        check_seconds(self, ("setup", "pg", "heartbeat", "peer_lost"))
+        check_seconds(self, ("setup", "pg", "heartbeat", "peer_lost", "node_lost"))
         for name in ("call_deadline", "compile"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}: must be >= 0 (0 disables it)")
@@ -115,6 +120,8 @@ class Timeouts:
                 raise ValueError(f"{name}: must be 0 (off) or at least {MIN_SECONDS:g} seconds")
         if self.peer_lost <= 2 * self.heartbeat:
             raise ValueError("peer_lost: must exceed two heartbeats")
+        if self.node_lost < 0.3:
+            raise ValueError("node_lost: must be at least 0.3 seconds (three of the launcher's 0.1 s beats)")
 
 
 def check_seconds(obj: Any, names: tuple[str, ...]) -> None:

@@ -253,7 +253,7 @@ class Terminator:
                         death = json.loads(self.store.get(key))
                         if death.get("exit_code") != 0 and not self.store.check([store_keys.ABORT]):
                             lost = PeerLost(
-                                f"rank {r} died ({death.get('how')}, reported by the launcher)\n"
+                                f"{store_keys.describe_lost(r, death)}\n"
                                 f"(here it surfaced as {type(exc).__name__}: {first_line})",
                                 root_cause_rank=r,
                             )

@@ -224,7 +224,8 @@ class Session:
         self.fault_context = install_fault(self.state, self.store)  # before any seam it may replace is reached
         self.watchdog = Watchdog(
             s, self.terminator, self._connect(t.setup), heartbeat_s=t.heartbeat, peer_lost_s=t.peer_lost,
-            first_heartbeat_s=t.setup, call_deadline_s=t.call_deadline, parent_pid=self._parent_pid,
+            first_heartbeat_s=t.setup, call_deadline_s=t.call_deadline, node_lost_s=t.node_lost,
+            parent_pid=self._parent_pid,
         )  # fmt: skip
         self.watchdog.start()
 

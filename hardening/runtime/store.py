@@ -14,7 +14,10 @@ key         written by              meaning
 ``phase/r`` rank r's main thread    its phase, at once on entering it (a heartbeat may never come)
 ``ready/r`` rank r                  past build: the launcher's setup deadline no longer applies
 ``done/r``  rank r's clean end      stop watching rank r
-``exit/r``  the launcher            ``{exit_code, how}`` of a rank process that ended
+``exit/r``  the launcher            ``{exit_code, how}`` of a rank process that ended, or
+                                    ``{exit_code: null, how, stopped: true}`` of one frozen
+``alive/r`` rank r's launcher       ``{seq, state, node, host}``: its process exists and runs,
+                                    seen from outside it (:mod:`hardening.harness.liveness`)
 ``fired/r`` rank r's fault          ``{t, touched}``: when the injected fault acted
 ``skipped/r`` rank r's fault        why the fault could not apply to this region
 ``x/tag/r`` the side channel        rank r's payload for exchange ``tag``
@@ -32,7 +35,7 @@ ABORT = "abort"
 EVENTS = "events"
 PG_PREFIX = "pg"
 SIDE_PREFIX = "x"
-PER_RANK = ("hb", "phase", "ready", "done", "exit", "fired", "skipped")
+PER_RANK = ("hb", "phase", "ready", "done", "exit", "alive", "fired", "skipped")
 
 
 def key(kind: str, rank: int) -> str:
@@ -55,3 +58,17 @@ def report_exit(store: Any, rank: int, exit_code: int, how: str) -> None:
     ranks' watchdogs read it on their next tick (``PeerLost`` at once, unless 0)."""
     store.set(key("exit", rank), json.dumps({"exit_code": exit_code, "how": how}))
     store.add(EVENTS, 1)
+
+
+def report_stopped(store: Any, rank: int, how: str) -> None:
+    """What a launcher does when a rank's process is frozen (SIGSTOP): nothing in that
+    process runs, its own watchdog included, so only someone outside it can say so."""
+    store.set(key("exit", rank), json.dumps({"exit_code": None, "how": how, "stopped": True}))
+    store.add(EVENTS, 1)
+
+
+def describe_lost(rank: int, report: dict[str, Any]) -> str:
+    """The PeerLost message for a launcher's ``exit/r`` report."""
+    if report.get("stopped"):
+        return f"rank {rank} lost: its launcher sees its process {report.get('how')}"
+    return f"rank {rank} died ({report.get('how')}, reported by the launcher)"

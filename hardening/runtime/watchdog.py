@@ -4,8 +4,13 @@ A daemon thread per rank heartbeats into the launcher-hosted c10d store (the sto
 outlives any rank), and ends the process when:
 
 - another rank wrote the job-wide ``abort`` key (fast death propagation) -> PeerError,
-- a peer died (reported by the launcher that hosts the store) or its heartbeat stopped
-  changing for ``peer_lost`` seconds (``setup`` while it imports or compiles) -> PeerLost,
+- a peer died or froze (reported by its launcher, which watches its process from
+  outside: :mod:`hardening.harness.liveness`), its node went silent (no word from its
+  launcher for ``node_lost``), or -- only for a peer no launcher vouches for (a plain
+  torchrun) -- its heartbeat stopped changing for ``peer_lost`` seconds (``setup``
+  while it imports or compiles) -> PeerLost. A peer its launcher vouches for is never
+  lost on its own heartbeat: holding the GIL in a C call or compiling for a minute
+  stops a Python thread's beat, not the process,
 - the main thread's current call ran past its deadline (``call_deadline``; a warmup call,
   which may compile, gets ``compile``) -> CallDeadlineExceeded,
 - the main thread has been blocked in a collective for ``call_deadline`` while every peer
@@ -47,6 +52,7 @@ class Watchdog(threading.Thread):
         peer_lost_s: float,
         first_heartbeat_s: float,
         call_deadline_s: float,
+        node_lost_s: float = 0.6,
         parent_pid: int | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -58,6 +64,7 @@ class Watchdog(threading.Thread):
         self.peer_lost_s = peer_lost_s
         self.first_heartbeat_s = first_heartbeat_s
         self.call_deadline_s = call_deadline_s
+        self.node_lost_s = node_lost_s
         self.parent_pid = parent_pid
         self.clock = clock
         self._seq = 0
@@ -69,7 +76,8 @@ class Watchdog(threading.Thread):
         self._abort_seen = 0.0
         self._done: set[int] = set()
         self._dead: dict[int, dict[str, Any]] = {}
-        self._all_seen = False
+        self._seen: set[str] = set()  # store keys that exist (heartbeat and vouch keys are never deleted)
+        self._vouch: dict[int, tuple[bytes, float]] = {}  # rank -> its launcher's last word, since when
         self._blocked: tuple[Any, float] | None = None  # (call_id, op), since when
         self._peer_activity: dict[int, tuple[str, str]] = {}  # rank -> (kind, doing)
         self._stopped = threading.Event()
@@ -136,9 +144,40 @@ class Watchdog(threading.Thread):
             # Fast path: a launcher that hosts the store reports each rank's death at once.
             death = self._dead.get(r)
             if death is not None:
-                self.terminator.end(PeerLost(f"rank {r} died ({death.get('how')}, reported by the launcher)", root_cause_rank=r))
-        for r, value in zip(watched, self._heartbeats(watched)):
-            self._check_peer(r, value, now)
+                self.terminator.end(PeerLost(store_keys.describe_lost(r, death), root_cause_rank=r))
+        if not watched:
+            return
+        beat_keys = [store_keys.key("hb", r) for r in watched]
+        vouch_keys = [store_keys.key("alive", r) for r in [self.state.rank, *watched]]
+        self._discover(beat_keys, each=True)
+        self._discover(vouch_keys, each=False)  # a launcher vouches for all its ranks or for none
+        values = self._get(beat_keys + vouch_keys)
+        beats, vouches = values[: len(beat_keys)], values[len(beat_keys) :]
+        mine = json.loads(vouches[0]).get("node") if vouches[0] is not None else None
+        silent: list[tuple[int, dict[str, Any], float]] = []
+        for r, value, vouch in zip(watched, beats, vouches[1:]):
+            changed = self._note_beat(r, value, now)
+            if vouch is None:
+                if not changed:
+                    self._check_peer(r, value, now)  # nobody outside the peer watches it
+                continue
+            if self._vouch.get(r, (None,))[0] != vouch:
+                self._vouch[r] = (vouch, now)
+                continue
+            info = json.loads(vouch)
+            age = now - self._vouch[r][1]
+            if age > self.node_lost_s and info.get("node") != mine:
+                silent.append((r, info, age))  # (this rank's own launcher going silent ends it: parent)
+        if silent:
+            ranks = [r for r, _, _ in silent]
+            _, info, age = silent[0]
+            self.terminator.end(
+                PeerLost(
+                    f"rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))} lost: node {info.get('node')} "
+                    f"({info.get('host')}) went silent, no word from its launcher for {age:.1f}s (> {self.node_lost_s:g}s)",
+                    root_cause_rank=ranks[0],
+                )
+            )
 
     @staticmethod
     def _doing(act: "activity.Activity") -> str:
@@ -199,24 +238,41 @@ class Watchdog(threading.Thread):
                 if death.get("exit_code") != 0:
                     self._dead[r] = death
 
-    def _heartbeats(self, ranks: list[int]) -> list[bytes | None]:
-        """Each rank's last heartbeat value (None before its first): one request once every
-        watched rank has sent one and the store has ``multi_get`` (torch >= 2.5)."""
-        keys = [store_keys.key("hb", r) for r in ranks]
-        if self._all_seen and keys and hasattr(self.store, "multi_get"):
-            return list(self.store.multi_get(keys))
-        values = [self.store.get(k) if self.store.check([k]) else None for k in keys]
-        self._all_seen = all(v is not None for v in values)  # heartbeat keys are never deleted
-        return values
+    def _discover(self, keys: list[str], *, each: bool) -> None:
+        """Note which of ``keys`` exist now (heartbeat and vouch keys are never deleted):
+        one request for all of them, and with ``each`` one per key while some are missing."""
+        unseen = [k for k in keys if k not in self._seen]
+        if not unseen:
+            return
+        if self.store.check(unseen):
+            self._seen.update(unseen)
+        elif each:
+            self._seen.update(k for k in unseen if self.store.check([k]))
+
+    def _get(self, keys: list[str]) -> list[bytes | None]:
+        """Each key's value, None while it does not exist: one request (``multi_get``,
+        torch >= 2.5) for every key seen."""
+        present = [k for k in keys if k in self._seen]
+        if present and hasattr(self.store, "multi_get"):
+            values = dict(zip(present, self.store.multi_get(present)))
+        else:
+            values = {k: self.store.get(k) for k in present}
+        return [values.get(k) for k in keys]
+
+    def _note_beat(self, r: int, value: bytes | None, now: float) -> bool:
+        """A peer's own heartbeat: when it last changed, and what it said it was doing.
+        True when it changed since the last tick."""
+        if value == self._peer_value[r]:
+            return False
+        self._peer_value[r] = value
+        self._peer_changed[r] = now
+        if value is not None:
+            beat = json.loads(value)
+            self._peer_activity[r] = (beat.get("activity", "?"), beat.get("doing", ""))
+        return True
 
     def _check_peer(self, r: int, value: bytes | None, now: float) -> None:
-        if value != self._peer_value[r]:
-            self._peer_value[r] = value
-            self._peer_changed[r] = now
-            if value is not None:
-                beat = json.loads(value)
-                self._peer_activity[r] = (beat.get("activity", "?"), beat.get("doing", ""))
-            return
+        """The fallback for a peer no launcher vouches for: its own heartbeat's age."""
         age = now - self._peer_changed[r]
         if value is None:
             if age > self.first_heartbeat_s:
