@@ -94,6 +94,13 @@ class BackpressureError(HardeningError):
     exit_code = 31
 
 
+class Terminated(HardeningError):
+    """Someone asked this rank to stop (SIGTERM: its launcher, torchrun's agent after a
+    peer failed, an operator) and no peer's failure explains it."""
+
+    exit_code = 32
+
+
 # Exit codes a rank can end with that are not a named cause.
 EXIT_OK = 0
 EXIT_UNEXPECTED = 10  # an exception that is not a HardeningError (a bug, or the user's region raised)
@@ -114,6 +121,7 @@ NAMED_CAUSES: dict[str, type[HardeningError]] = {
         PeerError,
         GroupError,
         BackpressureError,
+        Terminated,
     )
 }
 

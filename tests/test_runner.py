@@ -304,6 +304,34 @@ def test_kill_minus_9_of_rank_0_by_hand_makes_workers_exit_peer_lost(tmp_path: P
     assert not wait_gone({leader, worker}, 5)
 
 
+@pytest.mark.timeout(180)
+def test_sigterm_of_a_rank_by_hand_is_named_terminated_and_its_peer_follows(tmp_path: Path) -> None:
+    """An operator's (or torchrun's agent's) SIGTERM is a named end with a record, not a
+    signal death: the watchdog sees it even while the main thread is blocked in gloo."""
+    profile = tmp_path / "long.yaml"
+    profile.write_text("steps: 100000\ntimeouts: {case: 120}\n")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "hardening", "suite", "operator", "--only", "OM-00", "--profile", str(profile),
+         "--json", "r.json", "--artifacts", "run"],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        leader, worker = _leader_pid(proc)
+        deadline = time.time() + 60
+        while time.time() < deadline and not (tmp_path / "run" / "OM-00" / "rank1" / "stdout.log").exists():
+            time.sleep(0.1)
+        time.sleep(3)
+        os.kill(worker, signal.SIGTERM)
+        proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    ranks = json.loads((tmp_path / "r.json").read_text())["cases"][0]["ranks"]
+    assert ranks[1]["error_class"] == "Terminated" and ranks[1]["exit_code"] == 32, ranks[1]
+    assert "received SIGTERM in phase steady" in ranks[1]["message"]
+    assert ranks[0]["error_class"] == "PeerError" and ranks[0]["root_cause_rank"] == 1, ranks[0]
+    assert not wait_gone({leader, worker}, 5)
+
+
 @pytest.mark.timeout(240)
 def test_stock_baseline_runs_and_lets_drift_through(tmp_path: Path) -> None:
     # The benchmarks' baseline (`hardened: false`) runs on a fresh install (its object

@@ -513,3 +513,49 @@ def test_this_ranks_own_node_going_silent_is_not_a_peer_lost(tmp_path: Path) -> 
     for _ in range(30):
         wd._tick()
         now[0] += 0.2
+
+
+# -- (9) SIGTERM: taken over only where it displaces nothing ---------------------------------
+
+
+def test_sigterm_is_taken_over_only_where_nothing_else_listens() -> None:
+    import signal
+
+    from hardening.runtime.watchdog import TermSignal
+
+    previous = signal.getsignal(signal.SIGTERM)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try:
+        term = TermSignal()
+        assert term.install() and not term.poll()
+        os.kill(os.getpid(), signal.SIGTERM)  # the do-nothing handler runs; the process goes on
+        assert _wait_for(term.poll, 2)
+        term.uninstall()
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL and signal.set_wakeup_fd(-1) == -1
+
+        def own(*_: Any) -> None:
+            pass
+
+        signal.signal(signal.SIGTERM, own)  # the program's own handler stays
+        assert not TermSignal().install() and signal.getsignal(signal.SIGTERM) is own
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        r, w = os.pipe()
+        os.set_blocking(w, False)
+        signal.set_wakeup_fd(w)  # an event loop's wakeup fd stays
+        try:
+            assert not TermSignal().install() and signal.set_wakeup_fd(w) == w
+        finally:
+            signal.set_wakeup_fd(-1)
+            os.close(r), os.close(w)
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _wait_for(predicate: Any, timeout: float) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return True
+        time.sleep(0.01)
+    return False

@@ -527,9 +527,9 @@ class Runner:
             rank_dir = live.case_dir / f"rank{rank}"
             record = RankRecord.read(rank_dir / "record.json")
             has_record = record is not None
-            if record is not None and rank in live.torn_down and rank not in live.hung and live.teardown_at is not None:
-                # A rank that ended while the runner tore the case down (a peer it saw
-                # die to our SIGTERM: PeerLost) reports our doing, not a finding.
+            if record is not None and rank in live.torn_down and live.teardown_at is not None:
+                # A rank that ended while the runner tore the case down (our SIGTERM, or
+                # a peer it saw die to it: PeerLost) reports our doing, not a finding.
                 if record.exited_at >= live.teardown_at:
                     record = None
             rr = RankResult(rank=rank, pid=live.pids.get(rank), log_dir=str(rank_dir), has_record=has_record)

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, NoReturn
 
-from hardening.errors import EXIT_OK, HardeningError, PeerError, PeerLost, exit_code_for
+from hardening.errors import EXIT_OK, HardeningError, PeerError, PeerLost, Terminated, exit_code_for
 from hardening.runtime import activity
 from hardening.runtime import store as store_keys
 
@@ -165,7 +165,7 @@ class Terminator:
         if not self._lock.acquire(blocking=False):
             while True:  # another thread is already ending this process
                 time.sleep(3600)
-        if exc is not None and not isinstance(exc, HardeningError):
+        if exc is not None and (not isinstance(exc, HardeningError) or isinstance(exc, Terminated)):
             exc, root_cause_rank = self._attribute(exc, root_cause_rank)
         if root_cause_rank is None:
             root_cause_rank = getattr(exc, "root_cause_rank", None)
@@ -198,6 +198,7 @@ class Terminator:
             print(f"[hardening] rank {s.rank}: could not write final record: {err}", file=sys.stderr)
         if exc is not None:
             print(f"[hardening] rank {s.rank} ends: {type(exc).__name__}: {exc}", file=sys.stderr)
+            write_elastic_error(record)
             if publish_abort and self.store is not None:
                 self._publish_abort(exc)
         elif code == EXIT_OK and self.store is not None:
@@ -291,6 +292,25 @@ class Terminator:
             self.store.add(store_keys.EVENTS, 1)
         except Exception:  # the store may be gone with the launcher; exiting matters more
             pass
+
+
+def write_elastic_error(record: RankRecord) -> None:
+    """Under torchrun, the rank's cause in torchelastic's error file (the format of its
+    ``@record``), so that the agent's "Root Cause" names it too; best effort."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path or record.ok:
+        return
+    data = {
+        "message": {
+            "message": f"{record.error_class}: {record.message}",
+            "extraInfo": {"py_callstack": record.traceback, "timestamp": str(int(record.exited_at))},
+        }
+    }
+    try:
+        with open(path, "w") as f:
+            json.dump(data, f)
+    except OSError:
+        pass
 
 
 def follow_abort(info: dict[str, Any], *, surfaced: str | None = None, here: str | None = None) -> HardeningError:

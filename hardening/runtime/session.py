@@ -67,7 +67,7 @@ from hardening.runtime.pipeline import Pipeline
 from hardening.runtime.records import RankState, Terminator, install
 from hardening.runtime.sidechannel import SideChannel
 from hardening.runtime.topology import MESH_LEADER, Declared, Topology, group_name
-from hardening.runtime.watchdog import Watchdog
+from hardening.runtime.watchdog import TermSignal, Watchdog
 
 LEADER = 0
 """The rank that makes every call's inputs and sends them in the envelope."""
@@ -169,6 +169,7 @@ class Session:
         self._pipe: Pipeline | None = None
         self._topology: Topology | None = None
         self._pipe_warm: CompileCounters | None = None
+        self._term = TermSignal()
 
     @classmethod
     def from_env(
@@ -225,7 +226,7 @@ class Session:
         self.watchdog = Watchdog(
             s, self.terminator, self._connect(t.setup), heartbeat_s=t.heartbeat, peer_lost_s=t.peer_lost,
             first_heartbeat_s=t.setup, call_deadline_s=t.call_deadline, node_lost_s=t.node_lost,
-            parent_pid=self._parent_pid,
+            parent_pid=self._parent_pid, term=self._term if self._term.install() else None,
         )  # fmt: skip
         self.watchdog.start()
 
@@ -455,6 +456,7 @@ class Session:
         self.store.set(store_keys.key("done", self.rank), "1")
         self.store.add(store_keys.EVENTS, 1)
         self.watchdog.stop()
+        self._term.uninstall()
 
     def _named(self, exc: BaseException) -> BaseException:
         """A recompile under the guard or a break under fullgraph is the compile gate's cause."""

@@ -17,7 +17,11 @@ outlives any rank), and ends the process when:
   is waiting too (on the side channel, in a collective, or gone) -> CallDeadlineExceeded
   naming the op and the user's line: a conditional collective, even in the first call,
   does not wait for the compile bound (a peer that is still compiling holds it off),
-- the launcher died (the parent changed) -> exit code 11.
+- the launcher died (the parent changed) -> exit code 11,
+- SIGTERM arrived (torchrun's agent stopping the ranks after one failed, an operator):
+  noticed here whatever the main thread is doing, through the signal's wakeup fd
+  (:class:`TermSignal`); after two beats (the main thread may still end on its own
+  cause) -> ``Terminated``, or the peer failure that explains it.
 
 Every end goes through :meth:`hardening.runtime.records.Terminator.end`.
 """
@@ -26,17 +30,67 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import threading
 import time
 from typing import Any, Callable
 
-from hardening.errors import EXIT_PARENT_GONE, CallDeadlineExceeded, PeerLost
+from hardening.errors import EXIT_PARENT_GONE, CallDeadlineExceeded, PeerLost, Terminated
 from hardening.runtime import activity
 from hardening.runtime import store as store_keys
 from hardening.runtime.records import RankState, Terminator, follow_abort, main_thread_where
 
 SLOW_PHASES = frozenset({"init", "parity", "build", "warmup"})
+
+
+class TermSignal:
+    """SIGTERM, seen by the watchdog thread even while the main thread is blocked in C.
+
+    A Python signal handler runs only when the main thread next runs bytecode, which a
+    rank blocked in a collective may never do; the C-level handler writes the signal
+    number into the wakeup fd at once, from whichever thread the signal hit. Installed
+    only where it displaces nothing: SIGTERM at its default and no wakeup fd set
+    (asyncio, or the program's own handler, keep theirs)."""
+
+    def __init__(self) -> None:
+        self._fds: tuple[int, int] | None = None
+        self.received = False
+
+    def install(self) -> bool:
+        if threading.current_thread() is not threading.main_thread():
+            return False  # signal handlers can only be set from the main thread
+        if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+            return False
+        r, w = os.pipe()
+        os.set_blocking(r, False)
+        os.set_blocking(w, False)
+        theirs = signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+        if theirs != -1:
+            signal.set_wakeup_fd(theirs)  # someone else listens: leave SIGTERM to them
+            os.close(r), os.close(w)
+            return False
+        signal.signal(signal.SIGTERM, lambda *_: None)  # the watchdog acts; the main thread goes on
+        self._fds = (r, w)
+        return True
+
+    def poll(self) -> bool:
+        """True once SIGTERM has arrived (it stays true)."""
+        if self._fds is not None and not self.received:
+            try:
+                self.received = bytes([signal.SIGTERM]) in os.read(self._fds[0], 512)
+            except BlockingIOError:
+                pass
+        return self.received
+
+    def uninstall(self) -> None:
+        """Give SIGTERM back to the default (this rank is done with the runtime)."""
+        if self._fds is None or threading.current_thread() is not threading.main_thread():
+            return
+        signal.set_wakeup_fd(-1)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.close(self._fds[0]), os.close(self._fds[1])
+        self._fds = None
 
 
 class Watchdog(threading.Thread):
@@ -54,6 +108,7 @@ class Watchdog(threading.Thread):
         call_deadline_s: float,
         node_lost_s: float = 0.6,
         parent_pid: int | None = None,
+        term: TermSignal | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         super().__init__(name="hardening-watchdog", daemon=True)
@@ -65,6 +120,8 @@ class Watchdog(threading.Thread):
         self.first_heartbeat_s = first_heartbeat_s
         self.call_deadline_s = call_deadline_s
         self.node_lost_s = node_lost_s
+        self.term = term
+        self._term_seen: float | None = None
         self.parent_pid = parent_pid
         self.clock = clock
         self._seq = 0
@@ -104,6 +161,12 @@ class Watchdog(threading.Thread):
         now = self.clock()
         if self.parent_pid is not None and os.getppid() != self.parent_pid:
             self.terminator.end(None, exit_code=EXIT_PARENT_GONE, publish_abort=False)
+        if self.term is not None and self.term.poll():
+            self._term_seen = self._term_seen or now
+            if now - self._term_seen >= 2 * self.heartbeat_s:
+                self.terminator.end(
+                    Terminated(f"rank {s.rank} received SIGTERM in phase {s.phase}, call {s.call_id} (from its launcher or an operator)")
+                )
         self._seq += 1
         act = activity.sample(sys._current_frames().get(threading.main_thread().ident or -1))
         if act.kind == activity.COLLECTIVE:
