@@ -174,15 +174,27 @@ def test_expected_frozen_rank_passes_only_with_its_stacks() -> None:
 
     h01 = next(c for c in get_suite("operator") if c.id == "H-01")
     fired = T0 + 2.0
-    peer = crashed(0, "PeerLost", "rank 1 lost: no heartbeat for 3.1s", exited=fired + 3.1, fired=None, code=27)
+    lost = "rank 1 lost: its launcher sees its process stopped (state T: SIGSTOP or SIGTSTP)"
+    peer = crashed(0, "PeerLost", lost, exited=fired + 0.2, fired=None, code=27)
     frozen = _hung(1)
     frozen.fired_at = fired
     outcome, t_detect, verdict, reason = _run(h01, [peer, frozen])
-    assert outcome is Outcome.HUNG and t_detect == pytest.approx(3.1, abs=1e-3)
+    assert outcome is Outcome.HUNG and t_detect == pytest.approx(0.2, abs=1e-3)
     assert verdict is Verdict.FAIL and "no stacks" in reason
     frozen.stacks_path = "/run/H-01/rank1.stacks.txt"
     _, _, verdict, reason = _run(h01, [peer, frozen])
     assert verdict is Verdict.PASS, reason
+
+
+def test_t_detect_counts_from_the_last_ranks_start_when_the_fault_fired_before_it() -> None:
+    # Under torchrun each rank imports torch on its own: rank 1's parity fault fired while
+    # rank 0 did not exist yet; nobody can notice before both are there.
+    fired = T0 + 1.0
+    late = crashed(0, "ParityError", PARITY_MSG, exited=T0 + 2.6, code=20)
+    late.started_at = T0 + 2.5
+    early = crashed(1, "ParityError", PARITY_MSG, exited=T0 + 2.6, fired=fired, code=20)
+    outcome, t_detect = classify(next(c for c in get_suite("operator") if c.id == "OM-04"), [late, early])
+    assert outcome is Outcome.CRASHED and t_detect == pytest.approx(0.1, abs=1e-3)
 
 
 def test_survived_fails() -> None:

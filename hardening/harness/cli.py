@@ -74,7 +74,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("name", help=f"suite name: {suites}")
     profiles = f"shipped profile name ({', '.join(available_profiles())}) or a YAML file; default {DEFAULT_PROFILE}"
     _add_run_flags(s, ("--ranks", "--profile", "--only", "--target", "--program", "--torch-trace", "--baseline"), profile=profiles)
-    _add_run_flags(s, ("--fail-on-improvement", "--keep-artifacts"))
+    _add_run_flags(s, ("--fail-on-improvement", "--keep-artifacts", "--launcher", "--nnodes", "--node-rank", "--rdzv-endpoint"))
     s.add_argument("--json", metavar="FILE", help="write the JSON report here")
     s.add_argument("--junit", metavar="FILE", help="write a JUnit XML report here")
     _add_run_flags(s, ("--artifacts",))
@@ -121,6 +121,14 @@ RUN_FLAGS: dict[str, dict[str, Any]] = {
         help="keep every compiled rank's depyf dump and torch_trace/, passing cases too (default: failing cases only)",
     ),
     "--artifacts": dict(metavar="DIR", help="run directory (default .hardening/runs/<time>-<command>)"),
+    "--launcher": dict(
+        choices=("process", "torchrun"),
+        help="process: the runner's own fork server (default); torchrun: every case under torch.distributed.run "
+        "(c10d rendezvous, the agent's store, --max-restarts 0)",
+    ),
+    "--nnodes": dict(type=int, metavar="N", help="with --launcher torchrun: split --ranks evenly over N nodes, one runner each"),
+    "--node-rank": dict(type=int, metavar="K", help="with --nnodes: this runner's node, 0..N-1 (node 0 writes the report)"),
+    "--rdzv-endpoint": dict(metavar="HOST:PORT", help="with --nnodes: where the nodes meet; node 0 listens there"),
 }
 """The flags that shape a run, shared by ``suite``, ``baseline update`` and the pytest
 plugin (as ``--hardening-<name>``): one help text each, one meaning."""
@@ -243,6 +251,10 @@ def _load_profile(args: argparse.Namespace):
         ("program", "--program", _program_path(getattr(args, "program", None), getattr(args, "target", None))),
         ("triage.torch_trace", "--torch-trace", getattr(args, "torch_trace", False) or None),
         ("triage.artifacts", "--keep-artifacts", "always" if getattr(args, "keep_artifacts", False) else None),
+        ("world.launcher", "--launcher", getattr(args, "launcher", None)),
+        ("world.nnodes", "--nnodes", getattr(args, "nnodes", None)),
+        ("world.node_rank", "--node-rank", getattr(args, "node_rank", None)),
+        ("world.rdzv_endpoint", "--rdzv-endpoint", getattr(args, "rdzv_endpoint", None)),
     ):
         if value is not None:
             if isinstance(value, str) and not value.strip():

@@ -65,12 +65,13 @@ def _emit(out: Any, event: dict[str, Any]) -> None:
     out.flush()
 
 
-def _detach(server_pid: int, stdout: str, stderr: str) -> None:
-    """The first steps of every forked child: own session, die with the server, the
-    signals of a fresh interpreter, stdio to files."""
-    os.setsid()
+def detach(parent_pid: int, stdout: str, stderr: str, *, new_session: bool = True) -> None:
+    """The first steps of every forked child: own session (unless its parent's group must
+    reach it), die with the parent, the signals of a fresh interpreter, stdio to files."""
+    if new_session:
+        os.setsid()
     set_parent_death_signal()
-    if os.getppid() != server_pid:  # the server died between fork and prctl
+    if os.getppid() != parent_pid:  # the parent died between fork and prctl
         os._exit(11)
     # As a fresh interpreter has them. SIGPIPE stays ignored, as Python sets it at
     # startup: a rank writing to a dead peer's socket (gloo) must get EPIPE, an error
@@ -92,7 +93,7 @@ def _detach(server_pid: int, stdout: str, stderr: str) -> None:
 def _check_target(request: dict[str, Any], server_pid: int) -> None:
     """Runs in a forked child: import the target and say whether it is usable; never returns."""
     try:
-        _detach(server_pid, request["log"], request["log"])
+        detach(server_pid, request["log"], request["log"])
         from hardening.harness.region import describe_import_error, load_factory
 
         try:
@@ -118,7 +119,7 @@ def _child(spec_data: dict[str, Any], env: dict[str, str], server_pid: int) -> N
     try:
         rank_dir = spec_data["rank_dir"]
         os.makedirs(rank_dir, exist_ok=True)
-        _detach(server_pid, os.path.join(rank_dir, "stdout.log"), os.path.join(rank_dir, "stderr.log"))
+        detach(server_pid, os.path.join(rank_dir, "stdout.log"), os.path.join(rank_dir, "stderr.log"))
         os.environ.update(env)
         from hardening.harness.worker import RankSpec, run_rank
 
@@ -132,14 +133,9 @@ def _child(spec_data: dict[str, Any], env: dict[str, str], server_pid: int) -> N
         os._exit(10)
 
 
-def serve() -> None:
-    set_parent_death_signal()
-    # A child that daemonizes (setsid + its parent exits: user code at import, or a rank's
-    # helper) is re-parented here instead of to init, so it is still ours to end.
-    _prctl(PR_SET_CHILD_SUBREAPER, 1)
-    runner_pid = os.getppid()
-    started = time.time()
-    # Preload what every rank imports: this is the cost the server exists to amortize.
+def preload() -> None:
+    """Import what every rank imports before its Session starts, so that no rank pays for
+    it in a phase a deadline bounds (torchrun's ranks each call this themselves)."""
     import warnings
 
     warnings.filterwarnings("ignore", message="Failed to initialize NumPy", category=UserWarning)
@@ -164,6 +160,16 @@ def serve() -> None:
             __import__(name)
         except Exception:  # an optional piece missing in this torch: the rank imports it itself
             pass
+
+
+def serve() -> None:
+    set_parent_death_signal()
+    # A child that daemonizes (setsid + its parent exits: user code at import, or a rank's
+    # helper) is re-parented here instead of to init, so it is still ours to end.
+    _prctl(PR_SET_CHILD_SUBREAPER, 1)
+    runner_pid = os.getppid()
+    started = time.time()
+    preload()  # the cost the server exists to amortize
 
     out = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)  # stray prints from imports must not corrupt the protocol stream

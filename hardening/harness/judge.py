@@ -17,6 +17,15 @@ def fire_time(ranks: list[RankResult]) -> float | None:
     return min(fired) if fired else None
 
 
+def detect_from(ranks: list[RankResult], fired: float) -> float:
+    """Where ``t_detect`` counts from: the fault firing, or the last rank's start if that
+    came later. A rank still importing torch cannot notice anything, and under torchrun
+    every rank imports on its own: a fault that fires in one rank's parity phase may fire
+    seconds before its peers exist."""
+    starts = [r.started_at for r in ranks if r.started_at]
+    return max([fired, *starts])
+
+
 def classify(
     case: Case, ranks: list[RankResult], *, harness_error: str | None = None, interrupted: bool = False
 ) -> tuple[Outcome, float | None]:
@@ -29,7 +38,7 @@ def classify(
         fired = fire_time(ranks)
         exits = [r.exited_at for r in ranks if r.exited_at is not None]
         # Still measured: a case may expect one rank to stay frozen (H-01) and the rest to leave.
-        t_detect = max(0.0, max(exits) - fired) if fired is not None and exits else None
+        t_detect = max(0.0, max(exits) - detect_from(ranks, fired)) if fired is not None and exits else None
         return Outcome.HUNG, t_detect
     all_ok = all(r.completed for r in ranks)
     if case.fault is None:
@@ -44,7 +53,7 @@ def classify(
     if all_ok:
         return Outcome.SURVIVED, None
     exits = [r.exited_at for r in ranks if r.exited_at is not None]
-    t_detect = max(0.0, max(exits) - fired) if exits else None
+    t_detect = max(0.0, max(exits) - detect_from(ranks, fired)) if exits else None
     if t_detect is not None and t_detect > case.expect.budget_s:
         return Outcome.CRASHED_SLOW, t_detect
     return Outcome.CRASHED, t_detect

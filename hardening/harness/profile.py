@@ -59,7 +59,19 @@ class WorldConfig:
     """``cpu`` or ``cuda``; with ``cuda`` rank r uses device ``r % device_count``."""
 
     launcher: str = "process"
-    """``process``: one independent process per rank, forked from a preloaded fork server."""
+    """``process``: one independent process per rank, forked from a preloaded fork server,
+    the store hosted by the runner. ``torchrun``: each case under ``torch.distributed.run``
+    (c10d rendezvous, the agent's store, ``--max-restarts 0``); slower to start (every rank
+    imports torch), but the launcher users run, and the one that spans several nodes."""
+
+    nnodes: int = 1
+    """Nodes the ranks are split over, evenly (torchrun only): one runner per node."""
+
+    node_rank: int = 0
+    """This runner's node, 0..nnodes-1; node 0 writes the report with every node's ranks."""
+
+    rdzv_endpoint: str = ""
+    """``HOST:PORT`` every node's runner can reach (multi-node): node 0 listens there."""
 
     def validate(self) -> None:
         if self.ranks < 1:
@@ -72,8 +84,22 @@ class WorldConfig:
             raise ValueError(f"device: must be cpu or cuda, got {self.device!r}")
         if self.backend == "nccl" and self.device != "cuda":
             raise ValueError("backend: nccl needs device: cuda")
-        if self.launcher != "process":
-            raise ValueError(f"launcher: only 'process' is implemented, got {self.launcher!r}")
+        if self.launcher not in ("process", "torchrun"):
+            raise ValueError(f"launcher: must be process or torchrun, got {self.launcher!r}")
+        if self.nnodes < 1:
+            raise ValueError("nnodes: must be at least 1")
+        if self.nnodes > 1 and self.launcher != "torchrun":
+            raise ValueError(f"nnodes: {self.nnodes} nodes need launcher: torchrun (the process launcher is one host)")
+        if self.ranks % self.nnodes:
+            raise ValueError(f"nnodes: {self.ranks} ranks do not split evenly over {self.nnodes} nodes")
+        if not 0 <= self.node_rank < self.nnodes:
+            raise ValueError(f"node_rank: must be in 0..{self.nnodes - 1}, got {self.node_rank}")
+        if self.nnodes > 1:
+            host, _, port = self.rdzv_endpoint.rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"rdzv_endpoint: {self.nnodes} nodes need HOST:PORT every node can reach, got {self.rdzv_endpoint!r}")
+        elif self.rdzv_endpoint:
+            raise ValueError("rdzv_endpoint: only for nnodes > 1 (one node rendezvouses on loopback by itself)")
 
 
 @dataclass(kw_only=True, slots=True)

@@ -85,6 +85,8 @@ class RankResult:
     """Debug artifacts the rank wrote (e.g. ``torch_trace``: a directory for tlparse)."""
     pipeline: dict[str, Any] = field(default_factory=dict)
     """The record's pipeline section: queues, epochs, delivery history, overlap metrics."""
+    node: int = 0
+    """The node whose runner launched the rank (``--node-rank``; 0 on one host)."""
     has_record: bool = False
     """Whether the rank wrote its final record (False: killed, or died before it could)."""
     log_dir: str | None = None

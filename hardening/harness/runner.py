@@ -17,10 +17,12 @@ listens on loopback only and the ranks' gloo is pinned to the loopback interface
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import platform
 import queue
+import secrets
 import signal
 import socket
 import subprocess
@@ -35,6 +37,9 @@ import yaml
 
 from hardening.harness import artifacts, checkers, judge, triage
 from hardening.harness.liveness import Observer, proc_state
+from hardening.harness.nodes import Nodes, NodesError
+from hardening.harness.torchrun import Rendezvous, TorchrunCase
+from hardening.harness.torchrun import command as torchrun_command
 from hardening.harness.cases import WORKLOAD_ENV, Case
 from hardening.errors import CAUSE_BY_EXIT_CODE
 from hardening.harness.interrupt import StopRequest
@@ -76,7 +81,20 @@ class _Live:
     prefix: str
     case_dir: Path
     launched: float
+    store: Any = None
+    """A client of the store this case's ranks use, in their namespace (the runner's own;
+    under torchrun the agent's, once the first rank says where it is)."""
     pids: dict[int, int] = dataclasses.field(default_factory=dict)
+    groups: dict[int, int] = dataclasses.field(default_factory=dict)
+    """Each rank's process group, which the runner signals (under torchrun: its reaper's)."""
+    error_files: dict[int, str] = dataclasses.field(default_factory=dict)
+    """torchelastic's error file of each rank (torchrun)."""
+    torchrun: TorchrunCase | None = None
+    seen: dict[str, dict[int, str]] = dataclasses.field(default_factory=dict)
+    """Every per-rank store key read so far, by kind: what the runner knows once the store
+    is gone (torchrun's agent, and its store, exit with the last rank)."""
+    final: bool = False
+    """The store is no longer read: its keys are as ``seen`` holds them."""
     exits: dict[int, tuple[int, float]] = dataclasses.field(default_factory=dict)
     hung: set[int] = dataclasses.field(default_factory=set)
     torn_down: dict[int, str] = dataclasses.field(default_factory=dict)
@@ -108,11 +126,18 @@ class Runner:
         self.progress = progress or (lambda line: print(line, file=sys.stderr, flush=True))
         self.stop = stop or StopRequest()
         self.world_size = profile.world.ranks
+        w = profile.world
+        self.torchrun = w.launcher == "torchrun"
+        self.rendezvous = Rendezvous(nnodes=w.nnodes, node_rank=w.node_rank, endpoint=w.rdzv_endpoint)
+        self.local_count = self.world_size // w.nnodes
+        """Ranks this runner launches and watches (all of them, but on one of several nodes)."""
+        self._token = secrets.token_hex(6)
+        self.nodes = None if w.nnodes == 1 else Nodes(self.rendezvous, connect=self._node_store)
         self._events: queue.Queue[dict[str, Any]] = queue.Queue()
         self._server: subprocess.Popen[bytes] | None = None
         self._server_gone = False
         self._store: Any = None
-        self._observer = Observer()
+        self._observer = Observer(node=profile.world.node_rank)
         self._observer_store: Any = None
         self._case_seq = 0
         self.startup_s = 0.0
@@ -140,6 +165,8 @@ class Runner:
 
     def close(self) -> None:
         self._observer.close()
+        if self.nodes is not None:
+            self.nodes.close()
         server, self._server = self._server, None
         if server is None:
             return
@@ -290,8 +317,19 @@ class Runner:
         ids = [c.id for c in cases]
         by_suite = len(set(ids)) < len(ids)  # `all` has a control per suite: one directory each
         try:
+            if self.nodes is not None:
+                try:
+                    self.nodes.open(self._plan(cases), timeout_s=self.profile.timeouts.setup, progress=self.progress)
+                except NodesError as exc:
+                    result.harness_error = str(exc)
+                    return result
             for index, case in enumerate(cases, 1):
                 if self.stop.requested:
+                    break
+                gone = self.nodes.gone() if self.nodes is not None else []
+                if gone:
+                    # The next rendezvous can never complete: end the suite now, once.
+                    result.harness_error = f"node(s) {gone} are gone (their runner stopped); the suite ends here"
                     break
                 self.progress(f"[{index}/{len(cases)}] {case.id:<8} {case.title} ...")
                 case_result = self.run_case(case, case_dir=self.run_dir / case.suite / case.id if by_suite else None)
@@ -328,7 +366,18 @@ class Runner:
             self._teardown(live, reason="harness error")
         finally:
             self._observer.clear()
+            if live.torchrun is not None:
+                live.final = True
+                code = live.torchrun.finish(self.profile.timeouts.grace)
+                self._drain_pending(live)
+                live.case_dir.joinpath("torchrun.exit").write_text(f"{code}\n")
         ranks = self._collect(live)
+        if self.nodes is not None:
+            self.nodes.publish(self._case_seq, ranks)
+            ranks, missing = self.nodes.gather(
+                self._case_seq, ranks, world_size=self.world_size, timeout_s=self.profile.timeouts.case + 30
+            )  # fmt: skip
+            harness_error = harness_error or missing
         outcome, t_detect = judge.classify(case, ranks, harness_error=harness_error, interrupted=live.interrupted)
         verdict, reason = judge.judge(case.expect, outcome, ranks)
         metrics: dict[str, Any] = {}
@@ -363,8 +412,13 @@ class Runner:
         assert self._server is not None and self._server.stdin is not None
         if self._server_gone:
             raise HarnessError("fork server is gone")
+        env = {"HARDENING_FAULT": live.case.fault or "", WORKLOAD_ENV: live.case.workload or ""}
+        if self.torchrun:
+            self._launch_torchrun(live, env)
+            return
         import torch.distributed as dist  # loaded with the store
 
+        live.store = dist.PrefixStore(live.prefix, self._store)
         self._observer.watch(dist.PrefixStore(live.prefix, self._observer_store))
         for rank in range(self.world_size):
             spec = {
@@ -377,11 +431,8 @@ class Runner:
                 "rank_dir": str(live.case_dir / f"rank{rank}"),
             }
             # The fault spec is identical on every rank and part of every rank's parity.
-            env = {
-                "HARDENING_FAULT": live.case.fault or "", "RANK": str(rank), "WORLD_SIZE": str(self.world_size),
-                WORKLOAD_ENV: live.case.workload or "",
-            }  # fmt: skip
-            line = json.dumps({"op": "spawn", "spec": spec, "env": env}) + "\n"
+            rank_env = dict(env, RANK=str(rank), WORLD_SIZE=str(self.world_size))
+            line = json.dumps({"op": "spawn", "spec": spec, "env": rank_env}) + "\n"
             try:
                 self._server.stdin.write(line.encode())
                 self._server.stdin.flush()
@@ -389,16 +440,75 @@ class Runner:
                 self._server_gone = True
                 raise HarnessError(f"fork server is gone: {exc}") from None
 
+    def _launch_torchrun(self, live: _Live, env: dict[str, str]) -> None:
+        """This node's torchrun for the case; its ranks report through the poller's events."""
+        full = dict(os.environ, **env)
+        if self.rendezvous.loopback:
+            full["GLOO_SOCKET_IFNAME"] = loopback_interface()
+        run_id = f"{self._token}-{live.prefix}"
+        if self.nodes is not None:
+            run_id = f"{self.nodes.run_id}-{self._case_seq}"  # the same on every node
+            full["HARDENING_STORE"] = self.rendezvous.endpoint  # node 0's store outlives every agent
+        live.torchrun = TorchrunCase(
+            command=torchrun_command(
+                world_size=self.world_size, rdzv=self.rendezvous, rdzv_id=run_id,
+                case_dir=live.case_dir, profile_path=self.profile_path, join_s=self.profile.timeouts.setup,
+            ),
+            env=full, case_dir=live.case_dir, events=self._events,
+        )  # fmt: skip
+        live.torchrun.start()
+
+    def _node_store(self, host: str, port: int, master: bool) -> Any:
+        """The multi-node store at the rendezvous endpoint: node 0 hosts it."""
+        if master:
+            return loopback_store(self.profile.timeouts.pg, host=host, port=port)
+        return store_keys.connect(host, port, timeout_s=self.profile.timeouts.pg)
+
+    def _plan(self, cases: list[Case]) -> dict[str, Any]:
+        """What every node must agree on before the first case: the cases, the world, the profile."""
+        data = profile_to_dict(self.profile)
+        for key in ("name", "source"):
+            data.pop(key)
+        data["world"].pop("node_rank")
+        digest = hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        return {
+            "cases": [f"{c.suite}/{c.id}:{c.fault or ''}:{c.workload or ''}" for c in cases],
+            "ranks": self.world_size, "nnodes": self.rendezvous.nnodes, "profile": digest,
+        }  # fmt: skip
+
+    def _attach(self, live: _Live, host: str, port: int, prefix: str) -> None:
+        """Connect to the store a torchrun case's ranks use (the agent's), once they say where."""
+        timeout = self.profile.timeouts.pg
+        try:
+            live.store = store_keys.connect(host, port, prefix=prefix, timeout_s=timeout)
+            self._observer.watch(store_keys.connect(host, port, prefix=prefix, timeout_s=timeout))
+        except Exception as exc:  # the agent is gone already: the ranks will say how
+            raise HarnessError(f"cannot reach torchrun's agent store at {host}:{port}: {exc}") from None
+        for rank, pid in live.pids.items():
+            self._observer.add(rank, pid)
+
+    def _drain_pending(self, live: _Live) -> None:
+        try:
+            self._drain(live, 0.0)
+        except HarnessError:
+            pass
+
     def _drain(self, live: _Live, timeout: float) -> None:
         try:
-            event = self._events.get(timeout=timeout)
+            event = self._events.get(timeout=timeout) if timeout > 0 else self._events.get_nowait()
         except queue.Empty:
             return
         while True:
             kind = event["event"]
             if kind == "spawned":
-                live.pids[event["rank"]] = event["pid"]
-                self._observer.add(event["rank"], event["pid"])
+                rank = event["rank"]
+                live.pids[rank] = event["pid"]
+                live.groups[rank] = event.get("pgid", event["pid"])
+                if event.get("error_file"):
+                    live.error_files[rank] = event["error_file"]
+                if event.get("store") and live.store is None:
+                    self._attach(live, *event["store"])
+                self._observer.add(rank, event["pid"])
             elif kind == "exited":
                 for rank, pid in live.pids.items():
                     if pid == event["pid"]:
@@ -414,28 +524,46 @@ class Runner:
 
     def _report_death(self, live: _Live, rank: int, status: int) -> None:
         """Tell the surviving ranks at once; their heartbeat check is the slow path."""
-        import torch.distributed as dist  # loaded with the store, in the background
-
-
+        if len(live.exits) >= self.local_count:
+            self._observer.clear()  # nothing of this node left to watch (an agent's store may be going)
+        if live.teardown_at is not None or (self.rendezvous.nnodes == 1 and len(live.exits) >= self.world_size):
+            return  # the runner ends them itself, or nobody is left to tell
         code = os.waitstatus_to_exitcode(status)
         how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
         try:
-            store_keys.report_exit(dist.PrefixStore(live.prefix, self._store), rank, code, how)
-        except Exception:  # the store is in this process; failing here means we are shutting down
+            store_keys.report_exit(live.store, rank, code, how)
+        except Exception:  # no store (yet, or any more): the ranks' own checks remain
             pass
 
     def _keys(self, live: _Live, kind: str) -> dict[int, str]:
-        found = {}
-        for rank in range(self.world_size):
-            key = f"{live.prefix}/{store_keys.key(kind, rank)}"
-            if self._store.check([key]):
-                found[rank] = self._store.get(key).decode()
-        return found
+        """Each rank's ``kind`` key, as read now (or last, once the store is no longer read)."""
+        found = live.seen.setdefault(kind, {})
+        if live.store is None or live.final:
+            return dict(found)
+        try:
+            for rank in range(self.world_size):
+                key = store_keys.key(kind, rank)
+                if live.store.check([key]):
+                    found[rank] = live.store.get(key).decode()
+        except Exception:  # an agent's store goes with its agent: what was read stands
+            live.final = True
+        return dict(found)
+
+    def _last_heartbeat(self, live: _Live, rank: int) -> dict[str, Any]:
+        try:
+            return json.loads(self._keys(live, "hb").get(rank) or "{}")
+        except ValueError:
+            return {}
 
     def _watch(self, live: _Live) -> None:
         t = self.profile.timeouts
-        while len(live.exits) < self.world_size:
+        while len(live.exits) < self.local_count:
             self._drain(live, 0.1)
+            if live.torchrun is not None and len(live.pids) < self.local_count and live.torchrun.exit_code() is not None:
+                raise HarnessError(
+                    f"torchrun exited (code {live.torchrun.exit_code()}) with {len(live.pids)} of {self.local_count} "
+                    f"rank(s) started: {live.torchrun.tail() or 'no output'} (log: {live.torchrun.log})"
+                )
             if self.stop.requested:
                 live.interrupted = True
                 self._teardown(live, reason=f"interrupted ({self.stop.signal_name})")
@@ -452,25 +580,32 @@ class Runner:
             if failed and min(failed) + t.detect < deadline:
                 # Once one rank has failed, a peer still running after `detect` is stranded.
                 deadline, why = min(failed) + t.detect, f"detect deadline {t.detect:g}s after the first rank failed"
+            if live.torchrun is not None:  # its store goes with the agent: keep what the report needs
+                self._keys(live, "phase"), self._keys(live, "hb"), self._keys(live, "skipped")
             fired = [_fire_time(v) for v in self._keys(live, "fired").values()]
             if fired and min(fired) + t.detect < deadline:
                 deadline, why = min(fired) + t.detect, f"detect deadline {t.detect:g}s after the fault fired"
             frozen = self._all_live_stopped(live)
             if frozen and now < deadline:
                 deadline, why = now, f"rank(s) {frozen} stopped (SIGSTOP/SIGTSTP) while the others ended"
-            if now >= deadline and len(live.exits) < self.world_size:
+            if now >= deadline and len(live.exits) < self.local_count:
                 live.deadline_reason = why
-                live.hung = {r for r in range(self.world_size) if r not in live.exits}
+                live.hung = {r for r in self._local_ranks(live) if r not in live.exits}
                 self._dump_stacks(live)
                 self._teardown(live, reason=why)
                 return
+
+    def _local_ranks(self, live: _Live) -> list[int]:
+        """The ranks this runner launched: all of them on one node; on one of several,
+        those torchrun placed here (it assigns each node's ranks at rendezvous)."""
+        return list(range(self.world_size)) if self.rendezvous.nnodes == 1 else sorted(live.pids)
 
     def _all_live_stopped(self, live: _Live) -> list[int]:
         """Ranks frozen by a stop signal, when they are all that is left: nothing will change."""
         if not live.exits:
             return []
         remaining = [r for r in live.pids if r not in live.exits]
-        if not remaining or len(live.pids) < self.world_size:
+        if not remaining or len(live.pids) < self.local_count:
             return []
         return remaining if all(proc_state(live.pids[r]) == "T" for r in remaining) else []
 
@@ -489,7 +624,7 @@ class Runner:
         )
         for label, dump in dumps.items():
             live.dumps[int(label[len("rank"):])] = dump
-        said = {label: _last_heartbeat(self._store, live.prefix, int(label[len("rank"):])).get("doing", "") for label in dumps}
+        said = {label: self._last_heartbeat(live, int(label[len("rank"):])).get("doing", "") for label in dumps}
         summary = triage.side_by_side(dumps, {k: v for k, v in said.items() if v})
         (live.case_dir / "stacks_summary.txt").write_text(summary + "\n")
 
@@ -502,12 +637,12 @@ class Runner:
             if r not in live.exits:
                 live.torn_down.setdefault(r, reason)
         for sig, wait_s in ((signal.SIGTERM, self.profile.timeouts.grace), (signal.SIGKILL, 10.0)):
-            alive = [pid for r, pid in live.pids.items() if r not in live.exits]
+            alive = [live.groups.get(r, pid) for r, pid in live.pids.items() if r not in live.exits]
             if not alive:
                 break
-            for pid in alive:
+            for group in alive:
                 try:
-                    os.killpg(pid, sig)
+                    os.killpg(group, sig)
                 except ProcessLookupError:
                     pass
             if self._server_gone:
@@ -521,9 +656,9 @@ class Runner:
 
     def _collect(self, live: _Live) -> list[RankResult]:
         ranks = []
-        fired_keys = self._keys(live, "fired") if self._store is not None else {}
-        skipped_keys = self._keys(live, "skipped") if self._store is not None else {}
-        for rank in range(self.world_size):
+        fired_keys = self._keys(live, "fired")
+        skipped_keys = self._keys(live, "skipped")
+        for rank in self._local_ranks(live):
             rank_dir = live.case_dir / f"rank{rank}"
             record = RankRecord.read(rank_dir / "record.json")
             has_record = record is not None
@@ -532,7 +667,10 @@ class Runner:
                 # a peer it saw die to it: PeerLost) reports our doing, not a finding.
                 if record.exited_at >= live.teardown_at:
                     record = None
-            rr = RankResult(rank=rank, pid=live.pids.get(rank), log_dir=str(rank_dir), has_record=has_record)
+            rr = RankResult(
+                rank=rank, pid=live.pids.get(rank), log_dir=str(rank_dir), has_record=has_record,
+                node=self.rendezvous.node_rank,
+            )  # fmt: skip
             if rank in live.exits and rank not in live.hung:
                 status, t_exit = live.exits[rank]
                 code = os.waitstatus_to_exitcode(status)
@@ -548,11 +686,11 @@ class Runner:
                 rr.signal = None  # the runner's own signal says nothing about the rank
                 rr.error_class = TORN_DOWN
                 rr.message = f"ended by the runner: {live.torn_down[rank]}"
-                rr.phase = _last_phase(self._store, live.prefix, rank)
+                rr.phase = self._keys(live, "phase").get(rank, "")
             elif rr.exit_code == 0:
                 # Exit 0 is not a completion: only the runtime's own clean end writes a record.
                 rr.error_class = NO_RECORD
-                rr.phase = _last_phase(self._store, live.prefix, rank)
+                rr.phase = self._keys(live, "phase").get(rank, "")
                 rr.message = (
                     f"exited 0 without its final record, in phase {rr.phase or '?'}: something ended the process "
                     "(os._exit in user code?) before the runtime finished"
@@ -565,14 +703,17 @@ class Runner:
                 rr.touched = rr.touched or json.loads(fired_keys[rank]).get("touched")
             if rr.skipped is None and rank in skipped_keys:
                 rr.skipped = skipped_keys[rank]
+            error_file = live.error_files.get(rank)
+            if error_file and os.path.isfile(error_file):  # torchelastic's own account of the end
+                rr.artifacts = dict(rr.artifacts, torchelastic_error=error_file)
             dump = live.dumps.get(rank)
             if dump is not None and dump.ok:
                 rr.stacks_path, rr.where = dump.path, dump.where or dump.innermost
             elif dump is not None:
                 rr.where = f"no stacks: {dump.text.splitlines()[0] if dump.text else 'py-spy failed'}"
             if rank in live.hung:
-                rr.phase = rr.phase or _last_phase(self._store, live.prefix, rank)
-                doing = _last_heartbeat(self._store, live.prefix, rank).get("doing")
+                rr.phase = rr.phase or self._keys(live, "phase").get(rank, "")
+                doing = self._last_heartbeat(live, rank).get("doing")
                 if doing:  # the runtime's own view: the collective and the user's line
                     rr.where = f"{doing} (py-spy: {rr.where})" if rr.where else doing
                 if proc_state(live.pids.get(rank, -1)) == "T" or "stopped" in rr.where:
@@ -581,8 +722,9 @@ class Runner:
         return ranks
 
 
-def loopback_store(timeout_s: float) -> Any:
-    """A c10d store master that listens on 127.0.0.1 only.
+def loopback_store(timeout_s: float, *, host: str = "127.0.0.1", port: int = 0) -> Any:
+    """A c10d store master that listens on ``host`` only (loopback unless multi-node asks
+    for the rendezvous endpoint).
 
     ``TCPStore(host, 0, is_master=True)`` binds every interface whatever ``host`` says,
     and the store is unauthenticated: anyone on the network could write the abort key.
@@ -591,13 +733,17 @@ def loopback_store(timeout_s: float) -> Any:
 
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise HarnessError(f"cannot listen on {host}:{port}: {exc}") from None
     sock.listen(512)
     port = sock.getsockname()[1]
     timeout = timedelta(seconds=timeout_s)
     try:
         store = dist.TCPStore(
-            "127.0.0.1", port, None, True, timeout=timeout, wait_for_workers=False, master_listen_fd=sock.detach()
+            host, port, None, True, timeout=timeout, wait_for_workers=False, master_listen_fd=sock.detach()
         )
     except TypeError as exc:  # a torch without master_listen_fd: refuse rather than listen on every interface
         raise HarnessError(f"this torch's TCPStore cannot listen on loopback only (no master_listen_fd): {exc}") from None
@@ -636,22 +782,6 @@ def _tail(path: Path, lines: int = 3) -> str:
     try:
         return "\n".join(path.read_text(errors="replace").strip().splitlines()[-lines:])
     except OSError:
-        return ""
-
-
-def _last_heartbeat(store: Any, prefix: str, rank: int) -> dict[str, Any]:
-    key = f"{prefix}/{store_keys.key('hb', rank)}"
-    try:
-        return json.loads(store.get(key)) if store.check([key]) else {}
-    except Exception:
-        return {}
-
-
-def _last_phase(store: Any, prefix: str, rank: int) -> str:
-    key = f"{prefix}/{store_keys.key('phase', rank)}"
-    try:
-        return store.get(key).decode() if store.check([key]) else ""
-    except Exception:
         return ""
 
 

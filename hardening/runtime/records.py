@@ -148,6 +148,8 @@ class Terminator:
         self.store = store
         """A client of its own (the main thread's may be blocked mid-wait); None: record
         and exit only, with nobody to tell and no peer to attribute an error to."""
+        self.watchdog: Any = None
+        """This rank's watchdog, asked whether a node it watches went silent (multi-node)."""
         self._lock = threading.Lock()
 
     @property
@@ -243,9 +245,21 @@ class Terminator:
         reports it as "Connection closed/reset by peer"): name the peer, not the symptom."""
         if self.store is None:
             return exc, root_cause_rank
-        deadline = time.monotonic() + self.attribution_window_s
+        window = self.attribution_window_s
+        nodes = self.watchdog if self.watchdog is not None and self.watchdog.remote_vouched else None
+        if nodes is not None:  # a dead node is named only once its launcher's silence is long enough
+            window = max(window, nodes.node_lost_s + 2 * nodes.heartbeat_s)
+        deadline = time.monotonic() + window
         first_line = (str(exc).splitlines() or [""])[0][:300]
         while True:
+            try:
+                lost = nodes.silent_node(self.store) if nodes is not None else None
+            except Exception:  # the store went with node 0: no attribution
+                lost, nodes = None, None
+            if lost is not None:
+                lost = PeerLost(f"{lost}\n(here it surfaced as {type(exc).__name__}: {first_line})", root_cause_rank=lost.root_cause_rank)
+                lost.__cause__ = exc
+                return lost, lost.root_cause_rank
             try:
                 for r in range(self.state.world_size):
                     # A peer killed by a signal cannot publish an abort; its launcher reports it.

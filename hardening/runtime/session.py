@@ -188,8 +188,7 @@ class Session:
             prefix = env.get("HARDENING_STORE_PREFIX", "")
         elif "MASTER_ADDR" in env and "MASTER_PORT" in env:
             host, port = env["MASTER_ADDR"], env["MASTER_PORT"]
-            # The agent's store outlives a restart: each attempt gets keys of its own.
-            prefix = f"hardening/{env.get('TORCHELASTIC_RUN_ID', 'run')}/{env.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+            prefix = store_keys.torchrun_prefix(env)
         else:
             raise ValueError("Session.from_env: no store: set MASTER_ADDR and MASTER_PORT (torchrun does)")
         record = env.get("HARDENING_RECORD") or str(Path(".hardening") / "records" / f"rank{rank}.json")
@@ -228,6 +227,7 @@ class Session:
             first_heartbeat_s=t.setup, call_deadline_s=t.call_deadline, node_lost_s=t.node_lost,
             parent_pid=self._parent_pid, term=self._term if self._term.install() else None,
         )  # fmt: skip
+        self.terminator.watchdog = self.watchdog
         self.watchdog.start()
 
         s.enter("init")

@@ -53,6 +53,12 @@ def connect(host: str, port: int, *, prefix: str = "", timeout_s: float) -> Any:
     return dist.PrefixStore(prefix, client) if prefix else client
 
 
+def torchrun_prefix(env: Any) -> str:
+    """The namespace of a torchrun job's keys in the agent's store: the store outlives a
+    restart, so each attempt gets keys of its own."""
+    return f"hardening/{env.get('TORCHELASTIC_RUN_ID', 'run')}/{env.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+
+
 def report_exit(store: Any, rank: int, exit_code: int, how: str) -> None:
     """What a launcher that hosts the store does when a rank process ends: the other
     ranks' watchdogs read it on their next tick (``PeerLost`` at once, unless 0)."""

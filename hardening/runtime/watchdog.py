@@ -135,6 +135,7 @@ class Watchdog(threading.Thread):
         self._dead: dict[int, dict[str, Any]] = {}
         self._seen: set[str] = set()  # store keys that exist (heartbeat and vouch keys are never deleted)
         self._vouch: dict[int, tuple[bytes, float]] = {}  # rank -> its launcher's last word, since when
+        self._node: Any = None  # this rank's node, as its own launcher's vouch says
         self._blocked: tuple[Any, float] | None = None  # (call_id, op), since when
         self._peer_activity: dict[int, tuple[str, str]] = {}  # rank -> (kind, doing)
         self._stopped = threading.Event()
@@ -231,16 +232,41 @@ class Watchdog(threading.Thread):
             age = now - self._vouch[r][1]
             if age > self.node_lost_s and info.get("node") != mine:
                 silent.append((r, info, age))  # (this rank's own launcher going silent ends it: parent)
+        self._node = mine
         if silent:
-            ranks = [r for r, _, _ in silent]
-            _, info, age = silent[0]
-            self.terminator.end(
-                PeerLost(
-                    f"rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))} lost: node {info.get('node')} "
-                    f"({info.get('host')}) went silent, no word from its launcher for {age:.1f}s (> {self.node_lost_s:g}s)",
-                    root_cause_rank=ranks[0],
-                )
-            )
+            self.terminator.end(self._silent_node(silent))
+
+    @staticmethod
+    def _silent_node(silent: list[tuple[int, dict[str, Any], float]]) -> PeerLost:
+        ranks = [r for r, _, _ in silent]
+        _, info, age = silent[0]
+        return PeerLost(
+            f"rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))} lost: node {info.get('node')} "
+            f"({info.get('host')}) went silent, no word from its launcher for {age:.1f}s",
+            root_cause_rank=ranks[0],
+        )
+
+    @property
+    def remote_vouched(self) -> bool:
+        """Whether a launcher on another node vouches for some peer (multi-node)."""
+        return any(json.loads(v).get("node") != self._node for v, _ in list(self._vouch.values()))
+
+    def silent_node(self, store: Any) -> PeerLost | None:
+        """The peers of another node whose launcher has been silent past ``node_lost``, as
+        the PeerLost that names them, or None: asked by the terminator (through its own
+        ``store`` client: this thread stops once the rank is ending) when the main thread's
+        own error (a gloo socket closed by a dead node's rank) may be that."""
+        now = self.clock()
+        silent = []
+        for r, (vouch, since) in sorted(self._vouch.items()):
+            current = store.get(store_keys.key("alive", r))
+            if current != vouch:
+                self._vouch[r] = (current, now)
+                continue
+            info = json.loads(vouch)
+            if r not in self._done and now - since > self.node_lost_s and info.get("node") != self._node:
+                silent.append((r, info, now - since))
+        return self._silent_node(silent) if silent else None
 
     @staticmethod
     def _doing(act: "activity.Activity") -> str:
