@@ -13,6 +13,7 @@ at the endpoint for the whole run, and everything meets there:
   ================== ======== ==========================================================
   ``nodes/plan``     node 0   the run id, the world and the cases, in order
   ``nodes/join/K``   node K   node K selected the same plan
+  ``nodes/refused/K`` node K  node K selected another (what differs)
   ``nodes/beat/K``   node K   its runner's heartbeat, every :data:`BEAT_S`
   ``nodes/case/I/K`` node K   the results of node K's ranks in case I
   ================== ======== ==========================================================
@@ -78,6 +79,7 @@ class Nodes:
             self.run_id = theirs.pop("run_id")
             if theirs != json.loads(json.dumps(plan, sort_keys=True)):
                 diff = sorted(k for k in set(plan) | set(theirs) if plan.get(k) != theirs.get(k))
+                self.store.set(f"nodes/refused/{self.rdzv.node_rank}", ", ".join(diff))
                 raise NodesError(
                     f"node {self.rdzv.node_rank} selected a different run than node 0 ({', '.join(diff)} differ: "
                     f"here {json.dumps({k: plan.get(k) for k in diff})}, node 0 {json.dumps({k: theirs.get(k) for k in diff})}); "
@@ -91,6 +93,12 @@ class Nodes:
             waiting = [k for k in waiting if not self.store.check([f"nodes/join/{k}"])]
             if not waiting:
                 break
+            for k in waiting:
+                if self.store.check([f"nodes/refused/{k}"]):
+                    raise NodesError(
+                        f"node {k} selected a different run ({self.store.get(f'nodes/refused/{k}').decode()} differ); "
+                        "run the same suite, --only, --ranks and profile on every node"
+                    )
             if time.time() > deadline:
                 raise NodesError(f"node(s) {waiting} did not join at {self.rdzv.endpoint} within {timeout_s:g}s")
             if time.time() - said > 10:
@@ -181,7 +189,8 @@ class Nodes:
         missing = [r for r in range(world_size) if r not in ranks]
         for rank in missing:
             ranks[rank] = RankResult(
-                rank=rank, error_class=NOT_PUBLISHED, message=f"rank {rank}'s node published no result for this case: {why}"
-            )
+                rank=rank, error_class=NOT_PUBLISHED, node=waiting[0] if len(waiting) == 1 else -1,
+                message=f"rank {rank}'s node published no result for this case: {why}",
+            )  # fmt: skip
         problem = f"node(s) {waiting} published no result for rank(s) {missing}: {why}" if missing else None
         return [ranks[r] for r in sorted(ranks)], problem

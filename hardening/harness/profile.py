@@ -354,12 +354,26 @@ def _load(name_or_path: str | None, overrides: dict[str, Any] | None, flags: dic
     profile = Profile(name=name, source=source)
     merge(profile, data, source=source, prefix="")
     validate_all(profile, source)
-    for key, value in (overrides or {}).items():
-        # Validated one by one so that a bad flag is blamed on the flag, not the file.
-        where = (flags or {}).get(key, "command line")
-        merge(profile, nest(key, value), source=where, prefix="")
-        validate_all(profile, where)
+    # Validated one by one so that a bad flag is blamed on the flag, not the file; the
+    # launcher's keys constrain each other (nodes need an endpoint), so they go together.
+    items = list((overrides or {}).items())
+    together = [(k, v) for k, v in items if k in _TOGETHER]
+    batches = [[(k, v)] for k, v in items if k not in _TOGETHER] + ([together] if together else [])
+    for batch in batches:
+        where = " ".join((flags or {}).get(key, "command line") for key, _ in batch)
+        for key, value in batch:
+            merge(profile, nest(key, value), source=where, prefix="")
+        try:
+            validate_all(profile, where)
+        except ConfigError as exc:  # blame the one flag whose key the message names
+            named = [key for key, _ in batch if f"'{key}'" in str(exc)]
+            if len(batch) == 1 or not named:
+                raise
+            raise type(exc)(str(exc).replace(where, (flags or {}).get(named[0], "command line"), 1)) from None
     return profile
+
+
+_TOGETHER = frozenset({"world.launcher", "world.nnodes", "world.node_rank", "world.rdzv_endpoint"})
 
 
 def profile_to_dict(profile: Profile) -> dict[str, Any]:

@@ -126,11 +126,21 @@ class CaseResult:
     """Last rank's exit minus the fault's fire time, in seconds."""
     budget_s: float | None = None
     root_cause_rank: int | None = None
+    root_cause_node: int | None = None
+    """The node of the root-cause rank (``--node-rank`` of the runner that launched it)."""
     ranks: list[RankResult] = field(default_factory=list)
     wall_s: float = 0.0
     run_dir: str | None = None
     metrics: dict[str, Any] = field(default_factory=dict)
     """What the case's checker measured and judged (overlap per depth, stale drops...)."""
+
+    @property
+    def root_cause(self) -> str:
+        """``rank R``, with its node when the ranks span several: what reports print."""
+        if self.root_cause_rank is None:
+            return ""
+        spans = len({r.node for r in self.ranks}) > 1
+        return f"rank {self.root_cause_rank}" + (f" on node {self.root_cause_node}" if spans else "")
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)

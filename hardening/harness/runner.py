@@ -397,7 +397,8 @@ class Runner:
             reason=reason,
             t_detect=t_detect,
             budget_s=case.expect.budget_s if case.expect.crash else None,
-            root_cause_rank=judge.root_cause_rank(ranks),
+            root_cause_rank=(root := judge.root_cause_rank(ranks)),
+            root_cause_node=next((r.node for r in ranks if r.rank == root), None) if root is not None else None,
             ranks=ranks,
             wall_s=time.time() - live.launched,
             run_dir=str(live.case_dir),
@@ -549,6 +550,12 @@ class Runner:
             live.final = True
         return dict(found)
 
+    def _aborted(self, live: _Live) -> bool:
+        try:
+            return live.store is not None and not live.final and live.store.check([store_keys.ABORT])
+        except Exception:
+            return False
+
     def _last_heartbeat(self, live: _Live, rank: int) -> dict[str, Any]:
         try:
             return json.loads(self._keys(live, "hb").get(rank) or "{}")
@@ -601,8 +608,9 @@ class Runner:
         return list(range(self.world_size)) if self.rendezvous.nnodes == 1 else sorted(live.pids)
 
     def _all_live_stopped(self, live: _Live) -> list[int]:
-        """Ranks frozen by a stop signal, when they are all that is left: nothing will change."""
-        if not live.exits:
+        """Ranks frozen by a stop signal, when they are all that is left: nothing will change
+        (on one of several nodes, the others' ranks may be all that ended: the abort says so)."""
+        if not live.exits and not (self.nodes is not None and self._aborted(live)):
             return []
         remaining = [r for r in live.pids if r not in live.exits]
         if not remaining or len(live.pids) < self.local_count:
@@ -799,4 +807,7 @@ def environment(profile: Profile) -> dict[str, Any]:
         "device": profile.world.device,
         "compile_backend": profile.compile.backend,
         "fullgraph": profile.compile.fullgraph,
+        "launcher": profile.world.launcher,
+        "nnodes": profile.world.nnodes,
+        "node_rank": profile.world.node_rank,
     }

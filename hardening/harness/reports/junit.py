@@ -127,7 +127,7 @@ def _failure_body(case: CaseResult) -> str:
     if case.reason:
         lines.append(f"reason: {case.reason}")
     if case.root_cause_rank is not None:
-        lines.append(f"root cause: rank {case.root_cause_rank}")
+        lines.append(f"root cause: {case.root_cause}")
     lines.append("")
     ranks = sorted(case.ranks, key=lambda r: r.rank)
     for rank in ranks:

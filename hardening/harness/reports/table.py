@@ -43,8 +43,8 @@ def seconds(value: float | None, digits: int = 2) -> str:
 
 def rank_end(rank: RankResult) -> str:
     """How one rank ended, in a word: ``ParityError``, ``ok``, ``signal SIGKILL``, ``exit 3``, ``hung@warmup``."""
-    if rank.exit_code is None:
-        return "hung" + (f"@{rank.phase}" if rank.phase else "")
+    if rank.exit_code is None:  # alive at the deadline, or unknown (a node that never said)
+        return rank.error_class or "hung" + (f"@{rank.phase}" if rank.phase else "")
     if rank.error_class:
         return rank.error_class
     if rank.exit_code == 0:
@@ -161,7 +161,7 @@ def _detail_block(case: CaseResult) -> str:
     indent = "    "
     lines.append(f"{indent}reason: {case.reason or '(none given)'}")
     if case.root_cause_rank is not None:
-        lines.append(f"{indent}root cause: rank {case.root_cause_rank}")
+        lines.append(f"{indent}root cause: {case.root_cause}")
     if case.t_detect is not None:
         lines.append(f"{indent}t_detect: {seconds(case.t_detect)} (budget {seconds(case.budget_s)})")
     if case.metrics:
