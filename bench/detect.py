@@ -8,7 +8,12 @@ watchdog, digests, lifecycle checks or gates): a crash with an unnamed error, a 
 (a rank still alive at the ``--stock-cap`` deadline; gloo's own timeout is 1800 s,
 NCCL's 600 s), or silent drift (every rank exits 0).
 
-    python bench/detect.py [--suites compile,operator] [--repeat 3] [--stock-cap 30]
+With ``--launchers process,torchrun`` every hardened case also runs under torchrun
+(``--launcher torchrun``: the same faults in the same run), and a second table gives what
+a case costs to start under each launcher: from asking for the case until every rank's
+Session has begun (spawn or fork, ``import torch``), and the control case's wall time.
+
+    python bench/detect.py [--suites compile,operator] [--repeat 3] [--stock-cap 30] [--launchers process,torchrun]
 """
 
 from __future__ import annotations
@@ -60,25 +65,37 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--stock-cap", type=float, default=30.0, help="seconds before a stock case counts as hung")
     parser.add_argument("--only", help="comma-separated case ids")
+    parser.add_argument("--launchers", default="process", help="comma-separated: process, torchrun")
     args = parser.parse_args()
 
-    cases: list[Case] = [c for name in args.suites.split(",") for c in get_suite(name) if c.fault]
+    suites = [c for name in args.suites.split(",") for c in get_suite(name)]
+    cases: list[Case] = [c for c in suites if c.fault]
+    controls = [c for c in suites if not c.fault and not c.workload]
     if args.only:
         cases = [c for c in cases if c.id in args.only.split(",")]
-    hardened_profile = load_profile("cpu")
+    launchers = args.launchers.split(",")
     stock_profile = load_profile(
         "cpu", {"hardened": False, "timeouts.case": args.stock_cap, "timeouts.detect": args.stock_cap}
     )
     progress = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
-    hardened: dict[str, list[CaseResult]] = {c.id: [] for c in cases}
+    hardened: dict[str, dict[str, list[CaseResult]]] = {name: {c.id: [] for c in cases} for name in launchers}
+    startup: dict[str, list[tuple[float, float]]] = {name: [] for name in launchers}
     stock: dict[str, CaseResult] = {}
     started = time.time()
     with tempfile.TemporaryDirectory() as tmp:
-        with Runner(hardened_profile, run_dir=Path(tmp) / "hardened", progress=progress) as runner:
-            for i in range(args.repeat):
-                for case in cases:
-                    hardened[case.id].append(runner.run_case(case))
-                progress(f"hardened round {i + 1}/{args.repeat} done")
+        for name in launchers:
+            profile = load_profile("cpu", {"world.launcher": name})
+            with Runner(profile, run_dir=Path(tmp) / f"hardened-{name}", progress=progress) as runner:
+                for i in range(args.repeat):
+                    for case in controls[:1] + cases:
+                        asked = time.time()
+                        result = runner.run_case(case)
+                        begun = [r.started_at for r in result.ranks if r.started_at]
+                        if case in controls and len(begun) == len(result.ranks):
+                            startup[name].append((max(begun) - asked, result.wall_s))
+                        else:
+                            hardened[name][case.id].append(result)
+                    progress(f"hardened ({name}) round {i + 1}/{args.repeat} done")
         with Runner(stock_profile, run_dir=Path(tmp) / "stock", progress=progress) as runner:
             for case in cases:
                 progress(f"stock {case.id} ...")
@@ -86,28 +103,45 @@ def main() -> None:
 
     rows = []
     for case in cases:
-        runs = hardened[case.id]
-        times = [r.t_detect for r in runs if r.t_detect is not None]
-        verdicts = {r.verdict.value for r in runs}
-        t = f"{statistics.median(times):.2f} ({min(times):.2f}–{max(times):.2f})" if times else "—"
-        rows.append(
-            [case.id, case.fault, f"{runs[0].outcome.value} {'/'.join(sorted(verdicts)).upper()}", _ranks(runs[0]), t,
-             _stock_story(stock[case.id], args.stock_cap)]  # fmt: skip
-        )
+        first = hardened[launchers[0]][case.id]
+        row = [case.id, case.fault, f"{first[0].outcome.value} {_verdicts(first)}", _ranks(first[0])]
+        for name in launchers:
+            runs = hardened[name][case.id]
+            row.append(_median(r.t_detect for r in runs) + ("" if name == launchers[0] else f" {_verdicts(runs)}"))
+        rows.append(row + [_stock_story(stock[case.id], args.stock_cap)])
     import torch
 
     print(
-        f"torch {torch.__version__}, {hardened_profile.world.ranks} ranks, gloo on CPU, "
-        f"{args.repeat} hardened runs per case, stock cap {args.stock_cap:g}s, total {time.time() - started:.0f}s"
+        f"torch {torch.__version__}, {stock_profile.world.ranks} ranks, gloo on CPU, "
+        f"{args.repeat} hardened runs per case and launcher, stock cap {args.stock_cap:g}s, total {time.time() - started:.0f}s"
     )
     print(
         tabulate(
             rows,
-            headers=["case", "fault", "hardened", "ranks end with", "t_detect s median (min–max)", "stock (runtime off)"],
+            headers=["case", "fault", "hardened", "ranks end with"]
+            + [f"t_detect s, {name} (median, min–max)" for name in launchers] + ["stock (runtime off)"],
             tablefmt="github",
             disable_numparse=True,
         )
     )
+    print()
+    print(
+        tabulate(
+            [[name, _median(b for b, _ in startup[name]), _median(w for _, w in startup[name])] for name in launchers],
+            headers=["launcher", "case asked → every rank's Session begun, s", f"control case {controls[0].id} wall, s"],
+            tablefmt="github",
+            disable_numparse=True,
+        )
+    )
+
+
+def _median(values) -> str:
+    values = [v for v in values if v is not None]
+    return f"{statistics.median(values):.2f} ({min(values):.2f}–{max(values):.2f})" if values else "—"
+
+
+def _verdicts(runs: list[CaseResult]) -> str:
+    return "/".join(sorted({r.verdict.value for r in runs})).upper()
 
 
 if __name__ == "__main__":

@@ -51,7 +51,7 @@ _FLAGS = {
     f"--hardening-{flag[2:]}": flag
     for flag in (
         "--ranks", "--target", "--profile", "--only", "--program", "--torch-trace", "--artifacts", "--baseline",
-        "--fail-on-improvement",
+        "--fail-on-improvement", "--launcher",
     )
 }  # fmt: skip
 _INI = ("suite", "target", "profile", "baseline")
@@ -268,7 +268,7 @@ class SuitePlugin:
             raise pytest.UsageError(f"hardening: --hardening-suite {suite!r}: unknown suite; known suites: {', '.join(known)}")
         args = argparse.Namespace(
             name=suite,
-            **{key: _option(config, key) for key in ("ranks", "target", "profile", "only", "program", "artifacts", "baseline")},
+            **{key: _option(config, key) for key in ("ranks", "target", "profile", "only", "program", "artifacts", "baseline", "launcher")},
             torch_trace=config.getoption("--hardening-torch-trace"),
             fail_on_improvement=config.getoption("--hardening-fail-on-improvement"),
         )  # fmt: skip

@@ -86,6 +86,7 @@ CORPUS = [
     Bad("node-rank-beyond-nnodes", _suite("--launcher", "torchrun", "--nnodes", "2", "--node-rank", "2", "--rdzv-endpoint", "127.0.0.1:29400"), ("--node-rank", "0..1")),
     Bad("ranks-not-splitting-over-nodes", _suite("--ranks", "3", "--launcher", "torchrun", "--nnodes", "2", "--rdzv-endpoint", "127.0.0.1:29400"), ("--nnodes", "3 ranks do not split evenly over 2 nodes")),
     Bad("rdzv-endpoint-on-one-node", _suite("--launcher", "torchrun", "--rdzv-endpoint", "127.0.0.1:29400"), ("--rdzv-endpoint", "only for nnodes > 1")),
+    Bad("rdzv-id-bad-characters", _suite("--launcher", "torchrun", "--nnodes", "2", "--rdzv-endpoint", "127.0.0.1:29400", "--rdzv-id", "a/b"), ("--rdzv-id", "'a/b'")),
     Bad("ranks-one-runs-nothing", ("suite", "compile", "--ranks", "1"), ("no cases selected", "C-00 (needs 2)"), code=ExitCode.NO_CASES),
     Bad("profile-empty", ("suite", "compile", "--profile", ""), ("--profile",)),
     Bad("profile-unknown-name", ("suite", "compile", "--profile", "nope"), ("'nope'", "cpu")),

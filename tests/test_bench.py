@@ -32,9 +32,16 @@ def test_overhead_bench_runs_every_variant(tmp_path: Path) -> None:
 @pytest.mark.multiproc
 @pytest.mark.timeout(300)
 def test_detect_bench_runs_hardened_and_stock(tmp_path: Path) -> None:
-    text = _run(tmp_path, "detect.py", "--suites", "compile", "--only", "C-01", "--repeat", "1", "--stock-cap", "20")
+    text = _run(
+        tmp_path, "detect.py", "--suites", "compile", "--only", "C-01", "--repeat", "1", "--stock-cap", "20",
+        "--launchers", "process,torchrun",
+    )  # fmt: skip
     row = next(line for line in text.splitlines() if line.startswith("| C-01"))
     assert "crashed PASS" in row and "ParityError" in row and "silent" in row
+    assert row.count("PASS") == 2 and "t_detect s, torchrun" in text  # the torchrun column judged its own runs
+    for launcher in ("process", "torchrun"):  # and what starting a case cost under each
+        startup = next(line for line in text.splitlines() if line.startswith(f"| {launcher} "))
+        assert startup.count("(") == 2, startup
 
 
 @pytest.mark.multiproc

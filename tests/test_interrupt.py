@@ -33,7 +33,9 @@ pytestmark = [pytest.mark.multiproc, pytest.mark.slow]
 BANNER = r"^hardening: suite "
 CASE_DONE = r"^\[{k}/\d+\] \S+ +(completed|crashed|hung|survived|not_fired|early_crash)"
 LONG = "steps: 100000\ntimeouts: {case: 120}\n"  # the control runs until something stops it
-STALL = "timeouts: {call_deadline: 60, detect: 90}\n"  # H-01's frozen rank stays frozen for a minute
+# PP-02's stalled stage holds the pipeline for half a minute: a case that is surely still
+# running 1.5 s after it started (H-01 no longer is: its frozen rank is named in 0.2 s).
+STALL = "timeouts: {call_deadline: 60, detect: 90}\npipeline: {queue_timeout: 30}\n"
 
 
 def done(k: int) -> str:
@@ -68,17 +70,17 @@ class Scenario:
 
 COMPILE = ("suite", "compile", "--json", "r.json", "--junit", "r.xml")
 LAST = len(get_suite("compile"))  # the suite grows: "after the last case" is counted, not written
-MID = ("suite", "operator", "--only", "OM-00,OM-01,H-01", "--profile", "stall.yaml", "--json", "r.json", "--junit", "r.xml")
-IN_H01 = r"^\[3/3\] H-01 .*\.\.\.$"
+MID = ("suite", "pp", "--ranks", "2", "--only", "PP-00,OM-09,PP-02", "--profile", "stall.yaml", "--json", "r.json", "--junit", "r.xml")
+IN_LONG = r"^\[3/3\] PP-02 .*\.\.\.$"
 
 SCENARIOS = [
     *(Scenario(f"{sig}-early", COMPILE, (Act(BANNER, sig),), ExitCode.INTERRUPTED, 0) for sig in ("SIGINT", "SIGTERM", "SIGHUP")),
-    *(Scenario(f"{sig}-mid-case", MID, (Act(IN_H01, sig, 1.5),), ExitCode.INTERRUPTED, 2, tail=("interrupted",), files={"stall.yaml": STALL})
+    *(Scenario(f"{sig}-mid-case", MID, (Act(IN_LONG, sig, 1.5),), ExitCode.INTERRUPTED, 2, tail=("interrupted",), files={"stall.yaml": STALL})
       for sig in ("SIGINT", "SIGTERM", "SIGHUP")),
     *(Scenario(f"{sig}-after-last-case", COMPILE, (Act(done(LAST), sig),), ExitCode.INTERRUPTED, LAST) for sig in ("SIGINT", "SIGTERM", "SIGHUP")),
     Scenario("SIGINT-twice-between-cases", COMPILE, (Act(done(3), "SIGINT"), Act(done(3), "SIGINT", 0.05)), ExitCode.INTERRUPTED, 3,
              exact=False),
-    Scenario("SIGINT-twice-mid-case", MID, (Act(IN_H01, "SIGINT", 1.5), Act(IN_H01, "SIGINT", 1.6)), ExitCode.INTERRUPTED, 2, tail=("interrupted",),
+    Scenario("SIGINT-twice-mid-case", MID, (Act(IN_LONG, "SIGINT", 1.5), Act(IN_LONG, "SIGINT", 1.6)), ExitCode.INTERRUPTED, 2, tail=("interrupted",),
              files={"stall.yaml": STALL}),
     Scenario("SIGINT-twice-after-last-case", COMPILE, (Act(done(LAST), "SIGINT"), Act(done(LAST), "SIGINT", 0.05)), ExitCode.INTERRUPTED, LAST),
     Scenario("SIGTERM-then-SIGINT-early", COMPILE, (Act(BANNER, "SIGTERM"), Act(BANNER, "SIGINT", 0.1)), ExitCode.INTERRUPTED, 0),

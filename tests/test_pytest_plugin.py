@@ -7,6 +7,7 @@ handling and the fork server kept out of this process."""
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -70,6 +71,18 @@ def test_selected_compile_cases_pass_as_items(pytester: pytest.Pytester) -> None
     assert not any(list(tc) for tc in cases.values())  # no <failure>, <error> or <skipped>
     runs = pytester.path / ".hardening" / "runs"
     assert (runs / "latest" / "result.json").is_file()
+
+
+@pytest.mark.multiproc
+@pytest.mark.timeout(240)
+def test_cases_run_under_torchrun_from_pytest_too(pytester: pytest.Pytester) -> None:
+    result = pytester.runpytest_subprocess(
+        "--hardening-suite", "compile", "--hardening-only", "C-01", "--hardening-launcher", "torchrun", "-v", timeout=220
+    )
+    assert result.ret == 0, result.stdout.str()
+    result.stdout.fnmatch_lines(["hardening.compile::C-01[[]ranks=2[]] PASSED*", "*1 passed*"])
+    (case,) = json.loads((pytester.path / ".hardening" / "runs" / "latest" / "result.json").read_text())["cases"]
+    assert all(Path(r["artifacts"]["torchelastic_error"]).is_file() for r in case["ranks"])
 
 
 @pytest.mark.multiproc

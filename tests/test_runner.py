@@ -274,62 +274,50 @@ def _leader_pid(proc: subprocess.Popen[str], timeout: float = 60) -> tuple[int, 
     raise AssertionError("ranks did not start")
 
 
-@pytest.mark.timeout(180)
-def test_kill_minus_9_of_rank_0_by_hand_makes_workers_exit_peer_lost(tmp_path: Path) -> None:
-    """The OM-13 promise without the fault: an operator's kill -9 of the leader mid-run."""
+def _signal_mid_run(tmp_path: Path, rank: int, sig: signal.Signals) -> tuple[list[dict], float, set[int]]:
+    """Send ``sig`` to one rank of a long OM-00 run well into its steady-state loop, as an
+    operator would; the ranks' ends from the report, when the signal went, both pids."""
     profile = tmp_path / "long.yaml"
-    profile.write_text("steps: 100000\ntimeouts: {case: 120}\n")  # runs until someone kills it
+    profile.write_text("steps: 100000\ntimeouts: {case: 120}\n")  # runs until someone signals it
     proc = subprocess.Popen(
         [sys.executable, "-m", "hardening", "suite", "operator", "--only", "OM-00", "--profile", str(profile),
          "--json", "r.json", "--artifacts", "run"],
         cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
-        leader, worker = _leader_pid(proc)
+        pids = _leader_pid(proc)
         deadline = time.time() + 60
         while time.time() < deadline and not (tmp_path / "run" / "OM-00" / "rank1" / "stdout.log").exists():
             time.sleep(0.1)
         time.sleep(3)  # well into the steady-state loop
-        killed_at = time.time()
-        os.kill(leader, signal.SIGKILL)
-        stdout, stderr = proc.communicate(timeout=60)
+        sent_at = time.time()
+        os.kill(pids[rank], sig)
+        proc.communicate(timeout=60)
     finally:
         proc.kill()
-    report = json.loads((tmp_path / "r.json").read_text())
-    ranks = report["cases"][0]["ranks"]
+    return json.loads((tmp_path / "r.json").read_text())["cases"][0]["ranks"], sent_at, set(pids)
+
+
+@pytest.mark.timeout(180)
+def test_kill_minus_9_of_rank_0_by_hand_makes_workers_exit_peer_lost(tmp_path: Path) -> None:
+    """The OM-13 promise without the fault: an operator's kill -9 of the leader mid-run."""
+    ranks, killed_at, pids = _signal_mid_run(tmp_path, 0, signal.SIGKILL)
     assert ranks[0]["signal"] == "SIGKILL"
     assert ranks[1]["error_class"] == "PeerLost", ranks[1]
     assert "rank 0" in ranks[1]["message"]
     assert ranks[1]["exited_at"] - killed_at < 1.0  # the runner reaps it and tells the store at once
-    assert not wait_gone({leader, worker}, 5)
+    assert not wait_gone(pids, 5)
 
 
 @pytest.mark.timeout(180)
 def test_sigterm_of_a_rank_by_hand_is_named_terminated_and_its_peer_follows(tmp_path: Path) -> None:
     """An operator's (or torchrun's agent's) SIGTERM is a named end with a record, not a
     signal death: the watchdog sees it even while the main thread is blocked in gloo."""
-    profile = tmp_path / "long.yaml"
-    profile.write_text("steps: 100000\ntimeouts: {case: 120}\n")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "hardening", "suite", "operator", "--only", "OM-00", "--profile", str(profile),
-         "--json", "r.json", "--artifacts", "run"],
-        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    try:
-        leader, worker = _leader_pid(proc)
-        deadline = time.time() + 60
-        while time.time() < deadline and not (tmp_path / "run" / "OM-00" / "rank1" / "stdout.log").exists():
-            time.sleep(0.1)
-        time.sleep(3)
-        os.kill(worker, signal.SIGTERM)
-        proc.communicate(timeout=60)
-    finally:
-        proc.kill()
-    ranks = json.loads((tmp_path / "r.json").read_text())["cases"][0]["ranks"]
+    ranks, _, pids = _signal_mid_run(tmp_path, 1, signal.SIGTERM)
     assert ranks[1]["error_class"] == "Terminated" and ranks[1]["exit_code"] == 32, ranks[1]
     assert "received SIGTERM in phase steady" in ranks[1]["message"]
     assert ranks[0]["error_class"] == "PeerError" and ranks[0]["root_cause_rank"] == 1, ranks[0]
-    assert not wait_gone({leader, worker}, 5)
+    assert not wait_gone(pids, 5)
 
 
 @pytest.mark.timeout(240)

@@ -74,7 +74,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("name", help=f"suite name: {suites}")
     profiles = f"shipped profile name ({', '.join(available_profiles())}) or a YAML file; default {DEFAULT_PROFILE}"
     _add_run_flags(s, ("--ranks", "--profile", "--only", "--target", "--program", "--torch-trace", "--baseline"), profile=profiles)
-    _add_run_flags(s, ("--fail-on-improvement", "--keep-artifacts", "--launcher", "--nnodes", "--node-rank", "--rdzv-endpoint"))
+    _add_run_flags(s, ("--fail-on-improvement", "--keep-artifacts", "--launcher", "--nnodes", "--node-rank", "--rdzv-endpoint", "--rdzv-id"))
     s.add_argument("--json", metavar="FILE", help="write the JSON report here")
     s.add_argument("--junit", metavar="FILE", help="write a JUnit XML report here")
     _add_run_flags(s, ("--artifacts",))
@@ -129,6 +129,7 @@ RUN_FLAGS: dict[str, dict[str, Any]] = {
     "--nnodes": dict(type=int, metavar="N", help="with --launcher torchrun: split --ranks evenly over N nodes, one runner each"),
     "--node-rank": dict(type=int, metavar="K", help="with --nnodes: this runner's node, 0..N-1 (node 0 writes the report)"),
     "--rdzv-endpoint": dict(metavar="HOST:PORT", help="with --nnodes: where the nodes meet; node 0 listens there"),
+    "--rdzv-id": dict(metavar="TOKEN", help="with --nnodes: the run's token, the same on every node; every key lives under it"),
 }
 """The flags that shape a run, shared by ``suite``, ``baseline update`` and the pytest
 plugin (as ``--hardening-<name>``): one help text each, one meaning."""
@@ -255,6 +256,7 @@ def _load_profile(args: argparse.Namespace):
         ("world.nnodes", "--nnodes", getattr(args, "nnodes", None)),
         ("world.node_rank", "--node-rank", getattr(args, "node_rank", None)),
         ("world.rdzv_endpoint", "--rdzv-endpoint", getattr(args, "rdzv_endpoint", None)),
+        ("world.rdzv_id", "--rdzv-id", getattr(args, "rdzv_id", None)),
     ):
         if value is not None:
             if isinstance(value, str) and not value.strip():

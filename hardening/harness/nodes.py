@@ -11,7 +11,7 @@ at the endpoint for the whole run, and everything meets there:
 - the runners themselves:
 
   ================== ======== ==========================================================
-  ``nodes/plan``     node 0   the run id, the world and the cases, in order
+  ``nodes/plan``     node 0   the world and the cases, in order (and the run id, with no token)
   ``nodes/join/K``   node K   node K selected the same plan
   ``nodes/refused/K`` node K  node K selected another (what differs)
   ``nodes/beat/K``   node K   its runner's heartbeat, every :data:`BEAT_S`
@@ -21,8 +21,13 @@ at the endpoint for the whole run, and everything meets there:
 Each node judges case I from every node's ranks, so every node prints the same table;
 node 0 writes the reports. A node whose runner stops beating for :data:`GONE_S` is gone:
 its ranks are missing from the case and the suite ends on the other nodes (the next
-rendezvous could never complete). Like torchrun's own store, the endpoint is not
-authenticated: multi-node runs belong on a trusted network.
+rendezvous could never complete).
+
+Like torchrun's own, the store at the endpoint is not authenticated, and has no way to
+list its keys: with ``--rdzv-id TOKEN`` (the same on every node) every key of the run,
+the runners', the rendezvous' and the ranks', lives under that token, so nobody who does
+not know it can write one (an abort, a result). Without it node 0 makes a run id up and
+publishes it in ``nodes/plan``, where anyone who can reach the endpoint can read it.
 """
 
 from __future__ import annotations
@@ -63,6 +68,10 @@ class Nodes:
         self._beats: dict[int, tuple[bytes | None, float]] = {}
         self._stop = threading.Event()
 
+    def _key(self, name: str) -> str:
+        """The runners' keys live under the run's token, when the user gave one."""
+        return f"nodes/{self.rdzv.run_id}/{name}" if self.rdzv.run_id else f"nodes/{name}"
+
     # -- lifecycle ---------------------------------------------------------------------
 
     def open(self, plan: dict[str, Any], *, timeout_s: float, progress: Callable[[str], None]) -> None:
@@ -70,33 +79,37 @@ class Nodes:
         the plan is its own. Then wait (``timeout_s``) until every node has joined."""
         deadline = time.time() + timeout_s
         if self.rdzv.node_rank == 0:
-            self.store = self._connect(self.host, self.port, True)
-            self.run_id = secrets.token_hex(6)
-            self.store.set("nodes/plan", json.dumps({"run_id": self.run_id, **plan}, sort_keys=True))
+            try:
+                self.store = self._connect(self.host, self.port, True)
+            except Exception as exc:  # the port is taken (another node 0?), or not this host's address
+                raise NodesError(f"node 0 cannot listen on {self.rdzv.endpoint}: {exc}") from None
+            self.run_id = self.rdzv.run_id or secrets.token_hex(6)
+            published = plan if self.rdzv.run_id else {"run_id": self.run_id, **plan}
+            self.store.set(self._key("plan"), json.dumps(published, sort_keys=True))
         else:
             self.store = self._join(deadline)
-            theirs = json.loads(self._wait_key("nodes/plan", deadline, "node 0's plan"))
-            self.run_id = theirs.pop("run_id")
+            theirs = json.loads(self._wait_key(self._key("plan"), deadline, "node 0's plan (the same --rdzv-id?)"))
+            self.run_id = self.rdzv.run_id or theirs.pop("run_id", "")
             if theirs != json.loads(json.dumps(plan, sort_keys=True)):
                 diff = sorted(k for k in set(plan) | set(theirs) if plan.get(k) != theirs.get(k))
-                self.store.set(f"nodes/refused/{self.rdzv.node_rank}", ", ".join(diff))
+                self.store.set(self._key(f"refused/{self.rdzv.node_rank}"), ", ".join(diff))
                 raise NodesError(
                     f"node {self.rdzv.node_rank} selected a different run than node 0 ({', '.join(diff)} differ: "
                     f"here {json.dumps({k: plan.get(k) for k in diff})}, node 0 {json.dumps({k: theirs.get(k) for k in diff})}); "
                     "run the same suite, --only, --ranks and profile on every node"
                 )
-        self.store.set(f"nodes/join/{self.rdzv.node_rank}", "1")
+        self.store.set(self._key(f"join/{self.rdzv.node_rank}"), "1")
         threading.Thread(target=self._beat, name="hardening-nodes", daemon=True).start()
         waiting = [k for k in range(self.rdzv.nnodes)]
         said = 0.0
         while waiting:
-            waiting = [k for k in waiting if not self.store.check([f"nodes/join/{k}"])]
+            waiting = [k for k in waiting if not self.store.check([self._key(f"join/{k}")])]
             if not waiting:
                 break
             for k in waiting:
-                if self.store.check([f"nodes/refused/{k}"]):
+                if self.store.check([self._key(f"refused/{k}")]):
                     raise NodesError(
-                        f"node {k} selected a different run ({self.store.get(f'nodes/refused/{k}').decode()} differ); "
+                        f"node {k} selected a different run ({self.store.get(self._key(f'refused/{k}')).decode()} differ); "
                         "run the same suite, --only, --ranks and profile on every node"
                     )
             if time.time() > deadline:
@@ -131,7 +144,7 @@ class Nodes:
         while not self._stop.wait(BEAT_S):
             seq += 1
             try:
-                self.store.set(f"nodes/beat/{self.rdzv.node_rank}", str(seq))
+                self.store.set(self._key(f"beat/{self.rdzv.node_rank}"), str(seq))
             except Exception:  # node 0 (the store) is gone: gone() says so to the main thread
                 return
 
@@ -142,7 +155,7 @@ class Nodes:
         now = time.monotonic()
         others = [k for k in range(self.rdzv.nnodes) if k != self.rdzv.node_rank]
         try:
-            values = [self.store.get(f"nodes/beat/{k}") if self.store.check([f"nodes/beat/{k}"]) else None for k in others]
+            values = [self.store.get(self._key(f"beat/{k}")) if self.store.check([self._key(f"beat/{k}")]) else None for k in others]
         except Exception:
             return [0] if self.rdzv.node_rank != 0 else others
         lost = []
@@ -156,7 +169,7 @@ class Nodes:
 
     def publish(self, index: int, ranks: list[RankResult]) -> None:
         try:
-            self.store.set(f"nodes/case/{index}/{self.rdzv.node_rank}", json.dumps([asdict(r) for r in ranks], default=str))
+            self.store.set(self._key(f"case/{index}/{self.rdzv.node_rank}"), json.dumps([asdict(r) for r in ranks], default=str))
         except Exception:  # node 0 is gone; the other nodes judge without us
             pass
 
@@ -170,7 +183,7 @@ class Nodes:
         why = f"no result within {timeout_s:g}s"
         while waiting:
             for k in list(waiting):
-                key = f"nodes/case/{index}/{k}"
+                key = self._key(f"case/{index}/{k}")
                 try:
                     if self.store.check([key]):
                         for data in json.loads(self.store.get(key)):

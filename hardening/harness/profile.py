@@ -73,6 +73,12 @@ class WorldConfig:
     rdzv_endpoint: str = ""
     """``HOST:PORT`` every node's runner can reach (multi-node): node 0 listens there."""
 
+    rdzv_id: str = ""
+    """The run's token, the same on every node (multi-node; like torchrun's ``--rdzv-id``):
+    every key of the run lives under it, so nobody who does not know it can write one into
+    the endpoint's store, which has no authentication. Empty: node 0 makes one up and
+    publishes it there (readable by anyone who can reach the endpoint)."""
+
     def validate(self) -> None:
         if self.ranks < 1:
             raise ValueError("ranks: must be at least 1")
@@ -98,8 +104,11 @@ class WorldConfig:
             host, _, port = self.rdzv_endpoint.rpartition(":")
             if not host or not port.isdigit() or not 0 < int(port) < 65536:
                 raise ValueError(f"rdzv_endpoint: {self.nnodes} nodes need HOST:PORT every node can reach, got {self.rdzv_endpoint!r}")
-        elif self.rdzv_endpoint:
-            raise ValueError("rdzv_endpoint: only for nnodes > 1 (one node rendezvouses on loopback by itself)")
+        elif self.rdzv_endpoint or self.rdzv_id:
+            key = "rdzv_endpoint" if self.rdzv_endpoint else "rdzv_id"
+            raise ValueError(f"{key}: only for nnodes > 1 (one node rendezvouses on loopback by itself)")
+        if self.rdzv_id and not all(c.isalnum() or c in "-_" for c in self.rdzv_id):
+            raise ValueError(f"rdzv_id: letters, digits, '-' and '_' only, got {self.rdzv_id!r}")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -373,7 +382,7 @@ def _load(name_or_path: str | None, overrides: dict[str, Any] | None, flags: dic
     return profile
 
 
-_TOGETHER = frozenset({"world.launcher", "world.nnodes", "world.node_rank", "world.rdzv_endpoint"})
+_TOGETHER = frozenset({"world.launcher", "world.nnodes", "world.node_rank", "world.rdzv_endpoint", "world.rdzv_id"})
 
 
 def profile_to_dict(profile: Profile) -> dict[str, Any]:

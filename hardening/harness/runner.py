@@ -1,8 +1,12 @@
 """The runner: launch the ranks of each case, watch them, and turn what happened into data.
 
-One runner per suite invocation. It hosts the c10d store (so the store outlives every
-rank), starts one fork server (so ``import torch`` is paid once), and runs cases one
-after another. Per case it waits on every rank under three deadlines (setup, detect,
+One runner per suite invocation (per node, on several). It hosts the c10d store (so the
+store outlives every rank), starts one fork server (so ``import torch`` is paid once),
+and runs cases one after another; with ``world.launcher: torchrun`` each case runs under
+torchrun instead (:mod:`hardening.harness.torchrun`), its ranks reported through the same
+events, and on several nodes the runners keep in lockstep (:mod:`hardening.harness.nodes`).
+Its liveness observer vouches for every rank it launched, from outside the rank
+(:mod:`hardening.harness.liveness`). Per case it waits on every rank under three deadlines (setup, detect,
 case); at a deadline it dumps every live rank with py-spy, then SIGTERM -> grace ->
 SIGKILL of each rank's whole session. A timeout is data (outcome ``hung``), never an
 exception. A stop request (Ctrl-C, SIGTERM, SIGHUP: :mod:`hardening.harness.interrupt`) is
@@ -60,6 +64,9 @@ _SERVER_BOOT = (
     "serve()\n"
 )
 
+
+ATTACH_S = 10.0
+"""Bound on connecting to a torchrun case's store (its agent may be ending already)."""
 
 SERVER_START_S = 180.0
 """Bound on the fork server's start (``import torch`` on a loaded 2-core box)."""
@@ -128,7 +135,7 @@ class Runner:
         self.world_size = profile.world.ranks
         w = profile.world
         self.torchrun = w.launcher == "torchrun"
-        self.rendezvous = Rendezvous(nnodes=w.nnodes, node_rank=w.node_rank, endpoint=w.rdzv_endpoint)
+        self.rendezvous = Rendezvous(nnodes=w.nnodes, node_rank=w.node_rank, endpoint=w.rdzv_endpoint, run_id=w.rdzv_id)
         self.local_count = self.world_size // w.nnodes
         """Ranks this runner launches and watches (all of them, but on one of several nodes)."""
         self._token = secrets.token_hex(6)
@@ -358,6 +365,11 @@ class Runner:
             launched=time.time(),
         )
         harness_error = None
+        # A case run again in this runner (a benchmark's rounds) reuses its directory: what
+        # its ranks wrote last time must not be read as this time's.
+        for stale in ("record.json", "launch.json", "exit.json"):
+            for path in live.case_dir.glob(f"rank*/{stale}"):
+                path.unlink(missing_ok=True)
         try:
             self._launch(live)
             self._watch(live)
@@ -455,7 +467,7 @@ class Runner:
                 world_size=self.world_size, rdzv=self.rendezvous, rdzv_id=run_id,
                 case_dir=live.case_dir, profile_path=self.profile_path, join_s=self.profile.timeouts.setup,
             ),
-            env=full, case_dir=live.case_dir, events=self._events,
+            env=full, case_dir=live.case_dir, events=self._events, tag=live.prefix,
         )  # fmt: skip
         live.torchrun.start()
 
@@ -479,11 +491,15 @@ class Runner:
 
     def _attach(self, live: _Live, host: str, port: int, prefix: str) -> None:
         """Connect to the store a torchrun case's ranks use (the agent's), once they say where."""
-        timeout = self.profile.timeouts.pg
+        timeout = min(self.profile.timeouts.pg, ATTACH_S)
         try:
             live.store = store_keys.connect(host, port, prefix=prefix, timeout_s=timeout)
             self._observer.watch(store_keys.connect(host, port, prefix=prefix, timeout_s=timeout))
-        except Exception as exc:  # the agent is gone already: the ranks will say how
+        except Exception as exc:
+            assert live.torchrun is not None
+            if live.torchrun.exit_code() is not None:  # the case is over already: the records say how
+                live.final = True
+                return
             raise HarnessError(f"cannot reach torchrun's agent store at {host}:{port}: {exc}") from None
         for rank, pid in live.pids.items():
             self._observer.add(rank, pid)
@@ -501,6 +517,8 @@ class Runner:
             return
         while True:
             kind = event["event"]
+            if event.get("case", live.prefix) != live.prefix:
+                kind = "stale"  # an earlier torchrun case's poller, late: not this case's rank
             if kind == "spawned":
                 rank = event["rank"]
                 live.pids[rank] = event["pid"]

@@ -76,6 +76,8 @@ class Rendezvous:
     node_rank: int = 0
     endpoint: str = ""
     """``HOST:PORT`` of the c10d rendezvous (multi-node); empty: ``--standalone``."""
+    run_id: str = ""
+    """The run's token (``--rdzv-id``), the same on every node; empty: node 0 makes one up."""
 
     @property
     def loopback(self) -> bool:
@@ -107,6 +109,9 @@ class TorchrunCase:
     env: dict[str, str]
     case_dir: Path
     events: "queue.Queue[dict[str, Any]]"
+    tag: str
+    """Put on every event: the runner's queue outlives the case, and a late event of an
+    earlier case must not be taken for one of this case's ranks."""
     proc: subprocess.Popen[bytes] | None = None
     launched: dict[int, dict[str, Any]] = field(default_factory=dict)
     _ended: set[int] = field(default_factory=set)
@@ -150,7 +155,7 @@ class TorchrunCase:
             rank = int(info["rank"])
             if rank not in self.launched:
                 self.launched[rank] = info
-                self.events.put({"event": "spawned", **info})
+                self.events.put({"event": "spawned", "case": self.tag, **info})
         now = time.time()
         for rank, info in self.launched.items():
             if rank in self._ended:
@@ -162,13 +167,13 @@ class TorchrunCase:
                 except (OSError, ValueError):
                     continue
                 self._ended.add(rank)
-                self.events.put({"event": "exited", "pid": info["pid"], "status": ended["status"], "t": ended["t"]})
+                self.events.put({"event": "exited", "case": self.tag, "pid": info["pid"], "status": ended["status"], "t": ended["t"]})
             elif proc_state(info["pid"]) in (None, "Z", "X"):
                 # Its reaper cannot have written exit.json: the whole group was killed.
                 since = self._gone.setdefault(rank, now)
                 if now - since >= UNREAPED_S:
                     self._ended.add(rank)
-                    self.events.put({"event": "exited", "pid": info["pid"], "status": signal.SIGKILL, "t": since})
+                    self.events.put({"event": "exited", "case": self.tag, "pid": info["pid"], "status": signal.SIGKILL, "t": since})
 
     def finish(self, grace_s: float) -> int | None:
         """The agent's exit code once it is gone: it gets :data:`AGENT_EXIT_S`, then its
@@ -190,6 +195,9 @@ class TorchrunCase:
                 except subprocess.TimeoutExpired:
                     continue
         self._stop.set()
+        if self._poller is not None:
+            self._poller.join(timeout=2.0)
+        self._scan()  # what the ranks wrote last (an exit the poller had not seen yet)
         return proc.poll()
 
     def kill_now(self) -> None:

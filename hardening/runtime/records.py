@@ -280,8 +280,14 @@ class Terminator:
                         peer = follow_abort(info, surfaced=f"{type(exc).__name__}: {first_line}")
                         peer.__cause__ = exc
                         return peer, peer.root_cause_rank
-            except Exception:  # no store, no attribution: report the error as it is
-                return exc, root_cause_rank
+            except Exception as gone:  # the store died with whoever hosted it: that is the cause
+                lost = PeerLost(
+                    f"the store stopped answering ({type(gone).__name__}: {(str(gone).splitlines() or [''])[0][:200]}): "
+                    "whoever hosts it is gone (its launcher; on several nodes, node 0's runner)\n"
+                    f"(here it surfaced as {type(exc).__name__}: {first_line})"
+                )
+                lost.__cause__ = exc
+                return lost, None
             if time.monotonic() >= deadline:
                 return exc, root_cause_rank
             time.sleep(0.02)

@@ -148,13 +148,27 @@ class Watchdog(threading.Thread):
         start = self.clock()
         for r in self._peer_value:
             self._peer_changed[r] = start  # from the thread's start, not the object's
+        failing: float | None = None  # since when the store has not answered
         while not self.terminator.ending and not self._stopped.is_set():
             try:
                 self._tick()
-            except Exception as exc:  # the store died with the launcher: the job is over
+                failing = None
+            except Exception as exc:  # the store died with whoever hosted it: the job is over
                 if self.parent_pid is not None and os.getppid() != self.parent_pid:
                     self.terminator.end(None, exit_code=EXIT_PARENT_GONE, publish_abort=False)
-                print(f"[hardening] rank {self.state.rank} watchdog: {type(exc).__name__}: {exc}", file=sys.stderr)
+                now = self.clock()
+                if failing is None:
+                    failing = now
+                    print(f"[hardening] rank {self.state.rank} watchdog: {type(exc).__name__}: {exc}", file=sys.stderr)
+                elif now - failing > max(self.node_lost_s, 2 * self.heartbeat_s):
+                    first = (str(exc).splitlines() or [""])[0][:200]
+                    self.terminator.end(
+                        PeerLost(
+                            f"the store stopped answering {now - failing:.1f}s ago ({type(exc).__name__}: {first}): "
+                            "whoever hosts it is gone (its launcher; on several nodes, node 0's runner)"
+                        ),
+                        publish_abort=False,
+                    )
             time.sleep(self.heartbeat_s)
 
     def _tick(self) -> None:
