@@ -222,3 +222,20 @@ def test_a_case_run_twice_in_one_runner_reads_only_what_its_second_run_wrote(tmp
         first, second = runner.run_case(case), runner.run_case(case)
     assert first.verdict is Verdict.PASS and second.verdict is Verdict.PASS, second.reason
     assert {r.pid for r in first.ranks}.isdisjoint(r.pid for r in second.ranks)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_a_users_own_program_under_torchrun_is_fault_tested_like_under_the_runner(tmp_path: Path) -> None:
+    # Every rank has its own reaper (its HARDENING_PARENT_PID): that is per rank, not drift.
+    marker = new_marker()
+    program = str(Path(__file__).resolve().parent.parent / "examples" / "own_loop.py")
+    code, text = _finish(
+        _suite(marker, "operator", "--program", program, "--launcher", "torchrun", "--only", "OM-00,OM-13", "--json", "r.json",
+               cwd=tmp_path),
+        timeout=220,
+    )  # fmt: skip
+    assert code == 0, text
+    cases = json.loads((tmp_path / "r.json").read_text())["cases"]
+    assert [(c["id"], c["verdict"]) for c in cases] == [("OM-00", "pass"), ("OM-13", "pass")]
+    assert not left_behind(marker)

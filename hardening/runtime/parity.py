@@ -39,6 +39,7 @@ PER_RANK_VARIABLES = frozenset(
         "TORCHINDUCTOR_CACHE_DIR",
         "TORCH_TRACE",
         "HARDENING_RECORD",  # each rank's own record file
+        "HARDENING_PARENT_PID",  # each rank's own launcher process (under torchrun: its reaper)
         DUMP_ENV,  # each rank's own depyf dump directory
     }
 )
