@@ -460,7 +460,7 @@ class _Ended(Exception):
     pass
 
 
-def _vouch_watchdog(tmp_path: Path, store: dist.Store, now: list[float]) -> Any:
+def _vouch_watchdog(tmp_path: Path, store: dist.Store, now: list[float], world: int = 3) -> Any:
     from hardening.runtime.records import RankState, Terminator
     from hardening.runtime.watchdog import Watchdog
 
@@ -468,7 +468,7 @@ def _vouch_watchdog(tmp_path: Path, store: dist.Store, now: list[float]) -> Any:
         def end(self, exc: BaseException | None, **_: Any) -> Any:  # type: ignore[override]
             raise _Ended(exc)
 
-    state = RankState(rank=0, world_size=3, record_path=tmp_path / "record.json")
+    state = RankState(rank=0, world_size=world, record_path=tmp_path / "record.json")
     return Watchdog(state, Ends(state, store), store, heartbeat_s=0.2, peer_lost_s=3, first_heartbeat_s=60,
                     call_deadline_s=0, node_lost_s=0.6, clock=lambda: now[0])  # fmt: skip
 
@@ -480,25 +480,34 @@ def _vouch(store: dist.Store, rank: int, node: int, seq: int) -> None:
 def test_a_vouched_peer_is_never_lost_on_its_heartbeat_but_a_silent_node_is(tmp_path: Path) -> None:
     master = dist.TCPStore("127.0.0.1", 0, None, True, timeout=timedelta(seconds=10), wait_for_workers=False)
     store = dist.PrefixStore("vouch", master)
-    for r in (1, 2):
+    for r in (1, 2, 3):
         store.set(f"hb/{r}", json.dumps({"seq": 1, "phase": "steady", "call_id": 3}))
     now = [100.0]
-    wd = _vouch_watchdog(tmp_path, store, now)
-    # Rank 1 shares this rank's node, rank 2 is on node 1. Their own heartbeats never change.
+    wd = _vouch_watchdog(tmp_path, store, now, world=4)
+    nodes = {0: 0, 1: 0, 2: 1, 3: 1}  # this rank and rank 1 on node 0; ranks 2 and 3 on node 1
+    # Their own heartbeats never change; their launchers vouch on.
     for seq in range(1, 40):
-        _vouch(store, 0, 0, seq), _vouch(store, 1, 0, seq), _vouch(store, 2, 1, seq)
+        for r, node in nodes.items():
+            _vouch(store, r, node, seq)
         wd._tick()
-        now[0] += 0.2  # 7.8 s in all: past peer_lost (3 s) for both heartbeats
-    # Node 1's launcher stops; this node's goes on.
+        now[0] += 0.2  # 7.8 s in all: past peer_lost (3 s) for every heartbeat
+    # Node 1's launcher stops vouching for rank 2 only (as after reporting it stopped):
+    # node 1 is not silent while it still vouches for rank 3.
+    for seq in range(40, 60):
+        for r in (0, 1, 3):
+            _vouch(store, r, nodes[r], seq)
+        wd._tick()
+        now[0] += 0.2
+    # Then node 1's launcher stops altogether.
     silent_since = now[0] - 0.2  # the tick that saw its last vouch
     with pytest.raises(_Ended) as ended:
-        for seq in range(40, 60):
+        for seq in range(60, 80):
             _vouch(store, 0, 0, seq), _vouch(store, 1, 0, seq)
             wd._tick()
             now[0] += 0.2
     lost = ended.value.args[0]
     assert isinstance(lost, PeerLost) and lost.root_cause_rank == 2
-    assert str(lost).startswith("rank 2 lost: node 1 (host1) went silent, no word from its launcher for")
+    assert str(lost).startswith("ranks 2, 3 lost: node 1 (host1) went silent, no word from its launcher for")
     assert 0.6 <= now[0] - silent_since <= 0.6 + 0.2 + 1e-6  # at the first tick past node_lost
 
 

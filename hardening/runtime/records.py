@@ -253,14 +253,6 @@ class Terminator:
         first_line = (str(exc).splitlines() or [""])[0][:300]
         while True:
             try:
-                lost = nodes.silent_node(self.store) if nodes is not None else None
-            except Exception:  # the store went with node 0: no attribution
-                lost, nodes = None, None
-            if lost is not None:
-                lost = PeerLost(f"{lost}\n(here it surfaced as {type(exc).__name__}: {first_line})", root_cause_rank=lost.root_cause_rank)
-                lost.__cause__ = exc
-                return lost, lost.root_cause_rank
-            try:
                 for r in range(self.state.world_size):
                     # A peer killed by a signal cannot publish an abort; its launcher reports it.
                     key = store_keys.key("exit", r)
@@ -288,6 +280,16 @@ class Terminator:
                 )
                 lost.__cause__ = exc
                 return lost, None
+            # A whole node gone says nothing in the store: only its launcher's silence does
+            # (asked after the reports above, which name a stopped or dead rank exactly).
+            try:
+                lost = nodes.silent_node(self.store) if nodes is not None else None
+            except Exception:  # the store went with node 0: the next round says so
+                lost = None
+            if lost is not None:
+                lost = PeerLost(f"{lost}\n(here it surfaced as {type(exc).__name__}: {first_line})", root_cause_rank=lost.root_cause_rank)
+                lost.__cause__ = exc
+                return lost, lost.root_cause_rank
             if time.monotonic() >= deadline:
                 return exc, root_cause_rank
             time.sleep(0.02)

@@ -231,34 +231,41 @@ class Watchdog(threading.Thread):
         self._discover(vouch_keys, each=False)  # a launcher vouches for all its ranks or for none
         values = self._get(beat_keys + vouch_keys)
         beats, vouches = values[: len(beat_keys)], values[len(beat_keys) :]
-        mine = json.loads(vouches[0]).get("node") if vouches[0] is not None else None
-        silent: list[tuple[int, dict[str, Any], float]] = []
+        self._node = json.loads(vouches[0]).get("node") if vouches[0] is not None else None
         for r, value, vouch in zip(watched, beats, vouches[1:]):
             changed = self._note_beat(r, value, now)
             if vouch is None:
                 if not changed:
                     self._check_peer(r, value, now)  # nobody outside the peer watches it
-                continue
-            if self._vouch.get(r, (None,))[0] != vouch:
+            elif self._vouch.get(r, (None,))[0] != vouch:
                 self._vouch[r] = (vouch, now)
+        lost = self._silent_node(now)
+        if lost is not None:
+            self.terminator.end(lost)
+
+    def _silent_node(self, now: float) -> PeerLost | None:
+        """The ranks of another node whose launcher vouches for none of its ranks any more
+        (each vouch older than ``node_lost``), as the PeerLost that names them. A launcher
+        that stops vouching for one rank (it reported it stopped) while it still vouches
+        for the others is not silent; this rank's own node going silent ends it otherwise
+        (its launcher is its parent)."""
+        nodes: dict[Any, list[tuple[int, dict[str, Any], float]]] = {}
+        for r, (vouch, since) in sorted(self._vouch.items()):
+            if r in self._done or r in self._dead:
                 continue
             info = json.loads(vouch)
-            age = now - self._vouch[r][1]
-            if age > self.node_lost_s and info.get("node") != mine:
-                silent.append((r, info, age))  # (this rank's own launcher going silent ends it: parent)
-        self._node = mine
-        if silent:
-            self.terminator.end(self._silent_node(silent))
-
-    @staticmethod
-    def _silent_node(silent: list[tuple[int, dict[str, Any], float]]) -> PeerLost:
-        ranks = [r for r, _, _ in silent]
-        _, info, age = silent[0]
-        return PeerLost(
-            f"rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))} lost: node {info.get('node')} "
-            f"({info.get('host')}) went silent, no word from its launcher for {age:.1f}s",
-            root_cause_rank=ranks[0],
-        )
+            nodes.setdefault(info.get("node"), []).append((r, info, now - since))
+        for node, ranks in nodes.items():
+            if node == self._node or not all(age > self.node_lost_s for _, _, age in ranks):
+                continue
+            names = [r for r, _, _ in ranks]
+            _, info, age = ranks[0]
+            return PeerLost(
+                f"rank{'s' if len(names) > 1 else ''} {', '.join(map(str, names))} lost: node {node} "
+                f"({info.get('host')}) went silent, no word from its launcher for {min(a for _, _, a in ranks):.1f}s",
+                root_cause_rank=names[0],
+            )
+        return None
 
     @property
     def remote_vouched(self) -> bool:
@@ -271,16 +278,11 @@ class Watchdog(threading.Thread):
         ``store`` client: this thread stops once the rank is ending) when the main thread's
         own error (a gloo socket closed by a dead node's rank) may be that."""
         now = self.clock()
-        silent = []
-        for r, (vouch, since) in sorted(self._vouch.items()):
+        for r, (vouch, _) in list(self._vouch.items()):
             current = store.get(store_keys.key("alive", r))
             if current != vouch:
                 self._vouch[r] = (current, now)
-                continue
-            info = json.loads(vouch)
-            if r not in self._done and now - since > self.node_lost_s and info.get("node") != self._node:
-                silent.append((r, info, now - since))
-        return self._silent_node(silent) if silent else None
+        return self._silent_node(now)
 
     @staticmethod
     def _doing(act: "activity.Activity") -> str:
