@@ -273,11 +273,7 @@ class Terminator:
                         peer.__cause__ = exc
                         return peer, peer.root_cause_rank
             except Exception as gone:  # the store died with whoever hosted it: that is the cause
-                lost = PeerLost(
-                    f"the store stopped answering ({type(gone).__name__}: {(str(gone).splitlines() or [''])[0][:200]}): "
-                    "whoever hosts it is gone (its launcher; on several nodes, node 0's runner)\n"
-                    f"(here it surfaced as {type(exc).__name__}: {first_line})"
-                )
+                lost = PeerLost(f"{store_gone(gone)}\n(here it surfaced as {type(exc).__name__}: {first_line})")
                 lost.__cause__ = exc
                 return lost, None
             # A whole node gone says nothing in the store: only its launcher's silence does
@@ -314,6 +310,16 @@ class Terminator:
             self.store.add(store_keys.EVENTS, 1)
         except Exception:  # the store may be gone with the launcher; exiting matters more
             pass
+
+
+def store_gone(exc: BaseException, *, for_s: float | None = None) -> str:
+    """Why a rank ends when the store stops answering: whoever hosted it is gone."""
+    since = f" {for_s:.1f}s ago" if for_s is not None else ""
+    first = (str(exc).splitlines() or [""])[0][:200]
+    return (
+        f"the store stopped answering{since} ({type(exc).__name__}: {first}): "
+        "whoever hosts it is gone (its launcher; on several nodes, node 0's runner)"
+    )
 
 
 def write_elastic_error(record: RankRecord) -> None:

@@ -39,7 +39,7 @@ from typing import Any, Callable
 from hardening.errors import EXIT_PARENT_GONE, CallDeadlineExceeded, PeerLost, Terminated
 from hardening.runtime import activity
 from hardening.runtime import store as store_keys
-from hardening.runtime.records import RankState, Terminator, follow_abort, main_thread_where
+from hardening.runtime.records import RankState, Terminator, follow_abort, main_thread_where, store_gone
 
 SLOW_PHASES = frozenset({"init", "parity", "build", "warmup"})
 
@@ -161,14 +161,7 @@ class Watchdog(threading.Thread):
                     failing = now
                     print(f"[hardening] rank {self.state.rank} watchdog: {type(exc).__name__}: {exc}", file=sys.stderr)
                 elif now - failing > max(self.node_lost_s, 2 * self.heartbeat_s):
-                    first = (str(exc).splitlines() or [""])[0][:200]
-                    self.terminator.end(
-                        PeerLost(
-                            f"the store stopped answering {now - failing:.1f}s ago ({type(exc).__name__}: {first}): "
-                            "whoever hosts it is gone (its launcher; on several nodes, node 0's runner)"
-                        ),
-                        publish_abort=False,
-                    )
+                    self.terminator.end(PeerLost(store_gone(exc, for_s=now - failing)), publish_abort=False)
             time.sleep(self.heartbeat_s)
 
     def _tick(self) -> None:
