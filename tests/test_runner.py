@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from hardening.harness.profile import load_profile
 from hardening.harness.triage import ptrace_problem
 from hardening.suites import get_suite
 
@@ -378,3 +379,26 @@ def test_dead_and_frozen_ranks_on_four_ranks_name_the_lost_rank_everywhere(tmp_p
         assert case["t_detect"] <= 1.0, case  # a frozen rank too: its launcher reads /proc, not a heartbeat
     assert "stopped (state T" in cases["H-01"]["ranks"][0]["message"]
     assert not wait_gone(rank_pids(report), 5)
+
+
+@pytest.mark.timeout(120)
+def test_a_stop_as_a_case_launches_tears_down_the_ranks_whose_spawn_is_not_reported_yet(tmp_path: Path) -> None:
+    # A stop that lands between the spawn requests and the fork server's "spawned" events
+    # (a CI flake: C-04's rank 1 ended "SIGKILL", not torn_down). _launch only writes the
+    # requests; nothing has read the events when the teardown starts, so it begins with no
+    # rank known, and must wait for them, signal them and count them as its own doing.
+    from hardening.harness.results import TORN_DOWN
+    from hardening.harness.runner import Runner, _Live
+
+    case = get_suite("compile")[0]
+    assert case.fault is None  # the control: it would run all 100000 steps unless stopped
+    profile = load_profile("cpu", {"steps": 100000, "timeouts.case": 60})
+    with Runner(profile, run_dir=tmp_path, progress=lambda line: None) as runner:
+        live = _Live(case=case, prefix="case1-stop", case_dir=tmp_path / case.id, launched=time.time())
+        runner._launch(live)
+        assert not live.pids
+        runner._teardown(live, reason="interrupted (SIGTERM)")
+        ranks = runner._collect(live)
+    assert sorted(live.pids) == [0, 1] and sorted(live.exits) == [0, 1]
+    assert [(r.error_class, r.signal) for r in ranks] == [(TORN_DOWN, None)] * 2, ranks
+    assert not wait_gone(set(live.pids.values()), 5)

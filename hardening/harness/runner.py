@@ -656,25 +656,32 @@ class Runner:
 
     def _teardown(self, live: _Live, *, reason: str) -> None:
         """SIGTERM -> grace -> SIGKILL of every live rank's session; bounded, never raises.
-        (Stop signals meanwhile only set a flag: nothing can cut this short.)"""
+        (Stop signals meanwhile only set a flag: nothing can cut this short.)
+
+        A rank whose spawn the fork server reports only during the teardown (a stop that
+        lands just as a case launches) is signalled as it appears and counted as torn down
+        too: it must neither outlive the case nor read as "killed by SIGKILL"."""
         if live.teardown_at is None:
             live.teardown_at = time.time()
-        for r in live.pids:
-            if r not in live.exits:
-                live.torn_down.setdefault(r, reason)
         for sig, wait_s in ((signal.SIGTERM, self.profile.timeouts.grace), (signal.SIGKILL, 10.0)):
-            alive = [live.groups.get(r, pid) for r, pid in live.pids.items() if r not in live.exits]
-            if not alive:
-                break
-            for group in alive:
-                try:
-                    os.killpg(group, sig)
-                except ProcessLookupError:
-                    pass
-            if self._server_gone:
-                return  # nobody reports exits any more (and PDEATHSIG already ended the ranks)
+            signalled: set[int] = set()
             end = time.time() + wait_s
-            while time.time() < end and any(r not in live.exits for r in live.pids):
+            while True:
+                for r, pid in list(live.pids.items()):
+                    if r in live.exits or r in signalled:
+                        continue
+                    live.torn_down.setdefault(r, reason)
+                    signalled.add(r)
+                    try:
+                        os.killpg(live.groups.get(r, pid), sig)
+                    except ProcessLookupError:
+                        pass
+                if self._server_gone:
+                    return  # nobody reports exits any more (and PDEATHSIG already ended the ranks)
+                # The fork server spawns every rank asked for: wait for those not reported yet.
+                unspawned = live.torchrun is None and len(live.pids) < self.local_count
+                if time.time() >= end or not (unspawned or any(r not in live.exits for r in live.pids)):
+                    break
                 try:
                     self._drain(live, 0.05)
                 except HarnessError:
