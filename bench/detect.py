@@ -14,11 +14,17 @@ a case costs to start under each launcher: from asking for the case until every 
 Session has begun (spawn or fork, ``import torch``), and the control case's wall time.
 
     python bench/detect.py [--suites compile,operator] [--repeat 3] [--stock-cap 30] [--launchers process,torchrun]
+    python bench/detect.py --suites pp --ranks 3 --no-stock   # the pipeline half (bench/results/detect_pp.md)
+
+``--no-stock`` leaves the stock column out (the pipeline has no stock counterpart: with
+the runtime off there is no pipeline to run). ``hardening manual`` reads the t_detect
+column of every ``bench/results/detect*.md``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 import tempfile
@@ -66,16 +72,18 @@ def main() -> None:
     parser.add_argument("--stock-cap", type=float, default=30.0, help="seconds before a stock case counts as hung")
     parser.add_argument("--only", help="comma-separated case ids")
     parser.add_argument("--launchers", default="process", help="comma-separated: process, torchrun")
+    parser.add_argument("--ranks", type=int, default=2, help="world size (the pp suite's PP1 cases need 3)")
+    parser.add_argument("--no-stock", action="store_true", help="skip the runtime-off runs (and their column)")
     args = parser.parse_args()
 
-    suites = [c for name in args.suites.split(",") for c in get_suite(name)]
+    suites = [c for name in args.suites.split(",") for c in get_suite(name) if c.min_ranks <= args.ranks]
     cases: list[Case] = [c for c in suites if c.fault]
     controls = [c for c in suites if not c.fault and not c.workload]
     if args.only:
         cases = [c for c in cases if c.id in args.only.split(",")]
     launchers = args.launchers.split(",")
     stock_profile = load_profile(
-        "cpu", {"hardened": False, "timeouts.case": args.stock_cap, "timeouts.detect": args.stock_cap}
+        "cpu", {"hardened": False, "timeouts.case": args.stock_cap, "timeouts.detect": args.stock_cap, "world.ranks": args.ranks}
     )
     progress = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
     hardened: dict[str, dict[str, list[CaseResult]]] = {name: {c.id: [] for c in cases} for name in launchers}
@@ -84,7 +92,7 @@ def main() -> None:
     started = time.time()
     with tempfile.TemporaryDirectory() as tmp:
         for name in launchers:
-            profile = load_profile("cpu", {"world.launcher": name})
+            profile = load_profile("cpu", {"world.launcher": name, "world.ranks": args.ranks})
             with Runner(profile, run_dir=Path(tmp) / f"hardened-{name}", progress=progress) as runner:
                 for i in range(args.repeat):
                     for case in controls[:1] + cases:
@@ -96,8 +104,9 @@ def main() -> None:
                         else:
                             hardened[name][case.id].append(result)
                     progress(f"hardened ({name}) round {i + 1}/{args.repeat} done")
-        with Runner(stock_profile, run_dir=Path(tmp) / "stock", progress=progress) as runner:
-            for case in cases:
+        with contextlib.ExitStack() as stack:
+            runner = None if args.no_stock else stack.enter_context(Runner(stock_profile, run_dir=Path(tmp) / "stock", progress=progress))
+            for case in cases if runner is not None else ():
                 progress(f"stock {case.id} ...")
                 stock[case.id] = runner.run_case(case)
 
@@ -108,22 +117,26 @@ def main() -> None:
         for name in launchers:
             runs = hardened[name][case.id]
             row.append(_median(r.t_detect for r in runs) + ("" if name == launchers[0] else f" {_verdicts(runs)}"))
-        rows.append(row + [_stock_story(stock[case.id], args.stock_cap)])
+        rows.append(row + ([] if args.no_stock else [_stock_story(stock[case.id], args.stock_cap)]))
     import torch
 
     print(
         f"torch {torch.__version__}, {stock_profile.world.ranks} ranks, gloo on CPU, "
-        f"{args.repeat} hardened runs per case and launcher, stock cap {args.stock_cap:g}s, total {time.time() - started:.0f}s"
+        f"{args.repeat} hardened runs per case and launcher, "
+        + ("no stock runs" if args.no_stock else f"stock cap {args.stock_cap:g}s")
+        + f", total {time.time() - started:.0f}s"
     )
     print(
         tabulate(
             rows,
             headers=["case", "fault", "hardened", "ranks end with"]
-            + [f"t_detect s, {name} (median, min–max)" for name in launchers] + ["stock (runtime off)"],
+            + [f"t_detect s, {name} (median, min–max)" for name in launchers] + ([] if args.no_stock else ["stock (runtime off)"]),
             tablefmt="github",
             disable_numparse=True,
         )
     )
+    if not controls:
+        return  # no plain control case in these suites: nothing to time a start with
     print()
     print(
         tabulate(
