@@ -17,6 +17,7 @@ def build_cases() -> list[Case]:
     return [
         Case(
             id="C-00",
+            surface="compiled-regions",
             suite=SUITE,
             title="clean region: completes, 0 breaks, 0 recompiles, symmetric",
             expect=completes(),
@@ -24,6 +25,7 @@ def build_cases() -> list[Case]:
         ),
         Case(
             id="C-01",
+            surface="compiled-regions",
             suite=SUITE,
             title="compile enabled on one rank only",
             fault="compile_one_rank:rank=1",
@@ -32,6 +34,7 @@ def build_cases() -> list[Case]:
         ),
         Case(
             id="C-02",
+            surface="compiled-regions",
             suite=SUITE,
             title="graph break injected into the region",
             fault="graph_break:rank=all",
@@ -42,6 +45,7 @@ def build_cases() -> list[Case]:
         ),
         Case(
             id="C-03",
+            surface="compiled-regions",
             suite=SUITE,
             title="one rank recompiles after warmup",
             fault="recompile:rank=1",
@@ -50,6 +54,7 @@ def build_cases() -> list[Case]:
         ),
         Case(
             id="C-04",
+            surface="compiled-regions",
             suite=SUITE,
             title="effective SDPA backend resolves differently on one rank",
             fault="backend_divergence:rank=1",
@@ -58,6 +63,7 @@ def build_cases() -> list[Case]:
         ),
         Case(
             id="C-05",
+            surface="compiled-regions",
             suite=SUITE,
             title="a collective only rank 0 issues, inside the compiled region",
             fault="conditional_collective:rank=0",
@@ -74,6 +80,7 @@ def build_cases() -> list[Case]:
         ),
         Case(
             id="W-01",
+            surface="compiled-regions",
             suite=SUITE,
             title="one rank runs fewer warmup calls",
             fault="short_warmup:rank=1",

@@ -13,10 +13,11 @@ from hardening.harness.cases import Case, RankExpect, completes, crashes, first_
 SUITE = "operator"
 
 
-def _leader_refuses(case_id: str, title: str, fault: str, error: str, match: str) -> Case:
+def _leader_refuses(case_id: str, title: str, fault: str, error: str, match: str, *, surface: str = "control-plane") -> Case:
     """The leader refuses before commit; the followers end on its ERROR frame."""
     return Case(
         id=case_id,
+        surface=surface,
         suite=SUITE,
         title=title,
         fault=fault,
@@ -34,6 +35,7 @@ def build_cases() -> list[Case]:
     return [
         Case(
             id="OM-00",
+            surface="control-plane",
             suite=SUITE,
             title="served envelopes, digests, cache resets/recomputes: completes",
             expect=completes(),
@@ -41,9 +43,11 @@ def build_cases() -> list[Case]:
         ),
         _leader_refuses("OM-01", "unserializable meta on the sender", "unserializable_meta", "PreflightError", r"meta\.on_done"),
         _leader_refuses("OM-02", "unsupported dtype in the envelope", "unsupported_dtype", "PreflightError", r"float64"),
-        _leader_refuses("OM-03", "phase-plan / call-count mismatch", "plan_mismatch", "PreflightError", r"expected_generator_calls"),
+        _leader_refuses("OM-03", "phase-plan / call-count mismatch", "plan_mismatch", "PreflightError", r"expected_generator_calls",
+                        surface="multi-group"),
         Case(
             id="OM-04",
+            surface="determinism",
             suite=SUITE,
             title="one rank's own config differs (region.seed, or the program's first numeric key)",
             fault="config_skew:rank=1",
@@ -51,6 +55,7 @@ def build_cases() -> list[Case]:
         ),
         Case(
             id="OM-05",
+            surface="multi-group",
             suite=SUITE,
             title="a collective-gating flag set on one rank",
             fault="collective_gating_flag:rank=1",
@@ -61,6 +66,7 @@ def build_cases() -> list[Case]:
         _leader_refuses("OM-10", "recompute override missing", "missing_recompute_override", "PreflightError", r"recompute_override"),
         Case(
             id="OM-11",
+            surface="determinism",
             suite=SUITE,
             title="input mutated on a receiver after receive",
             fault="input_mutation:rank=1",
@@ -69,6 +75,7 @@ def build_cases() -> list[Case]:
         ),
         Case(
             id="OM-12",
+            surface="determinism",
             suite=SUITE,
             title="one element of one rank's weight shard perturbed",
             fault="weight_perturbation:rank=1",
@@ -76,6 +83,7 @@ def build_cases() -> list[Case]:
         ),
         Case(
             id="OM-13",
+            surface="shutdown",
             suite=SUITE,
             title="rank 0 killed mid-loop (SIGKILL)",
             fault="kill:rank=0",
@@ -84,6 +92,7 @@ def build_cases() -> list[Case]:
         ),
         Case(
             id="H-01",
+            surface="shutdown",
             suite=SUITE,
             title="a rank stalls inside a call (SIGSTOP)",
             fault="stall:rank=1",
@@ -93,6 +102,7 @@ def build_cases() -> list[Case]:
         ),
         Case(
             id="K-01",
+            surface="kv-cache",
             suite=SUITE,
             title="a rank skips a KV-cache reset",
             fault="skip_cache_reset:rank=1",

@@ -19,6 +19,7 @@ def build_cases() -> list[Case]:
     return [
         Case(
             id="PP-00",
+            surface="backpressure",
             suite=SUITE,
             title="clean PP0 run (rank 0 sends each chunk to every mesh rank): completes",
             workload="pp0",
@@ -27,6 +28,7 @@ def build_cases() -> list[Case]:
         ),
         Case(
             id="PP-01",
+            surface="multi-group",
             suite=SUITE,
             title="clean PP1 run (the mesh leader validates and broadcasts): completes",
             workload="pp1",
@@ -35,6 +37,7 @@ def build_cases() -> list[Case]:
         ),
         Case(
             id="OM-07",
+            surface="shutdown",
             suite=SUITE,
             title="the mesh leader's check refuses a chunk (sequence number off)",
             workload="pp1",
@@ -50,6 +53,7 @@ def build_cases() -> list[Case]:
         ),
         Case(
             id="OM-08",
+            surface="multi-group",
             suite=SUITE,
             title="the mesh's region issues an all_reduce on world_pg, not mesh_pg",
             workload="pp1",
@@ -69,6 +73,7 @@ def build_cases() -> list[Case]:
         ),
         Case(
             id="OM-09",
+            surface="epochs",
             suite=SUITE,
             title="hard cut while results are in flight: stale results dropped, never delivered",
             workload="pp0",
@@ -79,6 +84,7 @@ def build_cases() -> list[Case]:
         ),
         Case(
             id="PP-02",
+            surface="backpressure",
             suite=SUITE,
             title="the mesh stops taking chunks: rank 0's full queue is a named error",
             workload="pp0",
@@ -93,6 +99,7 @@ def build_cases() -> list[Case]:
         ),
         Case(
             id="O-01",
+            surface="backpressure",
             suite=SUITE,
             title="D sweep: OverlapScore and mesh idle per queue depth",
             workload="pp0:sweep",
@@ -102,6 +109,7 @@ def build_cases() -> list[Case]:
         ),
         Case(
             id="O-02",
+            surface="backpressure",
             suite=SUITE,
             title="overlap signature at the default depth: OverlapScore and t_mesh_idle_ms gated",
             workload="pp1",
@@ -110,6 +118,7 @@ def build_cases() -> list[Case]:
         ),
         Case(
             id="O-03",
+            surface="backpressure",
             suite=SUITE,
             title="recompute coupling: OverlapScore with recompute-on-epoch-bump vs a stashed cache",
             workload="pp0:recompute",

@@ -143,3 +143,19 @@ class Case:
     check: str | None = None
     """A checker of :mod:`hardening.harness.checkers` that judges the ranks' stored
     records once the expectation is met (the epoch fence's history, metric gates)."""
+
+    surface: str = ""
+    """The operator surface the case proves (a key of :mod:`hardening.harness.surfaces`):
+    where the manual lists it as a break-it test. Every case of a shipped suite has one."""
+
+
+MATRIX_HEADERS = ("id", "suite", "fault", "must happen", "budget", "ranks", "workload", "what")
+"""The columns of the operator matrix, as ``hardening list`` and the manual print it."""
+
+
+def matrix_row(case: Case) -> tuple[str, ...]:
+    """One case as a row of the operator matrix (:data:`MATRIX_HEADERS`)."""
+    return (
+        case.id, case.suite, case.fault or "—", case.expect.describe() + (f" + {case.check}" if case.check else ""),
+        f"{case.expect.budget_s:g}s" if case.expect.crash else "—", str(case.min_ranks), case.workload or "—", case.title,
+    )  # fmt: skip

@@ -1,4 +1,4 @@
-"""The ``hardening`` command: suite, list, triage, doctor. Exit codes are chosen here only."""
+"""The ``hardening`` command: suite, baseline, list, fault, triage, doctor, manual. Exit codes are chosen here only."""
 
 from __future__ import annotations
 
@@ -93,6 +93,10 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--native", action="store_true", help="include native frames")
     t.add_argument("--out", metavar="DIR", help="save each dump in DIR")
     sub.add_parser("doctor", help="check torch, backends, py-spy/ptrace and compilers")
+    m = sub.add_parser("manual", help="generate the operator manual from the code (--check: fail if the committed one differs)")
+    m.add_argument("--check", action="store_true", help="regenerate in memory and exit 1 if --out differs (for CI)")
+    m.add_argument("--out", metavar="FILE", default="docs/operator-manual.md", help="the manual (default docs/operator-manual.md)")
+    m.add_argument("--results", metavar="DIR", default="bench/results", help="benchmark results to read (default bench/results)")
     return p
 
 
@@ -168,6 +172,8 @@ def main(argv: list[str] | None = None) -> int:
             return _triage(args)
         if args.command == "doctor":
             return _doctor()
+        if args.command == "manual":
+            return _manual(args)
         raise AssertionError(args.command)
     except UsageError as exc:
         print(f"hardening: usage error: {exc}", file=sys.stderr)
@@ -630,21 +636,14 @@ def _link_latest(run_dir: Path) -> None:
 def _list(args: argparse.Namespace) -> int:
     from tabulate import tabulate
 
+    from hardening.harness.cases import MATRIX_HEADERS, matrix_row
     from hardening.suites import get_suite
 
     try:
         cases = get_suite(args.suite)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    rows = [
-        [
-            c.id, c.suite, c.fault or "—", c.expect.describe() + (f" + {c.check}" if c.check else ""),
-            f"{c.expect.budget_s:g}s" if c.expect.crash else "—", c.min_ranks, c.workload or "—", c.title,
-        ]
-        for c in cases
-    ]  # fmt: skip
-    headers = ["id", "suite", "fault", "must happen", "budget", "ranks", "workload", "what"]
-    print(tabulate(rows, headers=headers, tablefmt="simple"))
+    print(tabulate([matrix_row(c) for c in cases], headers=MATRIX_HEADERS, tablefmt="simple", disable_numparse=True))
     return ExitCode.OK
 
 
@@ -681,6 +680,31 @@ def _triage(args: argparse.Namespace) -> int:
         print(f"== {dump.label} ({'ok' if dump.ok else 'FAILED'}) ==\n{dump.text.rstrip()}\n")
     print(triage.side_by_side(dumps))
     return ExitCode.OK if all(d.ok for d in dumps.values()) else ExitCode.FAILED
+
+
+def _manual(args: argparse.Namespace) -> int:
+    """Write the manual, or with --check say how the committed one differs."""
+    from hardening.harness import manual
+
+    out, results = Path(args.out), Path(args.results)
+    if not results.is_dir():
+        raise UsageError(f"--results {results}: no such directory (run from the repository root, or pass --results DIR)")
+    try:
+        if not args.check:
+            manual.write(out, results)
+            print(f"hardening: wrote {out}")
+            return ExitCode.OK
+        diff = manual.check(out, results)
+    except manual.ManualError as exc:
+        print(f"hardening: manual: cannot generate: {exc}", file=sys.stderr)
+        return ExitCode.FAILED
+    if diff:
+        shown = diff[:60] + ([f"... {len(diff) - 60} more diff line(s)"] if len(diff) > 60 else [])
+        print("\n".join(shown))
+        print(f"hardening: {out} is out of date with the code: regenerate it with `hardening manual --out {out}`", file=sys.stderr)
+        return ExitCode.FAILED
+    print(f"hardening: {out} matches the code")
+    return ExitCode.OK
 
 
 def _doctor() -> int:

@@ -133,13 +133,17 @@ class Envelope:
     """One message of the control plane."""
 
     kind: Kind
+    """CALL, SHUTDOWN or ERROR (the terminal actions), in the frame's prefix with the magic and protocol version."""
     call_id: int
+    """Monotonic over the run: a receiver refuses a skipped or replayed call."""
     cache_epoch: int = 0
+    """The KV-cache epoch the call runs in; a reset starts a new one."""
     plan: dict[str, Any] = field(default_factory=dict)
     """Phase plan: ``expected_generator_calls`` and the KV-cache ``cache_op``."""
     meta: dict[str, Any] = field(default_factory=dict)
+    """The call's small settings, as canonical JSON (sorted keys, no NaN, never a pickle)."""
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
-    """In manifest order."""
+    """In manifest order (the header's ``tensor_specs``: name, shape, dtype of each)."""
     blob: bytes = b""
     """Header and meta bytes as sent (filled by send/receive; digested by drift checks)."""
     digest: list[int] | None = None
@@ -464,6 +468,9 @@ def _words_bytes(words: list[int]) -> bytes:
 
 
 def _validate_call(env: Envelope, specs: list[TensorSpec], count: int, channel: Channel) -> None:
+    """A CALL's header against this rank's own contract: the next call id, the announced
+    tensor count, every manifest entry (allowed dtype, declared name, shape within the
+    contract) in contract order, and the phase plan's call count."""
     if env.call_id != channel.last_call_id + 1:
         raise ContractError(
             f"call_id {env.call_id} after {channel.last_call_id}: a call was skipped or replayed"

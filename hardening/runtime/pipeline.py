@@ -367,6 +367,7 @@ class Pipeline:
         self._results.append(Posted(self._irecv(buf, MESH_LEADER, "from_mesh"), buf, self._waiter))
 
     def _need_control(self, what: str) -> None:
+        """``what`` is rank 0's to call, on an open, intact pipeline."""
         self._need_intact(what)
         if not self.is_control:
             raise ContractError(f"{what} is the control's (rank {CONTROL}); rank {self.rank} serves the mesh: call serve()")
@@ -374,6 +375,7 @@ class Pipeline:
             raise ContractError(f"{what} after the pipeline was closed")
 
     def _need_intact(self, what: str) -> None:
+        """Nothing runs on a pipeline that already failed: its queues no longer line up."""
         if self._failed is not None:
             raise ContractError(f"{what} after the pipeline failed ({self._failed}): its queues no longer line up")
 
@@ -543,6 +545,8 @@ class Pipeline:
             block = False
 
     def _full(self, limit: float | None, why: str) -> BackpressureError:
+        """The error of a bounded queue that stayed full past ``queue_timeout``: it names
+        the depths and what the stage after it did not take."""
         return BackpressureError(
             f"rank {self.rank}: a pipeline queue stayed full for {limit:g}s (D_in={self.config.depth_in}, "
             f"D_out={self.config.depth_out}): {why}"
@@ -600,6 +604,8 @@ class Pipeline:
         return [Result(chunk_id=chunk_id, epoch=header.epoch, tensors=self.result_out.tensors(buf))]
 
     def _check_result(self, h: Header, chunk_id: int, epoch: int) -> None:
+        """A result is a RESULT, next in sequence, of the oldest chunk in flight, and echoes
+        that chunk's epoch (a result of an older epoch is dropped before this, never delivered)."""
         where = f"rank {self.rank}: result {h.describe()}"
         if h.kind != Kind.RESULT:
             raise ContractError(f"{where}: expected a RESULT")
@@ -811,6 +817,8 @@ class Pipeline:
 
 
 def _as_outputs(out: Any, specs: tuple[TensorSpec, ...]) -> dict[str, torch.Tensor]:
+    """The mesh leader's result, named by the output contract before it is sent: as many
+    tensors as the contract names."""
     if isinstance(out, dict):
         return dict(out)
     values = (out,) if isinstance(out, torch.Tensor) else tuple(out)

@@ -51,9 +51,12 @@ class RankRecord:
     phase: str = ""
     """The phase the rank was in when it ended."""
     last_call_id: int | None = None
+    """The call the rank was in (or last finished) when it ended."""
     counters: dict[str, Any] = field(default_factory=dict)
+    """The compile counters: totals, warmup and steady state, graph signatures and collectives."""
     timings: dict[str, float] = field(default_factory=dict)
     artifacts: dict[str, str] = field(default_factory=dict)
+    """Debug artifacts the rank left: its ``torch_trace`` directory, its depyf dump."""
     pipeline: dict[str, Any] = field(default_factory=dict)
     """A pipeline rank's queues, epochs, timeline and (for the control) the delivery
     history and the overlap metrics; empty outside a pipeline."""

@@ -525,6 +525,7 @@ class ControlPlane:
         return Call(call_id=call_id, tensors=seams.call_inputs(env.tensors, call_id), meta=env.meta)
 
     def _need_inputs(self, make_inputs: Any, what: str) -> None:
+        """The leader makes every call's inputs: warmup() and serve() need ``make_inputs`` there."""
         if self.session.is_leader and make_inputs is None:
             raise ContractError(f"{what}: the leader (rank {LEADER}) needs make_inputs: it makes every call's inputs")
 

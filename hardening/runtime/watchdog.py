@@ -145,6 +145,9 @@ class Watchdog(threading.Thread):
         self._stopped.set()
 
     def run(self) -> None:
+        """One tick every ``heartbeat`` seconds until the rank ends. A store that stops
+        answering (its host, node 0 or the launcher, is gone) ends the rank ``PeerLost``
+        after ``node_lost`` (two beats at least)."""
         start = self.clock()
         for r in self._peer_value:
             self._peer_changed[r] = start  # from the thread's start, not the object's
@@ -165,6 +168,8 @@ class Watchdog(threading.Thread):
             time.sleep(self.heartbeat_s)
 
     def _tick(self) -> None:
+        """Beat, then in order: the launcher gone (exit 11), SIGTERM, the job-wide abort,
+        this rank's call deadline, a call blocked while every peer waits, a lost peer."""
         s = self.state
         now = self.clock()
         if self.parent_pid is not None and os.getppid() != self.parent_pid:

@@ -263,6 +263,8 @@ class CollectiveCheck:
         )
 
     def _raise_if_decided(self) -> None:
+        """A rank that finds the call already decided (another rank saw the collectives
+        differ) raises the same words, before its graph runs."""
         key = self._key("mismatch")
         if self._has(key):
             raise CompileGateError(self.store.get(key).decode())
