@@ -63,7 +63,8 @@ def build_cases() -> list[Case]:
             description="A flag that adds a collective on one rank must fail before any collective.",
         ),
         _leader_refuses("OM-06", "tensor sent outside the manifest", "tensor_outside_manifest", "ContractError", r"debug_latents"),
-        _leader_refuses("OM-10", "recompute override missing", "missing_recompute_override", "PreflightError", r"recompute_override"),
+        _leader_refuses("OM-10", "recompute override missing", "missing_recompute_override", "PreflightError", r"recompute_override",
+                        surface="kv-cache"),
         Case(
             id="OM-11",
             surface="determinism",

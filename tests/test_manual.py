@@ -163,3 +163,21 @@ def test_check_of_a_missing_manual_says_how_to_generate_it(tmp_path: Path) -> No
     out = _cli("--check", "--out", str(tmp_path / "none.md"), "--results", str(REPO / "bench" / "results"))
     assert out.returncode == 1
     assert "missing (generate it with `hardening manual --out" in out.stdout
+
+
+def test_a_figure_measured_for_another_fault_failed_or_over_budget_is_not_shown_as_measured(tmp_path: Path) -> None:
+    header = "| case | fault | hardened | ranks end with | t_detect s, process (median, min–max) |\n|---|---|---|---|---|\n"
+    rows = {
+        "C-01": "| C-01 | compile_one_rank:rank=0 | crashed PASS | r0 x | 0.03 (0.02–0.06) |",
+        "C-04": "| C-04 | backend_divergence:rank=1 | crashed FAIL/PASS | r0 x | 0.05 (0.03–0.07) |",
+        "W-01": "| W-01 | short_warmup:rank=1 | crashed PASS | r0 x | 4.50 (4.00–5.00) |",
+        "OM-02": "| OM-02 | unsupported_dtype | crashed PASS | r0 x | 0.05 (0.04–0.07) |",
+    }
+    (tmp_path / "detect.md").write_text("torch x, 2 ranks\n" + header + "\n".join(rows.values()) + "\n", encoding="utf-8")
+    measured = manual.read_results(tmp_path)
+    by_id = {c.id: c for c in get_suite("all")}
+    assert manual.measured_t_detect(by_id["C-01"], measured).startswith("stale: measured for fault `compile_one_rank:rank=0`")
+    assert manual.measured_t_detect(by_id["C-04"], measured) == "0.05 (0.03–0.07) (the benchmark's runs: crashed FAIL/PASS)"
+    assert manual.measured_t_detect(by_id["W-01"], measured) == "4.50 (4.00–5.00) (over the 3 s budget)"
+    assert manual.measured_t_detect(by_id["OM-02"], measured) == "0.05 (0.04–0.07)"
+    assert manual.measured_t_detect(by_id["OM-13"], measured) == "not measured"

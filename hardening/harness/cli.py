@@ -93,10 +93,12 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--native", action="store_true", help="include native frames")
     t.add_argument("--out", metavar="DIR", help="save each dump in DIR")
     sub.add_parser("doctor", help="check torch, backends, py-spy/ptrace and compilers")
+    from hardening.harness.manual import DEFAULT_OUT, DEFAULT_RESULTS
+
     m = sub.add_parser("manual", help="generate the operator manual from the code (--check: fail if the committed one differs)")
     m.add_argument("--check", action="store_true", help="regenerate in memory and exit 1 if --out differs (for CI)")
-    m.add_argument("--out", metavar="FILE", default="docs/operator-manual.md", help="the manual (default docs/operator-manual.md)")
-    m.add_argument("--results", metavar="DIR", default="bench/results", help="benchmark results to read (default bench/results)")
+    m.add_argument("--out", metavar="FILE", default=DEFAULT_OUT, help=f"the manual (default {DEFAULT_OUT})")
+    m.add_argument("--results", metavar="DIR", default=DEFAULT_RESULTS, help=f"benchmark results to read (default {DEFAULT_RESULTS})")
     return p
 
 
@@ -687,14 +689,14 @@ def _manual(args: argparse.Namespace) -> int:
     from hardening.harness import manual
 
     out, results = Path(args.out), Path(args.results)
-    if not results.is_dir():
-        raise UsageError(f"--results {results}: no such directory (run from the repository root, or pass --results DIR)")
     try:
         if not args.check:
             manual.write(out, results)
             print(f"hardening: wrote {out}")
             return ExitCode.OK
         diff = manual.check(out, results)
+    except manual.ResultsMissing as exc:
+        raise UsageError(str(exc)) from None
     except manual.ManualError as exc:
         print(f"hardening: manual: cannot generate: {exc}", file=sys.stderr)
         return ExitCode.FAILED

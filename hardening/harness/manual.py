@@ -56,6 +56,10 @@ class ManualError(ValueError):
     tripwire, a case without a surface): the manual cannot be generated until fixed."""
 
 
+class ResultsMissing(ManualError):
+    """The benchmark results folder is not there (a usage error: the wrong directory)."""
+
+
 # -- sources ---------------------------------------------------------------------------
 
 
@@ -73,10 +77,13 @@ def resolve(code: str) -> Any:
     return obj
 
 
+_ROLE = re.compile(r":(?:class|mod|func|meth|data|attr):`~?([^`]+)`")
+
+
 def first_paragraph(text: str | None) -> str:
-    """A docstring's first paragraph on one line."""
+    """A docstring's first paragraph on one line, its reST markup as Markdown."""
     paragraph = inspect.cleandoc(text or "").split("\n\n", 1)[0]
-    return " ".join(paragraph.split())
+    return _ROLE.sub(r"`\1`", " ".join(paragraph.split())).replace("``", "`")
 
 
 def function_doc(code: str) -> str:
@@ -113,6 +120,8 @@ def field_doc(code: str) -> str:
     """``module:Class.field`` -> that field's docstring."""
     owner, _, name = code.rpartition(".")
     cls = resolve(owner)
+    if not dataclasses.is_dataclass(cls):
+        raise ManualError(f"{code}: {owner} is not a dataclass")
     if name not in {f.name for f in dataclasses.fields(cls)}:
         raise ManualError(f"{code}: {cls.__name__} has no field {name!r}")
     doc = attribute_docs(cls).get(name)
@@ -128,7 +137,7 @@ def tripwire_sites(package: str = RUNTIME_PACKAGE) -> dict[str, list[str]]:
     sites: dict[str, list[str]] = {}
     for path in sorted(root.rglob("*.py")):
         module = ".".join((package, *path.relative_to(root).with_suffix("").parts)).removesuffix(".__init__")
-        _collect(ast.parse(path.read_text()), module, [], sites)
+        _collect(ast.parse(path.read_text(encoding="utf-8")), module, [], sites)
     return sites
 
 
@@ -161,8 +170,10 @@ def setting(key: str) -> tuple[str, dict[str, Any]]:
         if part not in fields:
             raise ManualError(f"setting {key!r}: {'.'.join(parts[: i + 1])} is not a profile key")
         if i < len(parts) - 1:
-            cls = fields[part].default_factory()  # type: ignore[misc]
-            cls = type(cls)
+            nested = fields[part].default_factory  # a section of the profile (timeouts, gates, ...)
+            if nested is dataclasses.MISSING or not dataclasses.is_dataclass(nested):
+                raise ManualError(f"setting {key!r}: {'.'.join(parts[: i + 1])} is a value, not a section")
+            cls = nested
     doc = attribute_docs(cls).get(parts[-1], "")
     if not doc:
         raise ManualError(f"setting {key!r}: the field has no docstring")
@@ -176,11 +187,23 @@ def setting(key: str) -> tuple[str, dict[str, Any]]:
 
 
 @dataclass(frozen=True, slots=True)
+class Figure:
+    """One case's row of a detection table."""
+
+    t_detect: str
+    """``median (min–max)`` seconds, as the benchmark printed them."""
+    fault: str
+    """The fault spec the benchmark ran (a case whose fault changed since is not this figure's)."""
+    hardened: str
+    """Outcome and verdicts of the hardened runs (``crashed PASS``)."""
+
+
+@dataclass(frozen=True, slots=True)
 class Measured:
     """What the benchmarks measured, by case id."""
 
-    t_detect: dict[str, str]
-    """Case id -> ``median (min–max)`` seconds, from the first table that has the case."""
+    t_detect: dict[str, Figure]
+    """Case id -> its row, from the first table that has the case."""
     sources: list[str]
     """Each results file read, with its provenance line (torch, ranks, runs)."""
     overlap: list[tuple[str, str]]
@@ -190,11 +213,11 @@ class Measured:
 def read_results(results_dir: Path) -> Measured:
     """The figures of ``detect*.md`` and ``overlap*.md`` in ``results_dir``."""
     if not results_dir.is_dir():
-        raise ManualError(f"no benchmark results at {results_dir} (run from the repository root, or pass --results DIR)")
+        raise ResultsMissing(f"--results {results_dir}: no such directory (run from the repository root, or pass --results DIR)")
     t_detect: dict[str, str] = {}
     sources: list[str] = []
     for path in sorted(results_dir.glob("detect*.md")):
-        lines = path.read_text().splitlines()
+        lines = path.read_text(encoding="utf-8").splitlines()
         sources.append(f"`{path.name}`: {lines[0].strip() if lines else ''}")
         header: list[str] | None = None
         for line in lines:
@@ -208,9 +231,13 @@ def read_results(results_dir: Path) -> Measured:
             if set("".join(cells)) <= set("-: ") or "case" not in header or len(cells) != len(header):
                 continue  # the rule under the header, another table, or a broken row
             column = next((i for i, h in enumerate(header) if h.startswith("t_detect")), None)
-            if column is not None:
-                t_detect.setdefault(cells[header.index("case")], cells[column].split(" PASS")[0].strip())
-    overlap = [(p.name, p.read_text().strip()) for p in sorted(results_dir.glob("overlap*.md"))]
+            if column is not None and "fault" in header and "hardened" in header:
+                figure = Figure(
+                    t_detect=cells[column].split(" PASS")[0].strip(),
+                    fault=cells[header.index("fault")], hardened=cells[header.index("hardened")],
+                )  # fmt: skip
+                t_detect.setdefault(cells[header.index("case")], figure)
+    overlap = [(p.name, p.read_text(encoding="utf-8").strip()) for p in sorted(results_dir.glob("overlap*.md"))]
     return Measured(t_detect=t_detect, sources=sources, overlap=overlap)
 
 
@@ -224,6 +251,22 @@ def _table(headers: list[str], rows: list[list[str]]) -> str:
     out = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
     out += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
     return "\n".join(out)
+
+
+def measured_t_detect(case: Case, measured: Measured) -> str:
+    """The case's measured figure, or why there is none to show: a figure measured for
+    another fault, a failed benchmark run or one over the budget is said as such."""
+    figure = measured.t_detect.get(case.id)
+    if figure is None:
+        return "not measured"
+    if figure.fault != (case.fault or "—"):
+        return f"stale: measured for fault `{figure.fault}`, rerun bench/detect.py"
+    if "PASS" not in figure.hardened or "FAIL" in figure.hardened:
+        return f"{figure.t_detect} (the benchmark's runs: {figure.hardened})"
+    median = re.match(r"\d+(\.\d+)?", figure.t_detect)
+    if median and case.expect.crash and float(median.group(0)) > case.expect.budget_s:
+        return f"{figure.t_detect} (over the {case.expect.budget_s:g} s budget)"
+    return figure.t_detect
 
 
 def _value(value: Any) -> str:
@@ -252,16 +295,23 @@ def _settings_table(keys: tuple[str, ...] | list[str]) -> str:
 
 
 def _cases_table(cases: list[Case], measured: Measured) -> str:
+    from hardening.inject import fault_class, parse_spec
     rows = []
     for c in cases:
         budget = f"{c.expect.budget_s:g} s" if c.expect.crash else "—"
         if not c.expect.crash:
             seen = "— (completes" + (f"; judged by `{c.check}`" if c.check else "") + ")"
         else:
-            seen = measured.t_detect.get(c.id, "not measured")
+            seen = measured_t_detect(c, measured)
         rows.append([c.id, f"`{c.fault}`" if c.fault else "—", f"`{c.expect.describe(full=True)}`", budget, seen])
     text = _table(["case", "fault", "every rank must end with", "budget", "measured t_detect, s"], rows)
-    notes = [f"- **{c.id}** {c.title}." + (f" {c.description}" if c.description else "") for c in cases]
+    notes = []
+    for c in cases:
+        note = f"- **{c.id}** {c.title}." + (f" {c.description}" if c.description else "")
+        if c.fault:
+            cls = fault_class(parse_spec(c.fault).name)
+            note += f" Fault `{cls.name}`: {cls.summary} (patches `{cls.target}`)."
+        notes.append(note)
     return text + "\n\n" + "\n".join(notes)
 
 
@@ -274,7 +324,7 @@ def _surface_section(number: int, surface: Surface, cases: list[Case], sites: di
     rows = []
     for wire in surface.tripwires:
         causes = ", ".join(f"`{c}` ({NAMED_CAUSES[c].exit_code})" for c in sites.get(wire.code, []))
-        rows.append([wire.where, function_doc(wire.code), f"`{wire.code}`", causes])
+        rows.append([wire.where, wire.check or function_doc(wire.code), f"`{wire.code}`", causes])
     out += [_table(["where", "check", "code", "raises (exit code)"], rows), ""]
     out += ["### Break-it tests", ""]
     out += [_cases_table(cases, measured) if cases else "None yet: no case proves this surface.", ""]
@@ -400,11 +450,13 @@ _CHECKLIST: tuple[tuple[str, tuple[str, ...], tuple[str, ...]], ...] = (
     ("Compile settings are identical on every rank, checked at init before the first compiled call.", ("C-01",), ("compile.enabled", "compile.backend", "compile.mode", "compile.fullgraph", "compile.dynamic")),
     ("The *effective* backends match (the SDPA kernel each rank really picks, matmul precision), not just the flags.", ("C-04",), ()),
     ("No flag that adds a collective differs between ranks (`HARDENING_*`, `TORCH_*`, `NCCL_*` variables are parity keys).", ("OM-05",), ("parity.ignore",)),
-    ("Warmup runs in lockstep: the same number of calls with the same shapes on every rank.", ("W-01",), ("warmup_calls", "timeouts.compile")),
+    ("Warmup runs in lockstep: the same number of calls on every rank (tickets), each call's shapes fixed by the leader's manifest and checked by every receiver.", ("W-01",), ("warmup_calls", "timeouts.compile")),
     ("Zero graph breaks (or a written budget), named with reason and file:line.", ("C-02",), ("gates.max_graph_breaks",)),
     ("Zero recompiles after warmup; one is named with the failing guard.", ("C-03",), ("gates.max_recompiles",)),
     ("Every compiled graph issues the same collectives on every rank, compared before it runs.", ("C-05",), ("compile.check_collectives",)),
-    ("A stalled or dead rank is named by its peers within a second, never a process-group timeout.", ("H-01", "OM-13"), ("timeouts.call_deadline",)),
+    ("A stalled or dead rank is named by its peers within a second when its launcher watches it from outside (the harness's launchers); "
+     "under a plain torchrun only its heartbeat tells, after `timeouts.peer_lost`. Never a process-group timeout.",
+     ("H-01", "OM-13"), ("timeouts.heartbeat", "timeouts.node_lost", "timeouts.peer_lost")),
 )
 """The P0 ship checklist: (item, the cases that prove it, the settings that bound it)."""
 
@@ -435,14 +487,15 @@ _DO: tuple[tuple[str, str | None], ...] = (
     ("Issue collectives through functional collectives (`torch.distributed._functional_collectives`) or "
      "in-place c10d calls that Dynamo rewrites to them; both trace into the graph without a break.", "C-00"),
     ("Let the traced `wait_tensor` follow its collective; reordering for overlap is the compiler's job.", None),
-    ("Create process groups in the same order on every rank: a group's name is a guard and a constant in the graph.", "OM-08"),
+    ("Create process groups in the same order on every rank: a group's name is a guard and a constant in the graph.", None),
     ("Keep the region's collectives on the group declared for it (`mesh_pg` in a pipeline).", "OM-08"),
     ("Make every debug feature that adds a collective a parity key, so it is on for every rank or none.", "OM-05"),
 )  # fmt: skip
 _DONT: tuple[tuple[str, str | None], ...] = (
     ("`async_op=True` and `Work.wait()` in the region: each is a graph break.", "C-02"),
     ("Process-group or Work objects created, or Python side effects (logging, `.item()`, prints), inside the region.", "C-02"),
-    ("A collective under a rank-dependent condition (`if rank == 0`), in or out of the region.", "C-05"),
+    ("A collective under a rank-dependent condition (`if rank == 0`) inside the compiled region (outside it, "
+     "the watchdog ends the hang at `call_deadline`, naming the op and the line).", "C-05"),
     ("`torch.distributed.nn.functional` in a compiled region: torch itself refuses it under compile from 2.12.", None),
     ("Debug flags set on one rank only (a NaN-check all_reduce, a profiler step).", "OM-05"),
 )  # fmt: skip
@@ -463,6 +516,9 @@ _CUDA_GRAPHS = (
     "On CPU (gloo) `reduce-overhead` does nothing: CUDA graphs are skipped (`TORCH_LOGS=cudagraphs` says why). "
     "The shipped `h200` profile uses `max-autotune-no-cudagraphs`; CUDA graphs with NCCL are not exercised by "
     "any suite here.",
+    "Whether a collective is captured must be the same on every rank: a rank that replays a graph holding an "
+    "all_reduce while its peer runs the same all_reduce eagerly (a recompile, a cudagraph skip on one rank) is "
+    "outside anything the ordering contract promises.",
 )
 
 
@@ -482,7 +538,8 @@ def _compile_hardening(by_id: dict[str, Case], measured: Measured) -> str:
             setting(key)  # every key named exists
         bound = f"; bounded by {', '.join(f'`{k}`' for k in keys)}" if keys else ""
         out.append(f"- [ ] {item} (proved by {ids(cases)}{bound})")
-    out += ["", _settings_table(["compile.fullgraph", "gates.max_graph_breaks", "gates.max_recompiles", "warmup_calls"]), ""]
+    out += ["", f"The values of these settings in every shipped profile: [{len(SURFACES)}. {SURFACES[-1].title}]"
+            f"(#{len(SURFACES)}-{_anchor(SURFACES[-1].title)}) and [4. {SURFACES[3].title}](#4-{_anchor(SURFACES[3].title)}).", ""]  # fmt: skip
 
     # The parity invariants: what is compared where.
     effective = sorted(_subscript_keys(parity.effective_backends))
@@ -496,23 +553,35 @@ def _compile_hardening(by_id: dict[str, Case], measured: Measured) -> str:
     out += ["", f"- Every environment variable starting with {', '.join(f'`{p}`' for p in parity.ENV_PREFIXES)} "
             "(as `env.<NAME>`), except the per-rank ones below.",
             "- The program's own keys (`Session(fingerprint=...)`; the harness adds its region target, dims, seed and "
-            "call counts), which may not reuse a runtime key.", "- The topology a pipeline declares (before any group is built).", ""]  # fmt: skip
+            "call counts), which may not reuse a runtime key.",
+            "- The call contract every rank describes to `control_plane()` (each tensor's name, shape, dtype and "
+            "varying dims, and the frame's layout), before the first frame.",
+            "- A pipeline's declared topology (before any group is built), then its depths, `queue_timeout` and the "
+            "contracts of a chunk's inputs and a result's outputs.", ""]  # fmt: skip
     env_fields = attribute_docs(envelope.Envelope)
-    rows = [[f"`{f.name}`", env_fields.get(f.name, "")] for f in dataclasses.fields(envelope.Envelope)]
+    rows = []
+    for f in dataclasses.fields(envelope.Envelope):
+        if not env_fields.get(f.name):
+            raise ManualError(f"hardening.runtime.envelope:Envelope.{f.name}: the field has no docstring")
+        rows.append([f"`{f.name}`", env_fields[f.name]])
     out += ["**Carried in the envelope every call** (checked by every receiver before the data plane; the input digest on "
-            "steady calls every `drift.digest_every`):", "", _table(["envelope field", "what it carries"], rows), "",
-            f"A pipeline message carries the same in its header words: {', '.join(f'`{w}`' for w in pipeline.HEADER_FIELDS)}.", ""]  # fmt: skip
+            "the steady calls `drift.digest_every` selects):", "", _table(["envelope field", "what it carries"], rows), "",
+            f"A pipeline message has its own header words ({', '.join(f'`{w}`' for w in pipeline.HEADER_FIELDS)}): "
+            "no meta and no digest; a chunk's tensors are checked against the contract by name, shape and dtype "
+            "before they are sent, not digested.", ""]  # fmt: skip
     out += ["**Best effort** (not compared, by design or by setting):", "",
             f"- Per-rank variables: {', '.join(f'`{v}`' for v in sorted(parity.PER_RANK_VARIABLES))}.",
-            "- Keys matching the profile's `parity.ignore` patterns (listed in the fingerprint itself, so ranks must agree on them).",
-            "- Inputs of warmup calls (warmup compares shapes, not values), and of steady calls between digests when "
-            "`drift.digest_every` > 1.",
-            "- Weights when `drift.weights` is false; outputs of the region are never compared across ranks.", ""]  # fmt: skip
+            "- Keys matching the profile's `parity.ignore` patterns (the list itself is compared).",
+            "- The values of warmup calls' inputs (never digested), of steady calls `drift.digest_every` skips, and of "
+            "every pipeline chunk.",
+            "- Weights when `drift.weights` is false; the region's outputs are never compared across ranks.", ""]  # fmt: skip
 
     out += ["### Compile-regression triage", ""] + [f"{i}. {step}" for i, step in enumerate(_TRIAGE, 1)] + [""]
-    out += [_settings_table(["gates.max_graph_breaks", "gates.max_recompiles", "triage.artifacts", "triage.torch_trace"]), ""]
+    out += [_settings_table(["triage.artifacts", "triage.torch_trace"]), ""]
 
-    out += ["### Compiled distributed regions: do and don't", "", "For code review; each rule names the case that proves its violation is caught.", ""]
+    out += ["### Compiled distributed regions: do and don't", "",
+            "For code review; each rule names the case that proves its violation is caught, or says that nothing here checks it.", ""]  # fmt: skip
+
     def proof(cid: str | None) -> str:
         return f"caught: {ids((cid,))}" if cid else "not checked here"
 
@@ -520,12 +589,15 @@ def _compile_hardening(by_id: dict[str, Case], measured: Measured) -> str:
     out += [f"- **Don't:** {rule} ({proof(cid)})" for rule, cid in _DONT]
     out += [""]
 
-    out += ["### Warmup protocol", "", first_paragraph(warmup.__doc__) + " " + first_paragraph(warmup.__doc__.split("\n\n", 1)[1]), "",
-            "- Warmup calls are bounded by `timeouts.compile`, not the call deadline (they compile).",
-            "- Warmup calls are excluded from the input digests (their shapes are compared by the tickets); digests start "
-            "with the first steady call.",
-            "- After the last warmup call the compile gate closes on every rank's counters, and the recompile guard "
-            "covers every later call.", "", _settings_table(["warmup_calls", "timeouts.compile", "steps"]), ""]  # fmt: skip
+    paragraphs = [first_paragraph(p) for p in inspect.cleandoc(warmup.__doc__ or "").split("\n\n")[:2]]
+    out += ["### Warmup protocol", "", " ".join(paragraphs), "",
+            "- A warmup call is bounded by `timeouts.compile`, not by the call deadline (it may compile); a call "
+            "blocked in a collective while every peer waits still ends at `call_deadline`.",
+            "- Warmup calls are never input-digested; digests start with the steady calls (`drift.digest_every`).",
+            "- After the last warmup call the compile gate closes on every rank's counters; with "
+            f"`gates.max_recompiles: 0` ({_profiles_where('gates.max_recompiles', 0)}) the recompile guard then "
+            "covers every later call.",
+            "- Warmup calls are excluded from the steady-state counters the recompile gate judges.", ""]  # fmt: skip
 
     out += ["### CUDA graphs and NCCL", ""] + [f"- {line}" for line in _CUDA_GRAPHS] + [""]
 
@@ -536,9 +608,17 @@ def _compile_hardening(by_id: dict[str, Case], measured: Measured) -> str:
         ids(case_ids)
         for cid in case_ids:
             c = by_id[cid]
-            rows.append([group, cid, c.title, f"`{c.expect.describe(full=True)}`", measured.t_detect.get(cid, "—")])
+            seen = measured_t_detect(c, measured) if c.expect.crash else "—"
+            rows.append([group, cid, c.title, f"`{c.expect.describe(full=True)}`", seen])
     out += [_table(["guards", "case", "what breaks", "expected signature", "measured t_detect, s (CPU)"], rows), ""]
     return "\n".join(out)
+
+
+def _profiles_where(key: str, value: Any) -> str:
+    """Which shipped profiles set ``key`` to ``value``, said in words."""
+    _, values = setting(key)
+    names = [name for name, v in values.items() if v == value]
+    return "every shipped profile" if len(names) == len(values) else ("the " + ", ".join(names) + " profile(s)" if names else "no shipped profile")
 
 
 def _subscript_keys(fn: Any) -> set[str]:
@@ -560,7 +640,7 @@ def _subscript_keys(fn: Any) -> set[str]:
 
 def write(out: Path, results_dir: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(render(results_dir))
+    out.write_text(render(results_dir), encoding="utf-8")
 
 
 def check(out: Path, results_dir: Path) -> list[str]:
@@ -568,4 +648,5 @@ def check(out: Path, results_dir: Path) -> list[str]:
     fresh = render(results_dir)
     if not out.is_file():
         return [f"{out}: missing (generate it with `hardening manual --out {out}`)"]
-    return list(difflib.unified_diff(out.read_text().splitlines(), fresh.splitlines(), f"{out} (committed)", f"{out} (generated)", lineterm=""))
+    committed = out.read_text(encoding="utf-8").splitlines()
+    return list(difflib.unified_diff(committed, fresh.splitlines(), f"{out} (committed)", f"{out} (generated)", lineterm=""))

@@ -15,10 +15,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 STAGES = (
+    "env parity at init",
+    "weight check after build",
+    "side-channel exchange",
     "leader preflight",
     "mesh-leader preflight",
     "receiver checks",
-    "env parity at init",
     "warmup lockstep",
     "compile gates",
     "group checks",
@@ -26,8 +28,10 @@ STAGES = (
     "watchdog",
     "API misuse",
 )
-"""Where a tripwire lives, in the order a call meets them. ``API misuse`` is a server
-calling the runtime out of order: named at once, on the rank that did it."""
+"""Where a tripwire lives, roughly in the order a run meets them. ``side-channel
+exchange`` is every step the ranks take together on the side channel (parity, warmup
+tickets, the gates, the done barrier); ``API misuse`` is a server calling the runtime
+out of order: named at once, on the rank that did it."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -40,6 +44,10 @@ class Tripwire:
     code: str
     """``module:qualname`` of the function that raises (or builds) the named cause; its
     docstring's first paragraph is the manual's description of the check."""
+
+    check: str = ""
+    """What the check refuses, where the function's docstring describes more than that
+    (a public method whose misuse checks are a small part of it)."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -73,6 +81,10 @@ class Surface:
 
 def _t(where: str, *codes: str) -> tuple[Tripwire, ...]:
     return tuple(Tripwire(where=where, code=code) for code in codes)
+
+
+def _misuse(code: str, check: str) -> Tripwire:
+    return Tripwire(where="API misuse", code=code, check=check)
 
 
 _ENVELOPE = "hardening.runtime.envelope"
@@ -111,11 +123,13 @@ SURFACES: tuple[Surface, ...] = (
         ),
         tripwires=(
             *_t("leader preflight", f"{_ENVELOPE}:preflight", f"{_ENVELOPE}:canonical_json", f"{_ENVELOPE}:_checked_specs"),
-            *_t("leader preflight", f"{_PIPELINE}:Frames.preflight", f"{_PIPELINE}:_as_outputs"),
-            *_t("receiver checks", f"{_ENVELOPE}:receive", f"{_ENVELOPE}:_validate_call", f"{_SESSION}:ControlPlane.shutdown"),
-            *_t("receiver checks", f"{_PIPELINE}:Frames.header", f"{_PIPELINE}:Pipeline._check_order"),
-            *_t("API misuse", f"{_SESSION}:Session.control_plane", f"{_SESSION}:ControlPlane._begin"),
-            *_t("API misuse", f"{_SESSION}:ControlPlane._need_inputs", f"{_SESSION}:ControlPlane.serve"),
+            *_t("leader preflight", f"{_PIPELINE}:Frames.preflight"),
+            *_t("mesh-leader preflight", f"{_PIPELINE}:_as_outputs"),
+            *_t("receiver checks", f"{_ENVELOPE}:receive", f"{_ENVELOPE}:_validate_call", f"{_SESSION}:ControlPlane._begin"),
+            *_t("receiver checks", f"{_SESSION}:ControlPlane.shutdown", f"{_PIPELINE}:Frames.header"),
+            _misuse(f"{_SESSION}:Session.control_plane", "control_plane() twice, or after pipeline(): one Session serves one of them."),
+            *_t("API misuse", f"{_SESSION}:ControlPlane._need_inputs"),
+            _misuse(f"{_SESSION}:ControlPlane.serve", "serve() before warmup() on a compiled Session: compiled code warms up in lockstep and passes the gate first."),
         ),
         settings=("steps", "warmup_calls"),
         fields=(f"{_RECORD}.last_call_id", f"{_RECORD}.phase", f"{_RECORD}.root_cause_rank"),
@@ -146,7 +160,8 @@ SURFACES: tuple[Surface, ...] = (
         tripwires=(
             *_t("group checks", "hardening.runtime.topology:Topology.check_built", "hardening.runtime.topology:Topology.connect"),
             *_t("group checks", "hardening.runtime.topology:Topology.check", "hardening.runtime.compile.backend:refusing"),
-            *_t("API misuse", f"{_SESSION}:Session.pipeline", f"{_PIPELINE}:Pipeline._claim_plan"),
+            _misuse(f"{_SESSION}:Session.pipeline", "pipeline() twice, or after control_plane(): one Session serves one of them."),
+            *_t("API misuse", f"{_PIPELINE}:Pipeline._claim_plan"),
         ),
         settings=("timeouts.pg", "compile.check_collectives", "pipeline.kind"),
         fields=("hardening.runtime.compile.counters:CompileCounters.graph_collectives",),
@@ -178,8 +193,11 @@ SURFACES: tuple[Surface, ...] = (
         ),
         tripwires=(
             *_t("queue bounds", f"{_PIPELINE}:Pipeline._full"),
-            *_t("API misuse", f"{_PIPELINE}:Pipeline.submit", f"{_PIPELINE}:Pipeline.serve", f"{_PIPELINE}:Pipeline.close"),
-            *_t("API misuse", f"{_PIPELINE}:Pipeline.segment", f"{_PIPELINE}:Pipeline._need_control", f"{_PIPELINE}:Pipeline._need_intact"),
+            _misuse(f"{_PIPELINE}:Pipeline.submit", "submit() before warmup(): the mesh compiles on the warmup chunks and passes the gate first."),
+            _misuse(f"{_PIPELINE}:Pipeline.serve", "serve() on rank 0: the control drives the pipeline (warmup, submit, drain)."),
+            _misuse(f"{_PIPELINE}:Pipeline.close", "A mesh rank that leaves before the control's SHUTDOWN."),
+            _misuse(f"{_PIPELINE}:Pipeline.segment", "segment() before warmup(): segments measure steady state."),
+            *_t("API misuse", f"{_PIPELINE}:Pipeline._need_control", f"{_PIPELINE}:Pipeline._need_intact"),
         ),
         settings=(
             "pipeline.depth_in", "pipeline.depth_out", "pipeline.queue_timeout",
@@ -198,10 +216,12 @@ SURFACES: tuple[Surface, ...] = (
         must=(
             "A terminal action on every path out of a server loop: SHUTDOWN when done, ERROR with the cause when not.",
             "A job-wide abort key in the store: the first failing rank writes its cause, every other rank reads it "
-            "within one watchdog tick and ends with `PeerError` naming it.",
+            "at its next watchdog tick and, two heartbeats later (its own main thread may still name its own "
+            "cause), ends with `PeerError` naming it.",
             "Liveness from outside the rank: its launcher reads `/proc/<pid>/stat` and reports a dead or stopped "
             "(SIGSTOP) process at once; a rank holding the GIL is busy, not lost.",
-            "A deadline on every call (`call_deadline`, `compile` for a warmup call that may compile).",
+            "A deadline on every call (`call_deadline`; `compile` for a warmup call that may compile, except a "
+            "call blocked in a collective while every peer waits, which ends at `call_deadline` too).",
             "Shutdown by the runner is SIGTERM, grace, SIGKILL of each rank's whole process group; a rank whose "
             "launcher died ends itself (exit 11) instead of living on as an orphan.",
         ),
@@ -211,8 +231,8 @@ SURFACES: tuple[Surface, ...] = (
             "A rank that catches an error and keeps serving without telling its peers.",
         ),
         tripwires=(
-            *_t("mesh-leader preflight", f"{_PIPELINE}:Pipeline._next_frame"),
-            *_t("env parity at init", "hardening.runtime.sidechannel:SideChannel.exchange"),
+            *_t("receiver checks", f"{_PIPELINE}:Pipeline._next_frame"),
+            *_t("side-channel exchange", "hardening.runtime.sidechannel:SideChannel.exchange"),
             *_t("watchdog", f"{_WATCHDOG}:Watchdog.run", f"{_WATCHDOG}:Watchdog._tick", f"{_WATCHDOG}:Watchdog._check_blocked"),
             *_t("watchdog", f"{_WATCHDOG}:Watchdog._silent_node", f"{_WATCHDOG}:Watchdog._check_peer"),
             *_t("watchdog", "hardening.runtime.records:follow_abort", "hardening.runtime.records:Terminator._attribute"),
@@ -247,7 +267,8 @@ SURFACES: tuple[Surface, ...] = (
         ),
         tripwires=(
             *_t("env parity at init", "hardening.runtime.parity:check_parity"),
-            *_t("receiver checks", "hardening.runtime.drift:check_input", "hardening.runtime.drift:check_weights"),
+            *_t("weight check after build", "hardening.runtime.drift:check_weights"),
+            *_t("receiver checks", "hardening.runtime.drift:check_input"),
         ),
         settings=("parity.ignore", "drift.digest_every", "drift.weights"),
     ),
@@ -268,7 +289,7 @@ SURFACES: tuple[Surface, ...] = (
             "Reusing ids after a restart of the loop, or resetting the epoch to 0.",
             "Delivering a stale result \"because it arrived\".",
         ),
-        tripwires=_t("receiver checks", f"{_PIPELINE}:Pipeline._check_result"),
+        tripwires=_t("receiver checks", f"{_PIPELINE}:Pipeline._check_order", f"{_PIPELINE}:Pipeline._check_result"),
         fields=(f"{_RECORD}.pipeline",),
     ),
     Surface(

@@ -133,7 +133,7 @@ class Envelope:
     """One message of the control plane."""
 
     kind: Kind
-    """CALL, SHUTDOWN or ERROR (the terminal actions), in the frame's prefix with the magic and protocol version."""
+    """CALL, or a terminal action (SHUTDOWN, ERROR with its cause), in the frame's prefix with the magic and protocol version."""
     call_id: int
     """Monotonic over the run: a receiver refuses a skipped or replayed call."""
     cache_epoch: int = 0

@@ -605,7 +605,8 @@ class Pipeline:
 
     def _check_result(self, h: Header, chunk_id: int, epoch: int) -> None:
         """A result is a RESULT, next in sequence, of the oldest chunk in flight, and echoes
-        that chunk's epoch (a result of an older epoch is dropped before this, never delivered)."""
+        that chunk's epoch. (A result of a chunk sent before a hard cut passes: it carries
+        its own chunk's epoch; the fence drops it right after, never delivered.)"""
         where = f"rank {self.rank}: result {h.describe()}"
         if h.kind != Kind.RESULT:
             raise ContractError(f"{where}: expected a RESULT")

@@ -1,9 +1,12 @@
 """Warmup lockstep: every rank compiles on the same calls with the same shapes.
 
-Before each warmup call the ranks exchange a ticket on the side channel, either
-``("call", k, shapes)`` or ``("end", n)``, and go on only if every ticket is equal.
-A rank that plans fewer calls, or feeds other shapes, is caught before the data plane
-runs a mismatched collective: a :class:`WarmupError` on every rank instead of a hang.
+Before each warmup call the ranks exchange a ticket on the side channel (the planned
+count, the step and, when the caller hands ``make_inputs``, the input shapes), and go
+on only if every ticket is equal. A rank that plans fewer calls is caught at the first
+ticket, before any compile, and one that feeds other shapes before that call's data
+plane runs a mismatched collective: a :class:`WarmupError` on every rank instead of a
+hang. (A Session's control plane hands no ``make_inputs``: its leader's envelope fixes
+every call's shapes, and every receiver checks them against its own call contract.)
 """
 
 from __future__ import annotations
