@@ -18,6 +18,7 @@ def build_cases() -> list[Case]:
         Case(
             id="C-00",
             surface="compiled-regions",
+            min_ranks=1,
             suite=SUITE,
             title="clean region: completes, 0 breaks, 0 recompiles, symmetric",
             expect=completes(),
@@ -35,6 +36,7 @@ def build_cases() -> list[Case]:
         Case(
             id="C-02",
             surface="compiled-regions",
+            min_ranks=1,
             suite=SUITE,
             title="graph break injected into the region",
             fault="graph_break:rank=all",

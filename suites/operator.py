@@ -18,6 +18,7 @@ def _leader_refuses(case_id: str, title: str, fault: str, error: str, match: str
     return Case(
         id=case_id,
         surface=surface,
+        min_ranks=1,  # the leader's own check: meaningful with no follower too (one GPU)
         suite=SUITE,
         title=title,
         fault=fault,
@@ -36,6 +37,7 @@ def build_cases() -> list[Case]:
         Case(
             id="OM-00",
             surface="control-plane",
+            min_ranks=1,
             suite=SUITE,
             title="served envelopes, digests, cache resets/recomputes: completes",
             expect=completes(),

@@ -3,6 +3,7 @@ themselves are measured by running them, never asserted here)."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -64,3 +65,35 @@ def test_overlap_bench_prints_every_depth_and_both_recompute_variants(tmp_path: 
     except ImportError:
         return
     assert (tmp_path / "o.png").stat().st_size > 1000
+
+
+@pytest.mark.timeout(120)
+def test_gpu_check_on_a_machine_without_cuda_says_so_in_one_line_and_runs_nothing(tmp_path: Path) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is visible: this is the CPU-machine behaviour")
+    script = BENCH / "gpu_check.sh"
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True, timeout=30).returncode == 0
+    out = subprocess.run(
+        ["bash", str(script), str(tmp_path / "out")], cwd=tmp_path, capture_output=True, text=True, timeout=90,
+        env={**os.environ, "PYTHON": sys.executable},
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == ["gpu_check: no CUDA device visible here (torch.cuda.is_available() is False): nothing run"]
+    assert not (tmp_path / "out").exists()
+
+
+def test_gpu_check_names_only_shipped_profiles_that_fit_one_gpu() -> None:
+    # The script's profiles exist and are what a one-GPU machine can run: one NCCL rank,
+    # or two gloo ranks sharing the device.
+    import re
+
+    from hardening.harness.profile import load_profile
+
+    named = sorted(set(re.findall(r"--profile (\S+)", (BENCH / "gpu_check.sh").read_text())))
+    assert named == ["gpu1-nccl", "gpu2-gloo-cuda"]
+    one, two = (load_profile(n) for n in named)
+    assert (one.world.ranks, one.world.backend, one.world.device) == (1, "nccl", "cuda")
+    assert (two.world.ranks, two.world.backend, two.world.device) == (2, "gloo", "cuda")
+    assert {one.compile.backend, two.compile.backend} == {"inductor"} and one.region.dims == load_profile("h200").region.dims

@@ -151,11 +151,11 @@ def test_bad_profile_names_the_file_and_the_key(tmp_path: Path) -> None:
 
 
 @pytest.mark.timeout(60)
-def test_one_rank_runs_no_case(tmp_path: Path) -> None:
-    proc = _hardening(tmp_path, "suite", "compile", "--ranks", "1")
+def test_cases_that_need_a_peer_run_nothing_on_one_rank(tmp_path: Path) -> None:
+    proc = _hardening(tmp_path, "suite", "compile", "--ranks", "1", "--only", "C-01,W-01")
     assert proc.returncode == ExitCode.NO_CASES
     assert "no cases selected" in proc.stderr
-    assert "C-00 (needs 2)" in proc.stderr
+    assert "C-01 (needs 2)" in proc.stderr and "W-01 (needs 2)" in proc.stderr
 
 
 @pytest.mark.timeout(60)

@@ -18,7 +18,7 @@ from hardening.harness.profile import (
     profile_to_dict,
 )
 
-SHIPPED = ("cpu", "premerge", "h200")
+SHIPPED = ("cpu", "premerge", "h200", "gpu1-nccl", "gpu2-gloo-cuda")
 
 
 def _write(tmp_path: Path, text: str, name: str = "bad.yaml") -> str:

@@ -402,3 +402,17 @@ def test_a_stop_as_a_case_launches_tears_down_the_ranks_whose_spawn_is_not_repor
     assert sorted(live.pids) == [0, 1] and sorted(live.exits) == [0, 1]
     assert [(r.error_class, r.signal) for r in ranks] == [(TORN_DOWN, None)] * 2, ranks
     assert not wait_gone(set(live.pids.values()), 5)
+
+
+@pytest.mark.timeout(240)
+def test_one_rank_runs_the_cases_that_need_no_peer(tmp_path: Path) -> None:
+    # What a one-GPU machine can run of the daily regression (profiles/gpu1-nccl.yaml):
+    # the controls, a break on every rank, the leader's own preflight; the rest is said.
+    out = hardening("suite", "all", "--ranks", "1", "--json", "r.json", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    cases = json.loads((tmp_path / "r.json").read_text())["cases"]
+    one = [c.id for c in get_suite("all") if c.min_ranks == 1]
+    assert [c["id"] for c in cases] == one and len(one) >= 6
+    assert all(c["verdict"] == "pass" and len(c["ranks"]) == 1 for c in cases), [(c["id"], c["verdict"]) for c in cases]
+    assert all(c["ranks"][0]["fired_at"] for c in cases if c["fault"]), "a fault that never fired proves nothing"
+    assert "skipping case(s) that need more than 1 rank(s): C-01 (needs 2)" in out.stderr

@@ -411,13 +411,31 @@ def _preamble(measured: Measured) -> str:
             "",
             *[f"- {line}" for line in measured.sources],
             "",
-            "A surface's settings are shown with their value in every shipped profile (`cpu` is the default; "
-            "`h200` the daily regression; `premerge` the compile gate).",
+            "A surface's settings are shown with their value in every shipped profile:",
+            "",
+            *[f"- `{name}`: {blurb}" for name, blurb in _profile_blurbs().items()],
             "",
             *toc,
             "",
         ]
     )
+
+
+def _profile_blurbs() -> dict[str, str]:
+    """Each shipped profile's first sentence, from the comment that opens its YAML file."""
+    from importlib import resources
+
+    from hardening.harness.profile import available_profiles
+
+    blurbs = {}
+    for name in available_profiles():
+        text = resources.files("hardening.profiles").joinpath(f"{name}.yaml").read_text(encoding="utf-8")
+        comment = " ".join(line.lstrip("# ").strip() for line in text.splitlines() if line.startswith("#"))
+        first = re.match(r"(.*?\.)(\s|$)", comment)
+        if not first:
+            raise ManualError(f"profiles/{name}.yaml: no opening comment saying what the profile is for")
+        blurbs[name] = first.group(1)
+    return blurbs
 
 
 def _matrix(cases: list[Case]) -> str:
