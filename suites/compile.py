@@ -73,9 +73,10 @@ def build_cases() -> list[Case]:
             # (seconds for a Hugging Face model), which the check follows at once, before
             # the graph runs. Where the region's own collectives are not in Dynamo's graph
             # (DTensor issues them as it runs), rank 0 names rank 1 blocked in one no graph
-            # announced, and rank 1, stuck in it, follows.
+            # announced, and rank 1, stuck in it, follows. With more ranks the words are the
+            # first pair that compared them: rank 0 and whichever peer that was.
             expect=crashes(
-                "CompileGateError", match=r"collectives differ.*rank 0: all_reduce\(sum\) of .* at \S+:\d+; rank 1: ",
+                "CompileGateError", match=r"collectives differ.*rank 0: all_reduce\(sum\) of .* at \S+:\d+; rank \d+: ",
                 within_s=20, followers_ok=True,
             ),
             description="Named from the compiled graphs' collectives, compared across ranks before they run.",

@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 import signal
 
+import pytest
+
 from hardening.errors import NAMED_CAUSES
 from hardening.harness.judge import HUNG
 from hardening.inject import fault_class
@@ -59,3 +61,15 @@ def test_the_readme_matrix_has_one_row_per_case_with_its_fault_and_budget() -> N
         budget = f"{case.expect.budget_s:g} s" if case.expect.crash else "—"
         assert cells[3] == budget, (case.id, cells[3], budget)
     assert set(rows) == {case.id for case in _all_cases()}, "README rows for cases that do not exist"
+
+
+@pytest.mark.parametrize("peer", [1, 2, 3])
+def test_c05_expects_the_words_of_whichever_pair_compared_first(peer: int) -> None:
+    # On 4 ranks (two nodes of two) rank 0 may be compared with any peer first: the pair
+    # (0, 2) is as much the named cause as (0, 1). A CI run once failed on exactly that.
+    case = next(c for c in get_suite("compile") if c.id == "C-05")
+    message = (
+        "collectives differ across ranks in call 0, before the graph that issues collective 1 runs: "
+        f"rank 0: all_reduce(sum) of float32 (1, 8, 64) on group '0' at compile.py:79; rank {peer}: none"
+    )
+    assert all(case.expect.for_rank(r).check("CompileGateError", message) is None for r in range(4))
