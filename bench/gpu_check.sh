@@ -5,16 +5,16 @@
 #
 # One short, prepared run: every step under its own timeout, every output under OUT_DIR
 # (emptied first, so a rerun never reads a former run's files), a summary line per step
-# in OUT_DIR/summary.txt. Its timeouts add up to 7.5 minutes:
+# in OUT_DIR/summary.txt. Its timeouts add up to 8.25 minutes:
 #   env              nvidia-smi and the torch / CUDA / NCCL versions
 #   doctor           hardening doctor
 #   nccl1            hardening suite all on profiles/gpu1-nccl.yaml: one rank, NCCL, bf16,
 #                    inductor (the cases that need no peer)
 #   gloo2-compile    hardening suite compile, then operator, on profiles/gpu2-gloo-cuda.yaml:
 #   gloo2-operator   two ranks on the one GPU, gloo with CUDA tensors, bf16, inductor
+#   overhead         bench/overhead.py at the h200 profile's region size on one NCCL rank:
+#                    the runtime's per-call cost against a GPU-sized region (ratios in one run)
 # Two-rank NCCL needs two GPUs: what one GPU cannot run is said in the README ("On a GPU").
-# Not yet here: the overhead benchmark on the device (bench/overhead.py times a host-side
-# fused frame and runs on CPU only).
 #
 # On a machine without CUDA it says so in one line and exits 0, running nothing.
 set -uo pipefail
@@ -48,10 +48,12 @@ step() {
 
 step env 30 bash -c "nvidia-smi; $PY -c 'import torch; print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"nccl\", torch.cuda.nccl.version(), \"device\", torch.cuda.get_device_name(0))'"
 step doctor 45 hardening doctor
-step nccl1 120 hardening suite all --profile gpu1-nccl --json "$OUT/nccl1.json" --junit "$OUT/nccl1.xml" --artifacts "$OUT/runs-nccl1"
+step nccl1 100 hardening suite all --profile gpu1-nccl --json "$OUT/nccl1.json" --junit "$OUT/nccl1.xml" --artifacts "$OUT/runs-nccl1"
 for suite in compile operator; do
-  step "gloo2-$suite" 120 hardening suite "$suite" --profile gpu2-gloo-cuda \
+  step "gloo2-$suite" 100 hardening suite "$suite" --profile gpu2-gloo-cuda \
     --json "$OUT/gloo2-$suite.json" --junit "$OUT/gloo2-$suite.xml" --artifacts "$OUT/runs-gloo2-$suite"
 done
+step overhead 120 "$PY" "$(dirname "$0")/overhead.py" --device cuda --dist-backend nccl --ranks 1 --dtype bfloat16 \
+  --backend inductor --hidden 1024 --heads 16 --tokens 256 --cache 1024 --mlp 4096 --calls 20 --repeats 20 --timeout 110
 
 echo "gpu_check: done; every output under $OUT (summary: $SUMMARY)"

@@ -50,6 +50,14 @@ wall times: anything else running on the machine's cores inflates every collecti
 header prints the load average before and after the run).
 
     python bench/overhead.py [--calls 20] [--repeats 100] [--hidden 256 ...]
+    python bench/overhead.py --device cuda --dist-backend nccl --dtype bfloat16 --ranks 1 --backend inductor \
+        --hidden 1024 --heads 16 --tokens 256 --cache 1024 --mlp 4096      # the h200 profile's region, one GPU
+
+On a CUDA device (``--device cuda``) every rank uses device ``rank % device_count`` and the
+data plane is ``--dist-backend`` (nccl, or gloo with CUDA tensors); B's frame then travels
+split (the control frame on the gloo side group, the tensors on the data group), F's one
+buffer lives on the device, and every call ends with ``torch.cuda.synchronize`` in every
+loop alike (the Session's own call end does the same), so a call's time is its kernels'.
 """
 
 from __future__ import annotations
@@ -134,6 +142,16 @@ def rank_main(spec: dict[str, Any]) -> None:
     rank, world = spec["rank"], spec["world"]
     leader = rank == LEADER
     torch.set_num_threads(spec["threads"])
+    device = torch.device("cpu")
+    if spec["device"] == "cuda":
+        from hardening.runtime.session import cuda_device
+
+        device = cuda_device(rank)
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
     reset_every = spec["reset_every"]
     config = hr.RuntimeConfig(
         timeouts=Timeouts(heartbeat=spec["heartbeat"], pg=spec["pg_timeout"]),
@@ -144,6 +162,7 @@ def rank_main(spec: dict[str, Any]) -> None:
     session = hr.Session(
         config, rank=rank, world_size=world, store_host="127.0.0.1", store_port=spec["port"], store_prefix="bench",
         record_path=out_dir / f"record{rank}.json", fingerprint={"bench": "overhead"}, parent_pid=os.getppid(),
+        device=device, backend=spec["dist_backend"], dtype=getattr(torch, spec["dtype"]),
     )  # fmt: skip
     pc = time.perf_counter
 
@@ -160,8 +179,10 @@ def rank_main(spec: dict[str, Any]) -> None:
         contract = contract_of(reg)
         names = [t.name for t in contract.tensors]
         plane = s.control_plane(contract, cache=hr.KVCache(reset_every=reset_every, reset_fn=reg.reset_cache))
-        layout = plane.channel.layout
-        assert layout is not None, "the reference region's inputs live on the host: the frame travels fused"
+        fused = plane.channel.layout is not None  # B's frame and tensors in one host buffer (gloo on CPU)
+        # F's one buffer, and D's and the local pieces' staging: the host layout, on the rank's device.
+        layout = plane.channel.layout or envelope.host_layout(contract, torch.device("cpu"))
+        assert layout is not None, "the reference region has no varying dims: its inputs always fit one buffer"
 
         def make_inputs(call_id: int) -> dict[str, torch.Tensor]:
             return dict(zip(names, region.make_call_inputs(reg, call_id)))
@@ -176,7 +197,7 @@ def rank_main(spec: dict[str, Any]) -> None:
                 reg.reset_cache()
             if leader:
                 return tuple(make_inputs(call_id).values())
-            return tuple(torch.empty(t.shape, dtype=envelope.ALLOWED_DTYPES[t.dtype]) for t in contract.tensors)
+            return tuple(torch.empty(t.shape, dtype=envelope.ALLOWED_DTYPES[t.dtype], device=device) for t in contract.tensors)
 
         def bare_call() -> tuple[float, float]:
             t0 = pc()
@@ -185,12 +206,13 @@ def rank_main(spec: dict[str, Any]) -> None:
                 dist.broadcast(x, src=LEADER)
             t1 = pc()
             compiled(*tensors)
+            sync()
             return t1 - t0, pc() - t1
 
         def fused_call() -> tuple[float, float]:
             t0 = pc()
             tensors = bare_inputs()
-            buffer = torch.empty(layout.size, dtype=torch.uint8)
+            buffer = torch.empty(layout.size, dtype=torch.uint8, device=device)
             views = [layout.slot(buffer, i, t) for i, t in enumerate(contract.tensors)]
             if leader:
                 for view, x in zip(views, tensors):
@@ -198,12 +220,15 @@ def rank_main(spec: dict[str, Any]) -> None:
             dist.broadcast(buffer, src=LEADER)
             t1 = pc()
             compiled(*views)
+            sync()
             return t1 - t0, pc() - t1
 
+        # As hardening/harness/stock.py builds it; on a device the header object goes over the
+        # gloo side group (an NCCL group takes no host tensors), as B's control frame does.
         stock_channel = Channel(
-            control_group=dist.group.WORLD, data_group=dist.group.WORLD, device=s.device, leader=LEADER, rank=rank,
-            contract=contract,
-        )  # as hardening/harness/stock.py builds it
+            control_group=dist.group.WORLD if fused else s.side.group, data_group=dist.group.WORLD, device=s.device,
+            leader=LEADER, rank=rank, contract=contract,
+        )  # fmt: skip
         stock_cache = KVCacheLifecycle(reset_fn=reg.reset_cache, checked=False)
         stock_schedule = CacheSchedule(reset_every=reset_every)
         stock_ids = iter(range(1 << 62))
@@ -220,6 +245,7 @@ def rank_main(spec: dict[str, Any]) -> None:
             inputs = tuple(seams.call_inputs(env.tensors, call_id).values())
             t1 = pc()
             compiled(*inputs)
+            sync()
             t2 = pc()
             s.state.end_call()
             return t1 - t0 + (pc() - t2), t2 - t1
@@ -234,12 +260,16 @@ def rank_main(spec: dict[str, Any]) -> None:
 
         def collectives_call() -> tuple[float, float, float]:
             t0 = pc()
-            dist.broadcast(torch.empty(layout.size, dtype=torch.uint8), src=LEADER)
+            if fused:
+                dist.broadcast(torch.empty(layout.size, dtype=torch.uint8), src=LEADER)
+            else:  # split: B's control frame alone, on the gloo side group
+                dist.broadcast(torch.empty(envelope.CONTROL_FRAME, dtype=torch.uint8), src=LEADER, group=s.side.group)
             if payload > frame_room:
-                dist.broadcast(torch.empty(payload - frame_room, dtype=torch.uint8), src=LEADER)
+                dist.broadcast(torch.empty(payload - frame_room, dtype=torch.uint8), src=LEADER, group=stock_channel.control_group)
             t1 = pc()
             for t in contract.tensors:
-                dist.broadcast(torch.empty(t.shape, dtype=envelope.ALLOWED_DTYPES[t.dtype]), src=LEADER)
+                dist.broadcast(torch.empty(t.shape, dtype=envelope.ALLOWED_DTYPES[t.dtype], device=device), src=LEADER)
+            sync()
             t2 = pc()
             stock.broadcast_object(stock_header if leader else None, stock_channel)
             return t1 - t0, t2 - t1, pc() - t2
@@ -263,6 +293,7 @@ def rank_main(spec: dict[str, Any]) -> None:
                 for call in plane.serve(calls, make_inputs=make_inputs):
                     t0 = pc()
                     compiled(*call.inputs)
+                    sync()
                     t1 = pc()
                     totals.append(t1 - last)
                     pieces.append((t0 - last, t1 - t0))
@@ -297,7 +328,7 @@ def rank_main(spec: dict[str, Any]) -> None:
 
         scratch = Channel(control_group=None, data_group=None, device=s.device, contract=contract, last_call_id=0)
         inputs = make_inputs(1)
-        buffer = torch.empty(layout.size, dtype=torch.uint8)
+        buffer = torch.empty(layout.size, dtype=torch.uint8, device=device)
         staged = {t.name: layout.slot(buffer, i, t) for i, t in enumerate(contract.tensors)}
         for name, view in staged.items():
             view.copy_(inputs[name])
@@ -328,7 +359,9 @@ def rank_main(spec: dict[str, Any]) -> None:
         "payload": payload,
         "frame_room": frame_room,
         "buffer": layout.size,
+        "fused": fused,
         "ticks": s.watchdog._seq,
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "",
     }
     (out_dir / f"rank{rank}.json").write_text(json.dumps(report))
 
@@ -369,17 +402,21 @@ def summarize(reports: list[dict[str, Any]], args: argparse.Namespace, elapsed: 
     r0 = reports[0]
     long = r0["payload"] > r0["frame_room"]
     head = [
-        f"ranks {args.ranks} (gloo, 127.0.0.1), reference region dims {json.dumps(dims)}, float32, "
-        f"torch.compile backend {args.backend!r}",
+        f"ranks {args.ranks} ({args.dist_backend}, {args.device}, store on 127.0.0.1), reference region dims "
+        f"{json.dumps(dims)}, {args.dtype}, torch.compile backend {args.backend!r}"
+        + (f", device {r0['device_name']}" if r0.get("device_name") else ""),
         f"{args.repeats} repeats x {args.calls} calls per loop, interleaved {'/'.join(VARIANTS)} blocks "
         f"(order rotated per repeat), {args.warmup} warmup calls per loop",
         f"torch {torch.__version__}, python {sys.version.split()[0]}, {cores} cores, "
         f"{r0['threads']} intra-op thread(s) per rank, reset_every {args.reset_every}, "
         f"watchdog heartbeat {args.heartbeat} s; total run {elapsed:.0f} s, "
         f"1-min load average {load[0]:.2f} before / {load[1]:.2f} after (others' load inflates every collective)",
-        f"B's fused frame: {r0['buffer']} bytes (control frame + input slots), digest+header+meta {r0['payload']} bytes "
-        + ("(longer than the frame: one more broadcast per call)" if long else f"(fits the frame's {r0['frame_room']}): one collective per call"),
-    ]
+        (f"B's fused frame: {r0['buffer']} bytes (control frame + input slots), digest+header+meta {r0['payload']} bytes "
+         + ("(longer than the frame: one more broadcast per call)" if long else f"(fits the frame's {r0['frame_room']}): one collective per call"))
+        if r0["fused"] else
+        (f"B's frame travels split: the control frame on the gloo side group, then each tensor on the {args.dist_backend} "
+         f"data group; F's one buffer ({r0['buffer']} bytes) lives on the device, and D's first piece is B's control frame alone"),
+    ]  # fmt: skip
     cols = ["loop"]
     for r in ranks:
         cols += [f"rank {r} median ms/call", f"rank {r} mean ms/call"]
@@ -462,6 +499,9 @@ def main() -> None:
     parser.add_argument("--mlp", type=int, default=1024)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--backend", default="eager", choices=("eager", "aot_eager", "inductor"))
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where each rank's region and tensors live")
+    parser.add_argument("--dist-backend", default=None, choices=("gloo", "nccl"), help="data plane (default: gloo on cpu, nccl on cuda)")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads per rank")
     parser.add_argument("--reset-every", type=int, default=4, help="KV-cache reset period (drift.reset_every)")
     parser.add_argument("--heartbeat", type=float, default=0.2, help="watchdog heartbeat seconds")
@@ -469,6 +509,14 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=400.0, help="hard cap on the whole run, seconds")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    args.dist_backend = args.dist_backend or ("nccl" if args.device == "cuda" else "gloo")
+    if args.dist_backend == "nccl" and args.device != "cuda":
+        parser.error("--dist-backend nccl needs --device cuda")
+    if args.device == "cuda" and not args.worker:
+        import torch
+
+        if not torch.cuda.is_available():
+            parser.error("--device cuda: no CUDA device is visible here")
 
     if args.worker:
         spec = json.loads(args.worker)
@@ -498,7 +546,8 @@ def main() -> None:
                     "rank": rank, "world": args.ranks, "port": master.port, "out": tmp, "dims": dims,
                     "backend": args.backend, "threads": args.threads, "reset_every": args.reset_every,
                     "heartbeat": args.heartbeat, "pg_timeout": args.pg_timeout, "calls": args.calls,
-                    "repeats": args.repeats, "warmup": args.warmup,
+                    "repeats": args.repeats, "warmup": args.warmup, "device": args.device,
+                    "dist_backend": args.dist_backend, "dtype": args.dtype,
                 }  # fmt: skip
                 procs.append(subprocess.Popen([sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)]))
             deadline = started + args.timeout
