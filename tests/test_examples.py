@@ -77,14 +77,21 @@ def _suite_all_passes(tmp_path: Path, profile: str, example: str, *, timeout: fl
         ("premerge", "dtensor_block.py", "hidden_states", lambda name: name in ("norm.weight", "norm.bias", "o.bias", "down.bias")),
         # transformers' own TP plan, token ids (1, T): only the RMSNorm weights are whole on every rank.
         # On premerge only (fullgraph through aot_eager is the stricter of the two; every
-        # case builds the model on every rank, about 2 minutes a profile).
-        ("premerge", "hf_llama.py", "input_ids", lambda name: "norm" in name),
+        # case builds the model on every rank, about 2 minutes a profile), with transformers
+        # preloaded by the fork server as an HF user would (world.preload).
+        ("premerge+preload", "hf_llama.py", "input_ids", lambda name: "norm" in name),
     ],
     ids=["dtensor-cpu", "dtensor-premerge", "hf_llama-premerge"],
 )
 def test_a_region_nobody_here_wrote_passes_every_suite(
     tmp_path: Path, profile: str, example: str, first_input: str, replicated
 ) -> None:
+    if profile.endswith("+preload"):
+        from importlib import resources
+
+        shipped = resources.files("hardening.profiles").joinpath(f"{profile.removesuffix('+preload')}.yaml").read_text()
+        (tmp_path / "preload.yaml").write_text(shipped + "\nworld:\n  preload: [transformers, safetensors.torch]\n")
+        profile = "preload.yaml"
     by_id = _suite_all_passes(tmp_path, profile, example, timeout=580)
     # The expectations named the region's own first input and a parameter it really has.
     assert by_id["C-03"]["ranks"][1]["touched"] == first_input

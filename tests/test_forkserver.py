@@ -54,3 +54,32 @@ def test_forked_rank_ignores_sigpipe_and_restores_termination_signals(tmp_path: 
     assert seen["signals"]["SIGPIPE"] == str(signal.SIG_IGN)
     assert seen["signals"]["SIGTERM"] == str(signal.SIG_DFL)
     assert seen["signals"]["SIGCHLD"] == str(signal.SIG_DFL)
+
+
+@pytest.mark.multiproc
+@pytest.mark.timeout(120)
+def test_world_preload_is_imported_once_in_the_server_and_every_rank_starts_with_it(tmp_path: Path) -> None:
+    # A library the region needs (transformers, for a Hugging Face model) is imported by
+    # the fork server, once, and every forked rank has it: the marker module records each
+    # process that imports it, and the region refuses to build without it already loaded.
+    import subprocess
+
+    from cli_harness import hardening_command
+
+    lib = tmp_path / "lib"
+    lib.mkdir()
+    (lib / "marker_lib.py").write_text("import os\nwith open(os.environ['MARK_FILE'], 'a') as f:\n    f.write(f'{os.getpid()}\\n')\n")
+    (tmp_path / "region.py").write_text(
+        "import sys\nfrom hardening.harness.reference import build as reference\n\n"
+        "def build(ctx):\n    assert 'marker_lib' in sys.modules, 'marker_lib was not preloaded'\n    return reference(ctx)\n"
+    )
+    (tmp_path / "p.yaml").write_text("world: {preload: [marker_lib]}\n")
+    env = dict(os.environ, PYTHONPATH=str(lib), MARK_FILE=str(tmp_path / "marks"))
+    out = subprocess.run(
+        [*hardening_command(), "suite", "compile", "--only", "C-00,C-01", "--profile", "p.yaml", "--target", "region.py:build"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=100,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert len((tmp_path / "marks").read_text().split()) == 1  # the server's import; 4 ranks inherited it
+    log = next((tmp_path / ".hardening" / "runs").glob("*-compile/forkserver.log")).read_text()
+    assert "world.preload: imported marker_lib" in log

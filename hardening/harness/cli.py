@@ -306,6 +306,10 @@ def _validate(profile, cases, args: argparse.Namespace) -> str:
                 validate_spec(case.fault, world_size=profile.world.ranks, calls=None if case.workload else calls)
             except FaultSpecError as exc:
                 raise UsageError(f"case {case.id}: {exc}") from None
+    for name in profile.world.preload:
+        # Found, not imported: the fork server imports it (the runner stays free of it).
+        if _find_module(name) is None:
+            raise UsageError(f"{profile.source}: key 'world.preload': no module named {name!r} is installed here")
     deadline = profile.timeouts.call_deadline
     if any(c.workload for c in cases) and deadline and profile.pipeline.queue_timeout >= deadline:
         raise UsageError(
@@ -344,6 +348,17 @@ def _validate(profile, cases, args: argparse.Namespace) -> str:
         if not torch.cuda.is_available():
             raise UsageError(f"{profile.source}: key 'world.device' is cuda but no CUDA device is visible here")
     return target_source
+
+
+def _find_module(name: str) -> object | None:
+    """The import spec of a module's top-level package, or None. Only the top level is
+    looked up: finding ``a.b`` would import ``a``, and nothing runs in the runner."""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(name.partition(".")[0])
+    except (ImportError, ValueError):
+        return None
 
 
 def _check_output(path: str, flag: str) -> Path:

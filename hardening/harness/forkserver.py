@@ -162,7 +162,29 @@ def preload() -> None:
             pass
 
 
-def serve() -> None:
+def preload_modules(modules: list[str]) -> None:
+    """The profile's ``world.preload``: in the server each is imported once, so that every
+    rank forked after starts with it (a torchrun rank imports them before its Session
+    starts). A failure is said on stderr (the server's log); the region imports it then."""
+    import threading
+
+    for name in modules:
+        started = time.time()
+        try:
+            __import__(name)
+        except BaseException as exc:  # noqa: BLE001 - an optimization: never fatal here
+            print(f"world.preload: cannot import {name!r}: {type(exc).__name__}: {exc}", file=sys.stderr)
+            continue
+        print(f"world.preload: imported {name} in {time.time() - started:.2f}s", file=sys.stderr)
+    if threading.active_count() > 1:
+        print(
+            f"world.preload: the imports started {threading.active_count() - 1} thread(s); "
+            "forking after that is unsafe: drop the module that starts them from world.preload",
+            file=sys.stderr,
+        )
+
+
+def serve(modules: list[str] | None = None) -> None:
     set_parent_death_signal()
     # A child that daemonizes (setsid + its parent exits: user code at import, or a rank's
     # helper) is re-parented here instead of to init, so it is still ours to end.
@@ -173,6 +195,7 @@ def serve() -> None:
 
     out = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)  # stray prints from imports must not corrupt the protocol stream
+    preload_modules(modules or [])
     inp = 0  # raw fd: a buffered reader would hide queued requests from select()
     pending = b""
     wake_r, wake_w = os.pipe()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -39,6 +40,9 @@ MAX_RANKS = 64
 """Most ranks the one-host ``process`` launcher starts: beyond that, a typo."""
 MAX_DIM = 2**24
 """Largest size in ``region.dims``."""
+MAX_PRELOAD = 32
+"""Most modules ``world.preload`` names."""
+_MODULE_NAME = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
 
 ARTIFACT_POLICIES = ("on_failure", "always", "never")
 """Values of ``triage.artifacts``."""
@@ -72,6 +76,15 @@ class WorldConfig:
 
     rdzv_endpoint: str = ""
     """``HOST:PORT`` every node's runner can reach (multi-node): node 0 listens there."""
+
+    preload: list[str] = field(default_factory=list)
+    """Modules the fork server imports once, before it forks any rank (``process``
+    launcher): heavy libraries the region imports (``transformers``), which every rank of
+    every case would otherwise import itself, seconds each on a small box. Installed
+    libraries only (never the region's own module: user code does not run in the
+    server), and none whose import starts a thread or touches CUDA (forking after that is
+    unsafe). A module that fails to import there is said in ``forkserver.log``; the ranks
+    then import it themselves."""
 
     rdzv_id: str = ""
     """The run's token, the same on every node (multi-node; like torchrun's ``--rdzv-id``):
@@ -109,6 +122,11 @@ class WorldConfig:
             raise ValueError(f"{key}: only for nnodes > 1 (one node rendezvouses on loopback by itself)")
         if self.rdzv_id and not all(c.isalnum() or c in "-_" for c in self.rdzv_id):
             raise ValueError(f"rdzv_id: letters, digits, '-' and '_' only, got {self.rdzv_id!r}")
+        if len(self.preload) > MAX_PRELOAD:
+            raise ValueError(f"preload: at most {MAX_PRELOAD} modules, got {len(self.preload)}")
+        for name in self.preload:
+            if not isinstance(name, str) or not _MODULE_NAME.fullmatch(name):
+                raise ValueError(f"preload: {short(name)} is not a module name (dotted identifiers, e.g. transformers)")
 
 
 @dataclass(kw_only=True, slots=True)

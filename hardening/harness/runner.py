@@ -57,11 +57,11 @@ from hardening.harness.results import NO_RECORD, TORN_DOWN, CaseResult, Outcome,
 # in the user's directory never runs inside the server or a rank. (-P does the same,
 # but only from Python 3.11.)
 _SERVER_BOOT = (
-    "import sys\n"
+    "import json, sys\n"
     "if sys.path and sys.path[0] == '':\n"
     "    del sys.path[0]\n"
     "from hardening.harness.forkserver import serve\n"
-    "serve()\n"
+    "serve(json.loads(sys.argv[1]))\n"
 )
 
 
@@ -191,7 +191,7 @@ class Runner:
         # One host: gloo listens on loopback, whatever the host name resolves to.
         env["GLOO_SOCKET_IFNAME"] = loopback_interface()
         self._server = subprocess.Popen(
-            [sys.executable, "-c", _SERVER_BOOT],
+            [sys.executable, "-c", _SERVER_BOOT, json.dumps(self.profile.world.preload)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=log,
