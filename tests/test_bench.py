@@ -80,8 +80,40 @@ def test_gpu_check_on_a_machine_without_cuda_says_so_in_one_line_and_runs_nothin
         env={**os.environ, "PYTHON": sys.executable},
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
-    assert out.stdout.splitlines() == ["gpu_check: no CUDA device visible here (torch.cuda.is_available() is False): nothing run"]
+    assert out.stdout.splitlines() == [
+        "gpu_check: no CUDA device visible here (no GPU for nvidia-smi, torch.cuda.is_available() is False): nothing run"
+    ]
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.timeout(120)
+def test_gpu_check_runs_every_step_bounded_says_each_and_reruns_one_by_name(tmp_path: Path) -> None:
+    # The GPU branch's own logic, on a CPU box: a stand-in interpreter says CUDA is there
+    # and fails everything else at once (exit 3), so every step runs, fails and is said.
+    fake = tmp_path / "fakepython"
+    fake.write_text('#!/usr/bin/env bash\ncase "$*" in *cuda.is_available*) echo "1 2.13.0 12.8"; exit 0 ;; esac\nexit 3\n')
+    fake.chmod(0o755)
+    env = {**os.environ, "PYTHON": str(fake)}
+    script, out = str(BENCH / "gpu_check.sh"), tmp_path / "out"
+
+    def check(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["bash", script, str(out), *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+
+    ran = check()
+    assert ran.returncode == 1, ran.stdout + ran.stderr
+    lines = (out / "summary.txt").read_text().splitlines()
+    assert [line.split(":")[0] for line in lines] == ["env", "doctor", "nccl1", "gloo2-compile", "gloo2-operator", "overhead"]
+    assert all("exit" in line and f"{out}/" in line for line in lines), lines
+    assert "a step failed" in ran.stdout
+    (out / "nccl1.log").write_text("kept\n")
+    rerun = check("doctor")  # by name: only that step, the rest of the folder kept
+    assert rerun.returncode == 1 and (out / "nccl1.log").read_text() == "kept\n"
+    assert (out / "summary.txt").read_text().splitlines()[-1].startswith("doctor: exit 3")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("mine")
+    refused = subprocess.run(["bash", script, str(tmp_path / "mine")], env=env, capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 1 and "refusing to empty it" in refused.stderr
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "mine"
 
 
 def test_gpu_check_names_only_shipped_profiles_that_fit_one_gpu() -> None:
@@ -91,7 +123,7 @@ def test_gpu_check_names_only_shipped_profiles_that_fit_one_gpu() -> None:
 
     from hardening.harness.profile import load_profile
 
-    named = sorted(set(re.findall(r"--profile (\S+)", (BENCH / "gpu_check.sh").read_text())))
+    named = sorted(set(re.findall(r"\) suite [\w-]+ \d+ \w+ (\S+)", (BENCH / "gpu_check.sh").read_text())))
     assert named == ["gpu1-nccl", "gpu2-gloo-cuda"]
     one, two = (load_profile(n) for n in named)
     assert (one.world.ranks, one.world.backend, one.world.device) == (1, "nccl", "cuda")

@@ -89,8 +89,11 @@ def test_a_region_nobody_here_wrote_passes_every_suite(
     if profile.endswith("+preload"):
         from importlib import resources
 
-        shipped = resources.files("hardening.profiles").joinpath(f"{profile.removesuffix('+preload')}.yaml").read_text()
-        (tmp_path / "preload.yaml").write_text(shipped + "\nworld:\n  preload: [transformers, safetensors.torch]\n")
+        import yaml
+
+        data = yaml.safe_load(resources.files("hardening.profiles").joinpath(f"{profile.removesuffix('+preload')}.yaml").read_text())
+        data.setdefault("world", {})["preload"] = ["transformers", "safetensors.torch"]
+        (tmp_path / "preload.yaml").write_text(yaml.safe_dump(data))
         profile = "preload.yaml"
     by_id = _suite_all_passes(tmp_path, profile, example, timeout=580)
     # The expectations named the region's own first input and a parameter it really has.

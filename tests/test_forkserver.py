@@ -74,7 +74,8 @@ def test_world_preload_is_imported_once_in_the_server_and_every_rank_starts_with
         "def build(ctx):\n    assert 'marker_lib' in sys.modules, 'marker_lib was not preloaded'\n    return reference(ctx)\n"
     )
     (tmp_path / "p.yaml").write_text("world: {preload: [marker_lib]}\n")
-    env = dict(os.environ, PYTHONPATH=str(lib), MARK_FILE=str(tmp_path / "marks"))
+    path = os.pathsep.join(p for p in (str(lib), os.environ.get("PYTHONPATH", "")) if p)
+    env = dict(os.environ, PYTHONPATH=path, MARK_FILE=str(tmp_path / "marks"))
     out = subprocess.run(
         [*hardening_command(), "suite", "compile", "--only", "C-00,C-01", "--profile", "p.yaml", "--target", "region.py:build"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=100,

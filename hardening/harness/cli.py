@@ -306,7 +306,13 @@ def _validate(profile, cases, args: argparse.Namespace) -> str:
                 validate_spec(case.fault, world_size=profile.world.ranks, calls=None if case.workload else calls)
             except FaultSpecError as exc:
                 raise UsageError(f"case {case.id}: {exc}") from None
+    region_top = _region_module(profile)
     for name in profile.world.preload:
+        if name.partition(".")[0] == region_top:
+            raise UsageError(
+                f"{profile.source}: key 'world.preload': {name!r} is the region's own module (region.target): "
+                "user code never runs in the fork server; preload the libraries it imports instead"
+            )
         # Found, not imported: the fork server imports it (the runner stays free of it).
         if _find_module(name) is None:
             raise UsageError(f"{profile.source}: key 'world.preload': no module named {name!r} is installed here")
@@ -351,14 +357,27 @@ def _validate(profile, cases, args: argparse.Namespace) -> str:
 
 
 def _find_module(name: str) -> object | None:
-    """The import spec of a module's top-level package, or None. Only the top level is
-    looked up: finding ``a.b`` would import ``a``, and nothing runs in the runner."""
-    import importlib.util
+    """The import spec of a module's top-level package as the fork server would find it
+    (the working directory is not on its path), or None. Only the top level is looked
+    up: finding ``a.b`` would import ``a``, and nothing runs in the runner."""
+    import importlib.machinery
 
+    top = name.partition(".")[0]
+    if top in sys.builtin_module_names:
+        return top
+    path = [p for p in sys.path if p not in ("", ".", os.getcwd())]
     try:
-        return importlib.util.find_spec(name.partition(".")[0])
+        return importlib.machinery.PathFinder.find_spec(top, path)
     except (ImportError, ValueError):
         return None
+
+
+def _region_module(profile) -> str | None:
+    """The top-level module name the region target is imported as (a file's stem)."""
+    module = profile.region.target.rpartition(":")[0]
+    if module.endswith(".py"):
+        return Path(module).stem
+    return module.partition(".")[0] or None
 
 
 def _check_output(path: str, flag: str) -> Path:

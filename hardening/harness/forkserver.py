@@ -133,7 +133,7 @@ def _child(spec_data: dict[str, Any], env: dict[str, str], server_pid: int) -> N
         os._exit(10)
 
 
-def preload() -> None:
+def preload_torch() -> None:
     """Import what every rank imports before its Session starts, so that no rank pays for
     it in a phase a deadline bounds (torchrun's ranks each call this themselves)."""
     import warnings
@@ -162,13 +162,17 @@ def preload() -> None:
             pass
 
 
-def preload_modules(modules: list[str]) -> None:
+def preload_modules(modules: list[str], *, forking: bool = True) -> None:
     """The profile's ``world.preload``: in the server each is imported once, so that every
     rank forked after starts with it (a torchrun rank imports them before its Session
-    starts). A failure is said on stderr (the server's log); the region imports it then."""
+    starts). Said on stderr (the server's log): each import before it starts (an import
+    that kills the interpreter leaves its name), a failure (the region imports it then),
+    and, where ranks are forked after, a thread or a CUDA context the imports created."""
     import threading
 
+    before = set(threading.enumerate())
     for name in modules:
+        print(f"world.preload: importing {name} ...", file=sys.stderr, flush=True)
         started = time.time()
         try:
             __import__(name)
@@ -176,10 +180,21 @@ def preload_modules(modules: list[str]) -> None:
             print(f"world.preload: cannot import {name!r}: {type(exc).__name__}: {exc}", file=sys.stderr)
             continue
         print(f"world.preload: imported {name} in {time.time() - started:.2f}s", file=sys.stderr)
-    if threading.active_count() > 1:
+    if not forking:
+        return
+    started_threads = [t.name for t in threading.enumerate() if t not in before]
+    if started_threads:
         print(
-            f"world.preload: the imports started {threading.active_count() - 1} thread(s); "
-            "forking after that is unsafe: drop the module that starts them from world.preload",
+            f"world.preload: the imports started thread(s) {started_threads}: forking ranks after that is unsafe; "
+            "drop the module that starts them from world.preload",
+            file=sys.stderr,
+        )
+    import torch
+
+    if torch.cuda.is_initialized():
+        print(
+            "world.preload: the imports initialized CUDA in the fork server: a forked rank cannot use CUDA after that; "
+            "drop the module that does it from world.preload",
             file=sys.stderr,
         )
 
@@ -191,7 +206,7 @@ def serve(modules: list[str] | None = None) -> None:
     _prctl(PR_SET_CHILD_SUBREAPER, 1)
     runner_pid = os.getppid()
     started = time.time()
-    preload()  # the cost the server exists to amortize
+    preload_torch()  # the cost the server exists to amortize
 
     out = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)  # stray prints from imports must not corrupt the protocol stream

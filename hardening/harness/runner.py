@@ -675,7 +675,12 @@ class Runner:
                     try:
                         os.killpg(live.groups.get(r, pid), sig)
                     except ProcessLookupError:
-                        pass
+                        # Just forked: not yet the leader of its own group (setsid comes first
+                        # thing in the child, but not before this). The process itself, then.
+                        try:
+                            os.kill(pid, sig)
+                        except ProcessLookupError:
+                            pass
                 if self._server_gone:
                     return  # nobody reports exits any more (and PDEATHSIG already ended the ranks)
                 # The fork server spawns every rank asked for: wait for those not reported yet.

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import NoReturn
 
-from hardening.harness.forkserver import detach, preload, preload_modules, set_parent_death_signal
+from hardening.harness.forkserver import detach, preload_modules, preload_torch, set_parent_death_signal
 from hardening.runtime.store import torchrun_prefix
 
 EXIT_RESTARTS = 4
@@ -90,10 +90,10 @@ def _rank(rank: int, rank_dir: Path, profile_path: str, reaper: int, store: tupl
     """The rank itself, in the reaper's process group; never returns."""
     try:
         detach(reaper, str(rank_dir / "stdout.log"), str(rank_dir / "stderr.log"), new_session=False)
-        preload()  # what the fork server imports once: here every rank imports it, before its Session starts
+        preload_torch()  # what the fork server imports once: here every rank imports it, before its Session starts
         from hardening.harness.profile import load_profile
 
-        preload_modules(load_profile(profile_path).world.preload)
+        preload_modules(load_profile(profile_path).world.preload, forking=False)
         from hardening.harness.worker import RankSpec, run_rank
 
         env = os.environ
