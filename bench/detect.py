@@ -24,7 +24,6 @@ column of every ``bench/results/detect*.md``.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import statistics
 import sys
 import tempfile
@@ -104,11 +103,11 @@ def main() -> None:
                         else:
                             hardened[name][case.id].append(result)
                     progress(f"hardened ({name}) round {i + 1}/{args.repeat} done")
-        with contextlib.ExitStack() as stack:
-            runner = None if args.no_stock else stack.enter_context(Runner(stock_profile, run_dir=Path(tmp) / "stock", progress=progress))
-            for case in cases if runner is not None else ():
-                progress(f"stock {case.id} ...")
-                stock[case.id] = runner.run_case(case)
+        if not args.no_stock:
+            with Runner(stock_profile, run_dir=Path(tmp) / "stock", progress=progress) as runner:
+                for case in cases:
+                    progress(f"stock {case.id} ...")
+                    stock[case.id] = runner.run_case(case)
 
     rows = []
     for case in cases:

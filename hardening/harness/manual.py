@@ -25,6 +25,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import difflib
+import functools
 import importlib
 import inspect
 import json
@@ -95,6 +96,7 @@ def function_doc(code: str) -> str:
     return doc
 
 
+@functools.cache
 def attribute_docs(cls: type) -> dict[str, str]:
     """The docstrings written under a class's annotated attributes (dataclass fields),
     its bases' included: the one place configs and records describe their fields."""
@@ -159,9 +161,17 @@ def _collect(node: ast.AST, module: str, stack: list[str], sites: dict[str, list
         _collect(child, module, stack, sites, in_function=in_function)
 
 
+@functools.cache
+def _shipped_profiles() -> dict[str, Any]:
+    """Every shipped profile, loaded once: the settings tables read dozens of keys from each."""
+    from hardening.harness.profile import available_profiles, load_profile
+
+    return {name: load_profile(name) for name in available_profiles()}
+
+
 def setting(key: str) -> tuple[str, dict[str, Any]]:
     """A dotted profile key -> (its docstring, its value in every shipped profile)."""
-    from hardening.harness.profile import Profile, available_profiles, load_profile
+    from hardening.harness.profile import Profile
 
     cls: Any = Profile
     parts = key.split(".")
@@ -178,8 +188,7 @@ def setting(key: str) -> tuple[str, dict[str, Any]]:
     if not doc:
         raise ManualError(f"setting {key!r}: the field has no docstring")
     values = {}
-    for name in available_profiles():
-        obj: Any = load_profile(name)
+    for name, obj in _shipped_profiles().items():
         for part in parts:
             obj = getattr(obj, part)
         values[name] = obj
@@ -284,9 +293,7 @@ def _anchor(title: str) -> str:
 
 
 def _settings_table(keys: tuple[str, ...] | list[str]) -> str:
-    from hardening.harness.profile import available_profiles
-
-    profiles = available_profiles()
+    profiles = list(_shipped_profiles())
     rows = []
     for key in keys:
         doc, values = setting(key)
